@@ -1,0 +1,230 @@
+"""Running gateways, services and instruments on one host: for the demo, the tests and the benchmark.
+
+Ports are taken at run time (other programs may hold any fixed one); every process started here
+is stopped again by whoever started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ScistreamError
+from .s2uc.client import call, parse_server, tls_context
+
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+_taken: set[int] = set()
+_taken_lock = threading.Lock()
+
+
+def free_port_range(count: int, low: int = 20000, high: int = 32000) -> tuple[int, int]:
+    """`count` consecutive ports nobody listens on, and that this process has not handed out yet."""
+    with _taken_lock:
+        for _ in range(1000):
+            first = random.randrange(low, high - count)
+            ports = range(first, first + count)
+            if not _taken.intersection(ports) and all(_bindable(p) for p in ports):
+                _taken.update(ports)
+                return first, first + count - 1
+    raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")
+
+
+@dataclass
+class Received:
+    """What a sink connection got: byte count, SHA-256, and when the bytes came."""
+
+    nbytes: int = 0
+    sha256: str = ""
+    first: float = 0.0
+    last: float = 0.0
+    marks: list[tuple[float, int]] = field(default_factory=list)  # (time, bytes so far)
+
+    def rate_bps(self, skip: float = 1.0) -> float:
+        """Bits per second after the first `skip` seconds (a limiter may let an initial burst pass)."""
+        start = next(((t, n) for t, n in self.marks if t >= self.first + skip), None)
+        if start is None or self.last <= start[0]:
+            return 0.0
+        return (self.nbytes - start[1]) * 8 / (self.last - start[0])
+
+
+class Sink:
+    """A service that reads each connection to its end, then answers `<bytes> <sha256>\\n`."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.port = int(self.sock.getsockname()[1])
+        self.results: list[Received] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        got = Received()
+        digest = hashlib.sha256()
+        with conn:
+            while chunk := conn.recv(1 << 20):
+                now = time.monotonic()
+                if not got.nbytes:
+                    got.first = now
+                digest.update(chunk)
+                got.nbytes += len(chunk)
+                got.last = now
+                got.marks.append((now, got.nbytes))
+            got.sha256 = digest.hexdigest()
+            with contextlib.suppress(OSError):
+                conn.sendall(f"{got.nbytes} {got.sha256}\n".encode())
+        with self._lock:
+            self.results.append(got)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send(address: tuple[str, int], data: bytes | memoryview, chunk: int = 1 << 20) -> tuple[int, str]:
+    """Send `data`, half-close, and return what the sink says it received."""
+    with socket.create_connection(address, timeout=120) as sock:
+        view = memoryview(data)
+        for offset in range(0, len(view), chunk):
+            sock.sendall(view[offset : offset + chunk])
+        sock.shutdown(socket.SHUT_WR)
+        reply = sock.makefile("rb").readline().split()
+    return int(reply[0]), reply[1].decode()
+
+
+@dataclass
+class S2csProcess:
+    """An `s2cs` started as a real process, with its own control port, port range and state dir."""
+
+    name: str
+    state_dir: Path
+    port_range: tuple[int, int]
+    extra: Sequence[str] = ()
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def cert(self) -> Path:
+        return self.state_dir / "server.crt"
+
+    @property
+    def log(self) -> Path:
+        return self.state_dir.parent / f"{self.name}.log"
+
+    def argv(self) -> list[str]:
+        first, last = self.port_range
+        return [
+            str(BIN / "s2cs"),
+            "--listener-ip", "127.0.0.1",
+            "--port", str(self.port),
+            "--port-range", f"{first}-{last}",
+            "--state-dir", str(self.state_dir),
+            *self.extra,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> S2csProcess:
+        if not self.port:
+            self.port = free_port()
+        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"s2cs {self.name} exited: {self.log.read_text()[-2000:]}")
+            try:
+                if self.cert.exists():
+                    return self.call("info")
+            except ScistreamError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"s2cs {self.name} not ready after {timeout}s: {self.log.read_text()[-2000:]}"
+                )
+            time.sleep(0.1)
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        return call(parse_server(self.address), tls_context(self.cert), op, **fields)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def proxies_of(state_dir: Path) -> list[int]:
+    """Pids of the proxy processes that run from `state_dir`."""
+    import psutil
+
+    marker = str(state_dir.resolve()) + "/"
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(arg.startswith(marker) for arg in proc.info.get("cmdline") or []):
+            pids.append(proc.pid)
+    return pids
+
+
+@contextlib.contextmanager
+def chdir(path: Path) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)

@@ -1,0 +1,179 @@
+"""`s2cs`: run the control server of one facility gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..errors import ScistreamError
+from ..protocol import DEFAULT_PORT, parse_ip
+from ..s2ds.backend import Backend
+from ..s2ds.haproxy import HaproxyBackend
+from ..s2ds.render import default_templates, environment
+from .auth import NoAuth
+from .certs import server_certificate
+from .gateway import Gateway, Settings
+from .ports import parse_range
+from .server import ControlServer, server_context
+
+log = logging.getLogger("s2cs")
+
+BACKENDS = {"haproxy": "haproxy", "haproxysubprocess": "haproxy"}
+
+
+def backend_type(value: str) -> str:
+    name = BACKENDS.get(value.lower())
+    if name is None:
+        if value.lower() in ("stunnel", "stunnelsubprocess"):
+            raise typer.BadParameter("the stunnel backend is not supported yet; use --type haproxy")
+        raise typer.BadParameter(f"unknown proxy type {value!r}; use haproxy")
+    return name
+
+
+def make_backend(kind: str, templates: Path | None, haproxy_bin: str | None) -> Backend:
+    env = environment(templates, default_templates())
+    return HaproxyBackend(env, haproxy_bin)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"s2cs {__version__}")
+        raise typer.Exit()
+
+
+def run(
+    listener_ip: Annotated[
+        str,
+        typer.Option(
+            "--listener-ip",
+            "--listener_ip",
+            help="Address of this gateway that peers reach; put in listener addresses.",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Control port (TLS).", min=1, max=65535)] = DEFAULT_PORT,
+    port_range: Annotated[
+        str, typer.Option("--port-range", "--port_range", help="Listener ports streams may use, FIRST-LAST.")
+    ] = "5100-5200",
+    kind: Annotated[
+        str, typer.Option("--type", help="Proxy backend: haproxy.", callback=backend_type)
+    ] = "haproxy",
+    server_crt: Annotated[
+        Path | None,
+        typer.Option(
+            "--server-crt", "--server_crt", help="Control-plane TLS certificate (PEM). Generated when absent."
+        ),
+    ] = None,
+    server_key: Annotated[
+        Path | None, typer.Option("--server-key", "--server_key", help="Its private key (PEM).")
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir", "--state_dir", help="Sessions, keys and logs. [default: ~/.scistream/s2cs-PORT]"
+        ),
+    ] = None,
+    templates: Annotated[
+        Path | None,
+        typer.Option("--templates", help="Directory of proxy templates that override the shipped ones."),
+    ] = None,
+    bind_ip: Annotated[
+        str | None,
+        typer.Option(
+            "--bind-ip",
+            "--bind_ip",
+            help="Address inbound proxies bind, when it differs from --listener-ip (NAT).",
+        ),
+    ] = None,
+    haproxy_bin: Annotated[
+        str | None, typer.Option("--haproxy-bin", help="HAProxy binary (>= 2.7 for rate limits).")
+    ] = None,
+    keep_streams_on_exit: Annotated[
+        bool,
+        typer.Option("--keep-streams-on-exit", help="On SIGTERM leave the proxies running, for an upgrade."),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    """Run the SciStream control server of this facility gateway."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s s2cs %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        logging.getLogger("scistream.s2cs.server").setLevel(logging.WARNING)
+    try:
+        listener_ip = parse_ip(listener_ip, "--listener-ip")
+        bind = parse_ip(bind_ip, "--bind-ip") if bind_ip else None
+        state = (state_dir or Path.home() / ".scistream" / f"s2cs-{port}").expanduser()
+        settings = Settings(listener_ip, bind, parse_range(port_range), state)
+        backend = make_backend(kind, templates, haproxy_bin)
+        gateway = Gateway(settings, backend, NoAuth())
+        gateway.state.create()
+        crt, key, generated = server_certificate(server_crt, server_key, gateway.state.path, listener_ip)
+        context = server_context(str(crt), str(key))
+    except ScistreamError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(exc.exit_status) from None
+    _raise_fd_limit()
+    caps = backend.capabilities
+    host = gateway.inbound_bind
+    typer.echo(f"s2cs {__version__}: control server on {host}:{port}, TLS certificate {crt}", err=True)
+    if generated:
+        typer.echo(f"  generated that certificate; give it to users: s2uc ... --server_cert {crt}", err=True)
+    typer.echo(
+        f"  backend {backend.name} ({backend.version}): "
+        f"num_conn {'enforced' if caps.num_conn.enforced else 'NOT enforced: ' + caps.num_conn.reason}, "
+        f"rate {'enforced' if caps.rate.enforced else 'NOT enforced: ' + caps.rate.reason}",
+        err=True,
+    )
+    typer.echo(
+        f"  listeners advertised as {listener_ip}, bound on {gateway.inbound_bind}, "
+        f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",
+        err=True,
+    )
+    if not gateway.auth.enabled:
+        typer.echo(
+            "  WARNING: authentication is OFF: anyone who can reach this port can create and release "
+            "streams. Pass --client-id and --client-secret to require Globus tokens.",
+            err=True,
+        )
+    try:
+        gateway.start()
+    except ScistreamError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(exc.exit_status) from None
+    server = ControlServer(gateway, context, host, port)
+
+    def ready() -> None:
+        typer.echo(f"s2cs ready on {host}:{port}", err=True)
+
+    try:
+        asyncio.run(server.serve(ready, keep_streams_on_exit))
+    except OSError as exc:
+        gateway.close()
+        typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _raise_fd_limit() -> None:
+    """Every stream costs descriptors (sockets, logs); the common soft limit of 1024 is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main() -> None:
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command()(run)
+    app(prog_name="s2cs")

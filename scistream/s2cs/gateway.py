@@ -1,0 +1,409 @@
+"""The facility gateway: what each control-protocol operation does.
+
+`Gateway` ties together the session registry, the port pool, the proxy backend, the supervisor
+and the state dir. Every operation leaves things as it found them when it fails: ports are
+returned, files deleted, processes stopped (STYLE.md rule 3).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import shutil
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .. import __version__
+from ..errors import Forbidden, NotFound, ScistreamError
+from ..protocol import (
+    VERSION,
+    InboundRequest,
+    Limits,
+    OutboundRequest,
+    format_rate,
+    ok,
+    rate_bytes_per_second,
+)
+from ..s2ds.backend import Backend, Launch
+from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles, hostport
+from ..s2ds.supervisor import ProxyProcess, State, Supervisor
+from ..s2ds.system import RealSystem, System, terminate
+from .auth import Authenticator, Identity
+from .ports import PortPool
+from .sessions import Session, SessionRegistry, short
+from .state import StateDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    listener_ip: str  # advertised in listener addresses
+    bind_ip: str | None  # where inbound proxies listen; None = listener_ip if local, else all
+    port_range: tuple[int, int]
+    state_dir: Path
+
+
+def is_local_address(ip: str) -> bool:
+    """True when this host can bind `ip` (it is one of its addresses)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def any_address(ip: str) -> str:
+    return "::" if ipaddress.ip_address(ip).version == 6 else "0.0.0.0"
+
+
+def port_is_free(port: int) -> bool:
+    """Nobody on this host listens on `port`. SO_REUSEADDR: connections in TIME_WAIT do not count,
+    as they do not stop a proxy (which sets it too) from binding."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        auth: Authenticator,
+        system: System | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.auth = auth
+        self.system = system or RealSystem()
+        self.state = StateDir(settings.state_dir)
+        self.registry = SessionRegistry()
+        self.pool = PortPool(*settings.port_range, is_free=port_is_free)
+        self.supervisor = Supervisor()
+        self._save_lock = threading.Lock()
+        if settings.bind_ip:
+            self.inbound_bind = settings.bind_ip
+        elif is_local_address(settings.listener_ip):
+            self.inbound_bind = settings.listener_ip
+        else:
+            self.inbound_bind = any_address(settings.listener_ip)
+
+    # --- life of the server ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.state.create()
+        self.recover()
+        self.supervisor.start()
+
+    def close(self, keep_streams: bool = False) -> None:
+        """Stop supervising; release every session unless the streams are to outlive us."""
+        self.supervisor.close()
+        sessions = self.registry.all()
+        if keep_streams:
+            for session in sessions:
+                for proc in session.procs:
+                    proc.detach()
+            log.info("leaving %d stream(s) running for the next s2cs to re-adopt", len(sessions))
+            return
+        for session in sessions:
+            self._discard(session)
+        log.info("released %d stream(s)", len(sessions))
+
+    def recover(self) -> None:
+        """Re-adopt the processes of a previous s2cs that still run; restart the others."""
+        adopted: set[int] = set()
+        for record in self.state.load():
+            session = Session.from_record(record)
+            self.registry.add(session)
+            self.pool.take(session.ports)
+            files = SessionFiles(self.state.session_dir(session.sid))
+            files.directory.mkdir(mode=0o700, exist_ok=True)
+            # Files are written again (same content: the credentials derive from the UID) but only
+            # the processes that are gone are started again.
+            launches = self._prepare(session, files)
+            old = {p["name"]: p for p in record.get("processes", [])}
+            for launch in launches:
+                proc = self._process(session, files, launch)
+                before = old.get(launch.name, {})
+                proc.restarts = int(before.get("restarts", 0))
+                handle = None
+                if before.get("pid") and before.get("create_time"):
+                    handle = self.system.adopt(before["pid"], before["create_time"], before["argv"])
+                if handle is not None:
+                    proc.argv = list(before["argv"])
+                    proc.adopt(handle)
+                    adopted.add(handle.pid)
+                else:
+                    proc.restart_later("it was not running when s2cs started")
+                    log.warning("%s: was gone after the restart of s2cs; starting it again", proc.name)
+                session.procs.append(proc)
+                self.supervisor.add(proc)
+        self._sweep(adopted)
+        self._persist()
+        if len(self.registry):
+            log.info("recovered %d stream(s) from %s", len(self.registry), self.state.file)
+
+    def _sweep(self, adopted: set[int]) -> None:
+        """Stop proxies that run from our state dir but belong to no session; delete stray files."""
+        marker = str(self.state.sessions) + "/"
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = process.info.get("cmdline") or []
+            if process.pid in adopted or not any(arg.startswith(marker) for arg in cmdline):
+                continue
+            log.warning("stopping stray proxy pid %d (%s)", process.pid, " ".join(cmdline))
+            handle = self.system.adopt(process.pid, process.create_time(), cmdline)
+            if handle is not None:
+                terminate(self.system, handle, 5.0)
+        known = self.registry.sids()
+        for path in self.state.sessions.iterdir():
+            if path.name not in known:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # --- operations ------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        caps = self.backend.capabilities
+        return ok(
+            version=__version__,
+            protocol=VERSION,
+            backend={
+                "type": self.backend.name,
+                "version": self.backend.version,
+                "capabilities": {"num_conn": caps.num_conn.as_dict(), "rate": caps.rate.as_dict()},
+            },
+            auth={"enabled": self.auth.enabled, "scope": self.auth.scope},
+            listener_ip=self.settings.listener_ip,
+            port_range=self.pool.label,
+            free_ports=self.pool.available(),
+            streams=len(self.registry),
+        )
+
+    def inbound(self, req: InboundRequest, who: Identity | None) -> dict[str, Any]:
+        uid = str(uuid.uuid4())  # random from os.urandom: the stream's secret
+        ports = self.pool.reserve(len(req.receiver_ports))
+        listeners = tuple(
+            ListenerSpec(self.inbound_bind, port, req.remote_ip, target)
+            for port, target in zip(ports, req.receiver_ports, strict=True)
+        )
+        advertised = tuple(hostport(self.settings.listener_ip, port) for port in ports)
+        session = self._session(uid, "inbound", who, listeners, advertised, req.limits)
+        self._launch(session)
+        return ok(uid=uid, role="inbound", listeners=list(advertised), **self._limits(req.limits))
+
+    def outbound(self, req: OutboundRequest, who: Identity | None) -> dict[str, Any]:
+        note = ""
+        if req.bind_ip is None:
+            bind = "0.0.0.0"
+        elif is_local_address(req.bind_ip):
+            bind = req.bind_ip
+        else:
+            bind = any_address(req.bind_ip)
+            note = f"{req.bind_ip} is not an address of this host; listening on all interfaces"
+        ports = self.pool.reserve(len(req.remote_listeners), req.receiver_ports)
+        listeners = tuple(
+            ListenerSpec(bind, port, remote.ip, remote.port)
+            for port, remote in zip(ports, req.remote_listeners, strict=True)
+        )
+        shown = self.settings.listener_ip if ipaddress.ip_address(bind).is_unspecified else bind
+        advertised = tuple(hostport(shown, port) for port in ports)
+        session = self._session(req.uid, "outbound", who, listeners, advertised, req.limits)
+        self._launch(session)
+        reply = ok(
+            uid=req.uid, role="outbound", listeners=list(advertised), bind=bind, **self._limits(req.limits)
+        )
+        if note:
+            reply["note"] = note
+        return reply
+
+    def release(self, uid: str, who: Identity | None) -> dict[str, Any]:
+        with self.registry.lock:
+            sessions = self.registry.of_uid(uid)
+            if not sessions:
+                raise NotFound(f"no stream {short(uid)} on this server (already released?)")
+            for session in sessions:
+                self._check_owner(session, who)
+            for session in sessions:
+                self.registry.remove(session)  # a second release now finds nothing
+        for session in sessions:
+            self._discard(session)
+            log.info("%s: released", session.label)
+        return ok(uid=uid, released=[s.role for s in sessions])
+
+    def status(self, uid: str | None, who: Identity | None) -> dict[str, Any]:
+        if uid is not None:
+            sessions = self.registry.of_uid(uid)
+            if not sessions:
+                raise NotFound(f"no stream {short(uid)} on this server")
+            for session in sessions:
+                self._check_owner(session, who)
+            return ok(streams=[self._describe(s, full=True) for s in sessions])
+        if self.auth.enabled:
+            mine = [s for s in self.registry.all() if who is not None and s.owner == who.id]
+            return ok(streams=[self._describe(s, full=True) for s in mine])
+        # Without authentication everybody is anonymous: holding the UID is the only proof of
+        # ownership, so a listing must not hand UIDs out.
+        return ok(streams=[self._describe(s, full=False) for s in self.registry.all()])
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _session(
+        self,
+        uid: str,
+        role: Role,
+        who: Identity | None,
+        listeners: tuple[ListenerSpec, ...],
+        advertised: tuple[str, ...],
+        limits: Limits,
+    ) -> Session:
+        return Session(
+            uid=uid,
+            sid=secrets.token_hex(6),
+            role=role,
+            owner=who.id if who else None,
+            listeners=listeners,
+            advertised=advertised,
+            limits=limits,
+        )
+
+    def _limits(self, limits: Limits) -> dict[str, Any]:
+        caps = self.backend.capabilities
+        return {
+            "limits": {
+                "num_conn": {"value": limits.num_conn, **caps.num_conn.as_dict()},
+                "rate": {
+                    "value": limits.rate,
+                    "unit": "kb/s",
+                    "human": format_rate(limits.rate),
+                    **(caps.rate.as_dict() if limits.rate else {"enforced": True}),
+                },
+            }
+        }
+
+    def _check_owner(self, session: Session, who: Identity | None) -> None:
+        if self.auth.enabled and (who is None or session.owner != who.id):
+            raise Forbidden(f"stream {short(session.uid)} belongs to another user")
+
+    def _spec(self, session: Session) -> ProxySpec:
+        rate_bytes = rate_bytes_per_second(session.limits.rate)
+        return ProxySpec(
+            name=session.sid,
+            role=session.role,
+            listeners=session.listeners,
+            num_conn=session.limits.num_conn,
+            rate_bytes=rate_bytes,
+            shaped=self.backend.shaped(rate_bytes),
+        )
+
+    def _prepare(self, session: Session, files: SessionFiles) -> list[Launch]:
+        return self.backend.prepare(session.uid, self._spec(session), files)
+
+    def _process(self, session: Session, files: SessionFiles, launch: Launch) -> ProxyProcess:
+        return ProxyProcess(
+            f"{session.label} {launch.name}",
+            launch.name,
+            launch.argv,
+            files.directory,
+            files.directory / f"{launch.name}.log",
+            launch.ready,
+            self.system,
+            on_change=lambda proc: self._persist(),
+        )
+
+    def _launch(self, session: Session) -> None:
+        try:
+            self.registry.add(session)
+        except ScistreamError:
+            self.pool.release(session.ports)
+            raise
+        try:
+            files = SessionFiles(self.state.session_dir(session.sid))
+            files.directory.mkdir(mode=0o700)
+            session.procs = [
+                self._process(session, files, launch) for launch in self._prepare(session, files)
+            ]
+            self._persist()  # before the spawn: a crash now still leaves a trace of these ports
+            for proc in session.procs:  # the shaper first: the proxy connects through it
+                proc.start()
+                self.supervisor.add(proc)
+        except BaseException:
+            self.registry.remove(session)
+            self._discard(session)
+            raise
+        log.info(
+            "%s: %s -> %s, %d connection(s), %s",
+            session.label,
+            ", ".join(session.advertised),
+            ", ".join(hostport(lst.target_ip, lst.target_port) for lst in session.listeners),
+            session.limits.num_conn,
+            format_rate(session.limits.rate),
+        )
+
+    def _discard(self, session: Session) -> None:
+        """Stop the processes, delete the session's files (its key among them), free its ports."""
+        files = SessionFiles(self.state.session_dir(session.sid))
+        stats = self.backend.stats(files) if session.procs else None
+        for proc in reversed(session.procs):  # the proxy first, then what it connects through
+            self.supervisor.remove(proc)
+            proc.stop()
+        if stats:
+            log.info(
+                "%s: carried %d connection(s), %d bytes in, %d bytes out",
+                session.label,
+                stats.total_connections,
+                stats.bytes_in,
+                stats.bytes_out,
+            )
+        shutil.rmtree(files.directory, ignore_errors=True)
+        self.registry.remove(session)
+        self.pool.release(session.ports)
+        self._persist()
+
+    def _persist(self) -> None:
+        with self._save_lock:
+            try:
+                self.state.save([s.to_record() for s in self.registry.all()])
+            except OSError:
+                log.exception("cannot write %s", self.state.file)
+
+    def _describe(self, session: Session, full: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "uid": session.uid if full else short(session.uid),
+            "role": session.role,
+            "state": str(session.state),
+            "listeners": list(session.advertised),
+            "created": session.created,
+            "restarts": session.restarts,
+            **self._limits(session.limits),
+        }
+        if full:
+            entry["targets"] = [hostport(lst.target_ip, lst.target_port) for lst in session.listeners]
+            entry["processes"] = [
+                {"name": p.kind, "pid": p.pid, "state": str(p.state), "restarts": p.restarts}
+                for p in session.procs
+            ]
+            errors = [f"{p.kind}: {p.last_error}" for p in session.procs if p.state == State.FATAL]
+            if errors:
+                entry["last_error"] = "\n".join(errors)
+        stats = self.backend.stats(SessionFiles(self.state.session_dir(session.sid)))
+        if stats is not None:
+            entry.update(
+                connections=stats.connections,
+                total_connections=stats.total_connections,
+                bytes_in=stats.bytes_in,
+                bytes_out=stats.bytes_out,
+            )
+        return entry

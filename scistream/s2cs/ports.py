@@ -1,0 +1,85 @@
+"""The pool of listener ports an S2CS may hand out (`--port-range`).
+
+A port is either free or reserved by exactly one session. Reservation is all-or-nothing, and a
+port another program holds on this host is skipped (the `is_free` probe), never handed out.
+Pure apart from the probe, which the caller supplies.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+from ..errors import BadRequest, ConfigError, Conflict, NoPorts
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise ConfigError(f"port range must look like 5100-5200, not {text!r}")
+    first, last = int(lo), int(hi)
+    if not 1 <= first <= last <= 65535:
+        raise ConfigError(f"port range {text!r} is not within 1-65535 with first <= last")
+    return first, last
+
+
+class PortPool:
+    def __init__(self, first: int, last: int, is_free: Callable[[int], bool] = lambda p: True) -> None:
+        self.first = first
+        self.last = last
+        self.is_free = is_free
+        self._reserved: set[int] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        return f"{self.first}-{self.last}"
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+    @property
+    def reserved(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(self._reserved)
+
+    def available(self) -> int:
+        with self._lock:
+            return self.size - len(self._reserved)
+
+    def reserve(self, count: int, requested: Sequence[int] = ()) -> list[int]:
+        """`requested` ports exactly (each inside the range and free), else `count` free ones."""
+        with self._lock:
+            if requested:
+                for port in requested:
+                    if not self.first <= port <= self.last:
+                        raise BadRequest(f"port {port} is outside this server's port range {self.label}")
+                    if port in self._reserved:
+                        raise Conflict(f"port {port} is already used by another stream")
+                    if not self.is_free(port):
+                        raise Conflict(f"port {port} is held by another program on this host")
+                chosen = list(requested)
+            else:
+                chosen = []
+                for port in range(self.first, self.last + 1):
+                    if len(chosen) == count:
+                        break
+                    if port not in self._reserved and self.is_free(port):
+                        chosen.append(port)
+                if len(chosen) < count:
+                    raise NoPorts(
+                        f"no free port in {self.label}: {count} needed, "
+                        f"{self.size - len(self._reserved)} not reserved by a stream"
+                    )
+            self._reserved.update(chosen)
+            return chosen
+
+    def take(self, ports: Iterable[int]) -> None:
+        """Mark ports reserved without probing (sessions re-loaded from the state dir own them)."""
+        with self._lock:
+            self._reserved.update(ports)
+
+    def release(self, ports: Iterable[int]) -> None:
+        with self._lock:
+            self._reserved.difference_update(ports)

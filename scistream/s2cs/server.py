@@ -1,0 +1,148 @@
+"""The control port: TLS, one JSON line in, one JSON line out, then the connection closes.
+
+asyncio carries the connections, so hundreds of idle or slow clients cost a few kilobytes each and
+never hold a worker; only a complete, framed request reaches the bounded pool of worker threads
+that run the gateway's operations. Every read and write has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import BadRequest, Internal, ScistreamError
+from ..protocol import (
+    MAX_MESSAGE,
+    InboundRequest,
+    InfoRequest,
+    OutboundRequest,
+    ReleaseRequest,
+    StatusRequest,
+    decode_request,
+    encode,
+    error,
+)
+from .gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+READ_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0
+MAX_CLIENTS = 1000  # connections at once; more are closed at once
+WORKERS = 8
+
+
+def server_context(crt: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(crt, key)
+    return ctx
+
+
+class ControlServer:
+    def __init__(self, gateway: Gateway, context: ssl.SSLContext, host: str, port: int) -> None:
+        self.gateway = gateway
+        self.context = context
+        self.host = host
+        self.port = port
+        self.workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="request")
+        self._clients = 0
+
+    def dispatch(self, line: bytes, peer: str) -> dict[str, Any]:
+        """One framed request -> one reply; runs in a worker thread."""
+        op = "?"
+        try:
+            req = decode_request(line)
+            op = req.op
+            body = req.body
+            if isinstance(body, InfoRequest):
+                reply = self.gateway.info()
+            else:
+                who = self.gateway.auth.identify(req.token)
+                if isinstance(body, InboundRequest):
+                    reply = self.gateway.inbound(body, who)
+                elif isinstance(body, OutboundRequest):
+                    reply = self.gateway.outbound(body, who)
+                elif isinstance(body, ReleaseRequest):
+                    reply = self.gateway.release(body.uid, who)
+                elif isinstance(body, StatusRequest):
+                    reply = self.gateway.status(body.uid, who)
+                else:  # pragma: no cover - parse_request knows no other body
+                    raise Internal(f"no handler for {op}")
+        except ScistreamError as exc:
+            log.info("%s %s -> %s: %s", peer, op, exc.code, exc.message)
+            return error(exc)
+        except Exception:
+            log.exception("%s %s -> INTERNAL", peer, op)
+            return error(Internal("internal error in s2cs; the operator finds the details in its log"))
+        log.info("%s %s -> ok", peer, op)
+        return reply
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self._clients += 1
+        try:
+            if self._clients > MAX_CLIENTS:
+                log.warning("%s: closed, %d clients connected already", peer, MAX_CLIENTS)
+                return
+            try:
+                line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+            except TimeoutError:
+                log.info("%s: no request within %.0fs, closed", peer, READ_TIMEOUT)
+                return
+            except (ValueError, asyncio.LimitOverrunError):
+                reply = error(BadRequest(f"request larger than {MAX_MESSAGE // 1024} KiB"))
+            except (ConnectionError, ssl.SSLError, OSError):
+                return
+            else:
+                if not line.strip():
+                    return
+                loop = asyncio.get_running_loop()
+                reply = await loop.run_in_executor(self.workers, self.dispatch, line, peer)
+            writer.write(encode(reply))
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
+            pass
+        finally:
+            self._clients -= 1
+            writer.close()
+
+    async def serve(self, on_ready: Callable[[], None], keep_streams: bool) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_tls_errors)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = await asyncio.start_server(
+            self._client,
+            self.host,
+            self.port,
+            ssl=self.context,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            limit=MAX_MESSAGE,
+            backlog=512,
+            reuse_address=True,
+        )
+        on_ready()
+        async with server:
+            await stop.wait()
+            log.info("stopping: %s", "leaving streams running" if keep_streams else "releasing every stream")
+            server.close()
+        await loop.run_in_executor(None, self.gateway.close, keep_streams)
+        self.workers.shutdown(wait=True, cancel_futures=True)
+
+
+def _quiet_tls_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A client that speaks no TLS, or hangs up mid-handshake, is normal on a public port."""
+    exc = context.get("exception")
+    if isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError):
+        log.debug("TLS: %s", exc)
+        return
+    loop.default_exception_handler(context)

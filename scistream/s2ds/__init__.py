@@ -1,0 +1,1 @@
+"""S2DS, the data plane: proxy backends, their configuration and their supervision."""

@@ -1,0 +1,129 @@
+"""What every proxy backend offers s2cs, and what it can and cannot enforce."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from ..credentials import stream_credentials
+from .render import ProxySpec, SessionFiles, hostport, render
+
+
+@dataclass(frozen=True)
+class Capability:
+    enforced: bool
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"enforced": self.enforced, **({"reason": self.reason} if self.reason else {})}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    num_conn: Capability
+    rate: Capability
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One process of a session, and what must listen before it counts as started."""
+
+    name: str  # "proxy" or "shaper"
+    argv: tuple[str, ...]
+    ready: tuple[int | str, ...]  # TCP ports, or paths of Unix sockets
+
+
+@dataclass(frozen=True)
+class Stats:
+    connections: int  # open now
+    total_connections: int
+    bytes_in: int  # from the clients of the listeners
+    bytes_out: int  # to them
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read, atomically: temp file, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:  # mkstemp creates the file with mode 0600
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Backend(ABC):
+    """One kind of proxy. `prepare` writes and checks a session's files and returns its command."""
+
+    name: str
+    template: str
+
+    def __init__(self, templates: jinja2.Environment) -> None:
+        self.templates = templates
+
+    @property
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abstractmethod
+    def command(self, files: SessionFiles) -> list[str]: ...
+
+    @abstractmethod
+    def check(self, config: Path, files: SessionFiles) -> None:
+        """Let the proxy itself check a rendered config; raise BackendFailed with its words."""
+
+    def stats(self, files: SessionFiles) -> Stats | None:
+        return None
+
+    def write_credentials(self, uid: str, files: SessionFiles) -> None:
+        creds = stream_credentials(uid)
+        write_private(files.key, creds.key_pem)
+        write_private(files.cert, creds.cert_pem)
+        write_private(files.pem, creds.cert_pem + creds.key_pem)
+
+    def shaped(self, rate_bytes: int) -> bool:
+        """Whether a session needs the shaper between its proxy and its targets."""
+        return rate_bytes > 0
+
+    def prepare(self, uid: str, spec: ProxySpec, files: SessionFiles) -> list[Launch]:
+        """Validate, write, check, swap: the config only takes its place once the proxy accepts it.
+        Returns the processes to start, in order."""
+        text = render(spec, files, self.template, self.templates)
+        self.write_credentials(uid, files)
+        candidate = files.directory / f".{files.config.name}.new"
+        write_private(candidate, text.encode())
+        try:
+            self.check(candidate, files)
+            os.replace(candidate, files.config)
+        finally:
+            candidate.unlink(missing_ok=True)
+        launches = []
+        if spec.shaped:
+            launches.append(shaper_launch(spec, files))
+        launches.append(
+            Launch("proxy", tuple(self.command(files)), tuple(lst.port for lst in spec.listeners))
+        )
+        return launches
+
+
+def shaper_launch(spec: ProxySpec, files: SessionFiles) -> Launch:
+    sockets = [str(files.shaper_socket(i)) for i in range(len(spec.listeners))]
+    routes = [
+        f"--route={path}={hostport(lst.target_ip, lst.target_port)}"
+        for path, lst in zip(sockets, spec.listeners, strict=True)
+    ]
+    argv = (sys.executable, "-m", "scistream.s2ds.shaper", f"--rate={spec.rate_bytes}", *routes)
+    return Launch("shaper", argv, tuple(sockets))

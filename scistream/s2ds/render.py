@@ -1,0 +1,123 @@
+"""Proxy configurations from Jinja templates.
+
+A template sees one `ProxySpec` (what the proxy must do) and one `SessionFiles` (where its files
+are), nothing else. Every value in them was validated before (see protocol.py); as a second line
+of defence, `render` refuses any value that could end a config line or start a comment.
+
+Pure: the caller writes the result to disk and lets the proxy check it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+
+from ..errors import ConfigError
+
+Role = Literal["inbound", "outbound"]
+
+_SAFE = re.compile(r"[A-Za-z0-9._:/@\[\]+=-]*")
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """One listener of a proxy and where it forwards to."""
+
+    bind_ip: str  # "0.0.0.0" or "::" for all interfaces
+    port: int
+    target_ip: str
+    target_port: int
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    name: str  # short local session id, never the UID (the UID is the stream's secret)
+    role: Role
+    listeners: tuple[ListenerSpec, ...]
+    num_conn: int
+    rate_bytes: int  # per second, each direction, all connections together; 0 = unlimited
+    shaped: bool  # the proxy reaches its targets through the session's shaper (see shaper.py)
+
+
+@dataclass(frozen=True)
+class SessionFiles:
+    """Where the files of one session live; all inside its own directory of the state dir."""
+
+    directory: Path
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "proxy.conf"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "proxy.log"
+
+    @property
+    def cert(self) -> Path:
+        """The stream certificate: presented to the peer and the only one accepted from it."""
+        return self.directory / "stream.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.directory / "stream.key"
+
+    @property
+    def pem(self) -> Path:
+        """Certificate and key in one file, as HAProxy's `crt` wants them."""
+        return self.directory / "stream.pem"
+
+    @property
+    def stats_socket(self) -> Path:
+        return self.directory / "stats.sock"
+
+    def shaper_socket(self, index: int) -> Path:
+        """Where the shaper listens for the proxy's connections to target `index`."""
+        return self.directory / f"shaper-{index}.sock"
+
+
+def hostport(ip: str, port: int) -> str:
+    """`1.2.3.4:5` / `[::1]:5`: the address syntax both HAProxy and stunnel read."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _finalize(value: Any) -> Any:
+    if isinstance(value, bool | int):
+        return value
+    text = str(value)
+    if not _SAFE.fullmatch(text):
+        raise ConfigError(f"refusing to render unsafe value {text[:80]!r} into a proxy config")
+    return value
+
+
+def environment(override: Path | None, default: Path) -> jinja2.Environment:
+    """Templates from `override` first (operators' edits), then the shipped ones."""
+    search = [str(override)] if override else []
+    search.append(str(default))
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(search),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # noqa: S701 - proxy configs, not HTML; values are checked by _finalize
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        finalize=_finalize,
+    )
+    env.filters["hostport"] = hostport
+    return env
+
+
+def render(spec: ProxySpec, files: SessionFiles, template: str, env: jinja2.Environment) -> str:
+    return env.get_template(template).render(proxy=spec, files=files)
+
+
+def default_templates() -> Path:
+    """The shipped templates: inside the package when installed, at the top of a source tree."""
+    packaged = Path(__file__).resolve().parent.parent / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent.parent / "templates"

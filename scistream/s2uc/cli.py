@@ -1,0 +1,337 @@
+"""`s2uc`: the SciStream user client.
+
+Thin commands (STYLE.md rule 7): parse the options, make one call, print a short summary, or the
+reply itself with --json. Failures print one line and exit with the status of errors.ExitStatus.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .. import __version__
+from ..errors import ScistreamError
+from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
+from .client import Server, call, parse_server, tls_context
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="SciStream user client: set up, inspect and release data streams between facilities.",
+)
+_debug = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"s2uc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+S2cs = Annotated[str, typer.Option("--s2cs", help="The S2CS to ask, HOST:PORT.")]
+ServerCert = Annotated[
+    Path,
+    typer.Option("--server_cert", "--server-cert", help="Certificate of the S2CS (PEM), from its operator."),
+]
+Scope = Annotated[
+    str | None, typer.Option("--scope", help="Globus Auth scope of the S2CS, for secured endpoints.")
+]
+NumConn = Annotated[
+    int,
+    typer.Option(
+        "--num_conn", "--num-conn", min=1, max=MAX_NUM_CONN, help="Most concurrent connections; more wait."
+    ),
+]
+Rate = Annotated[
+    int,
+    typer.Option(
+        "--rate",
+        min=0,
+        max=MAX_RATE,
+        help="Most data per second in kb/s (1 kb = 1000 bit), each direction; 0 = unlimited.",
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print the server's reply as JSON, for scripts.")]
+
+
+def _ports(text: str | None) -> list[int] | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        ports = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected ports separated by commas, like 5001,5002; got {text!r}"
+        ) from None
+    for port in ports:
+        if not 1 <= port <= 65535:
+            raise typer.BadParameter(f"{port} is not a TCP port (1-65535)")
+    return ports
+
+
+def _run(server_text: str, server_cert: Path, body: Callable[[Server, Any], None]) -> None:
+    """Run one command; turn its failure into one line and an exit status."""
+    server: Server | None = None
+    try:
+        server = parse_server(server_text)
+        body(server, tls_context(server_cert))
+    except ScistreamError as exc:
+        if _debug:
+            traceback.print_exc()
+        origin = (
+            f" ({exc.code} from {server})" if server and exc.code not in ("CONFIG", "UNREACHABLE") else ""
+        )
+        typer.echo(f"error: {exc.message}{origin}", err=True)
+        raise typer.Exit(exc.exit_status) from None
+
+
+def _print_json(reply: dict[str, Any]) -> None:
+    typer.echo(json.dumps(reply, indent=2))
+
+
+def _limits_line(reply: dict[str, Any]) -> str:
+    limits = reply["limits"]
+    rate = limits["rate"]
+    shown = "no rate limit" if rate["value"] == 0 else f"{rate['human']} each direction"
+    return f"at most {limits['num_conn']['value']} connections, {shown}"
+
+
+def _warn_unenforced(reply: dict[str, Any]) -> None:
+    for name, limit in reply.get("limits", {}).items():
+        if not limit.get("enforced", True):
+            typer.echo(f"warning: {name} is NOT enforced by this server: {limit.get('reason', '')}", err=True)
+    if reply.get("note"):
+        typer.echo(f"note: {reply['note']}", err=True)
+
+
+def inbound_request(
+    remote_ip: Annotated[
+        str,
+        typer.Option("--remote_ip", "--remote-ip", help="IP address of the service that receives the data."),
+    ],
+    receiver_ports: Annotated[
+        str,
+        typer.Option("--receiver_ports", "--receiver-ports", help="Port(s) of the service, comma separated."),
+    ],
+    s2cs: S2cs = "localhost:5000",
+    num_conn: NumConn = DEFAULT_NUM_CONN,
+    rate: Rate = DEFAULT_RATE,
+    server_cert: ServerCert = Path("server.crt"),
+    scope: Scope = None,
+    as_json: Json = False,
+) -> None:
+    """Create the inbound proxy in front of a service at this facility; prints the UID and listeners."""
+    ports = _ports(receiver_ports)
+
+    def body(server: Server, ctx: Any) -> None:
+        reply = call(
+            server, ctx, "inbound", remote_ip=remote_ip, receiver_ports=ports, num_conn=num_conn, rate=rate
+        )
+        if as_json:
+            return _print_json(reply)
+        _warn_unenforced(reply)
+        uid, listeners = reply["uid"], reply["listeners"]
+        typer.echo(f"UID: {uid}")
+        typer.echo(f"Listeners: {','.join(listeners)}")
+        pairs = ", ".join(f"{lst} -> {remote_ip}:{p}" for lst, p in zip(listeners, ports or [], strict=True))
+        typer.echo(f"Inbound proxy on {server}: {pairs}; {_limits_line(reply)}.")
+        extra = "".join(
+            f" --{name} {value}"
+            for name, value, default in (
+                ("num_conn", num_conn, DEFAULT_NUM_CONN),
+                ("rate", rate, DEFAULT_RATE),
+            )
+            if value != default
+        )
+        typer.echo("On the instrument side, run:")
+        typer.echo(f"  s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000{extra} {uid} {','.join(listeners)}")
+
+    _run(s2cs, server_cert, body)
+
+
+def outbound_request(
+    uid: Annotated[str, typer.Argument(help="UID of the stream, from the inbound side.")],
+    remote_listeners: Annotated[
+        str,
+        typer.Argument(
+            metavar="HPC_LISTENER", help="Listener address(es) from the inbound side, comma separated."
+        ),
+    ],
+    remote_ip: Annotated[
+        str | None,
+        typer.Option(
+            "--remote_ip", "--remote-ip", help="Address the instrument sends to. [default: all interfaces]"
+        ),
+    ] = None,
+    receiver_ports: Annotated[
+        str | None,
+        typer.Option(
+            "--receiver_ports",
+            "--receiver-ports",
+            help="Local port(s) the instrument sends to. [default: the server picks]",
+        ),
+    ] = None,
+    s2cs: S2cs = "localhost:5000",
+    num_conn: NumConn = DEFAULT_NUM_CONN,
+    rate: Rate = DEFAULT_RATE,
+    server_cert: ServerCert = Path("server.crt"),
+    scope: Scope = None,
+    as_json: Json = False,
+) -> None:
+    """Create the outbound proxy that carries an instrument's data to the inbound listener(s)."""
+    ports = _ports(receiver_ports)
+    listeners = [a.strip() for a in remote_listeners.split(",") if a.strip()]
+
+    def body(server: Server, ctx: Any) -> None:
+        reply = call(
+            server,
+            ctx,
+            "outbound",
+            uid=uid,
+            remote_listeners=listeners,
+            remote_ip=remote_ip,
+            receiver_ports=ports,
+            num_conn=num_conn,
+            rate=rate,
+        )
+        if as_json:
+            return _print_json(reply)
+        _warn_unenforced(reply)
+        local = reply["listeners"]
+        typer.echo(f"UID: {reply['uid']}")
+        typer.echo(f"Listeners: {','.join(local)}")
+        pairs = ", ".join(f"{a} -> {b}" for a, b in zip(local, listeners, strict=True))
+        typer.echo(f"Outbound proxy on {server}: {pairs} (TLS); {_limits_line(reply)}.")
+        ports_shown = ",".join(a.rpartition(":")[2] for a in local)
+        typer.echo(f"Send the instrument's data to port {ports_shown} of this gateway.")
+
+    _run(s2cs, server_cert, body)
+
+
+def release(
+    uid: Annotated[str, typer.Argument(help="UID of the stream to release.")],
+    s2cs: S2cs = "localhost:5000",
+    server_cert: ServerCert = Path("server.crt"),
+    scope: Scope = None,
+    as_json: Json = False,
+) -> None:
+    """Stop this server's proxy (or proxies) of a stream and free its ports."""
+
+    def body(server: Server, ctx: Any) -> None:
+        reply = call(server, ctx, "release", uid=uid)
+        if as_json:
+            return _print_json(reply)
+        typer.echo(f"Released {' and '.join(reply['released'])} proxy of stream {uid} on {server}.")
+
+    _run(s2cs, server_cert, body)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def status(
+    uid: Annotated[
+        str | None, typer.Argument(help="A stream's UID; all visible streams when absent.")
+    ] = None,
+    s2cs: S2cs = "localhost:5000",
+    server_cert: ServerCert = Path("server.crt"),
+    scope: Scope = None,
+    as_json: Json = False,
+) -> None:
+    """Show streams on a server: state, listeners, limits, connections, bytes, restarts."""
+
+    def body(server: Server, ctx: Any) -> None:
+        reply = call(server, ctx, "status", uid=uid)
+        if as_json:
+            return _print_json(reply)
+        streams = reply["streams"]
+        if not streams:
+            typer.echo(f"No streams on {server}.")
+            return
+        header = (
+            f"{'UID':36}  {'ROLE':8}  {'STATE':8}  {'CONN':>4}  {'IN':>10}  {'OUT':>10}  {'RESTARTS':>8}  "
+            "LISTENERS"
+        )
+        typer.echo(header)
+        for s in streams:
+            typer.echo(
+                f"{s['uid']:36}  {s['role']:8}  {s['state']:8}  {s.get('connections', '-')!s:>4}  "
+                f"{_bytes(s.get('bytes_in')):>10}  {_bytes(s.get('bytes_out')):>10}  {s['restarts']:>8}  "
+                f"{','.join(s['listeners'])}"
+            )
+            if s.get("last_error"):
+                typer.echo(f"    last error: {s['last_error']}")
+
+    _run(s2cs, server_cert, body)
+
+
+def info(
+    s2cs: S2cs = "localhost:5000",
+    server_cert: ServerCert = Path("server.crt"),
+    as_json: Json = False,
+) -> None:
+    """Show what a server offers: version, backend, enforced limits, authentication, ports."""
+
+    def body(server: Server, ctx: Any) -> None:
+        reply = call(server, ctx, "info")
+        if as_json:
+            return _print_json(reply)
+        backend = reply["backend"]
+        caps = backend["capabilities"]
+        typer.echo(f"{server}: s2cs {reply['version']}, protocol {reply['protocol']}")
+        typer.echo(f"  backend    {backend['type']} ({backend['version']})")
+        for name, cap in caps.items():
+            state = "enforced" if cap["enforced"] else f"NOT enforced: {cap.get('reason', '')}"
+            typer.echo(f"  {name:10} {state}")
+        auth = reply["auth"]
+        typer.echo(f"  auth       {'on, scope ' + str(auth['scope']) if auth['enabled'] else 'off'}")
+        typer.echo(
+            f"  ports      {reply['port_range']} ({reply['free_ports']} free), {reply['streams']} stream(s)"
+        )
+
+    _run(s2cs, server_cert, body)
+
+
+# The user guide spells commands with underscores; dashes are accepted too.
+for _name, _fn in (("inbound_request", inbound_request), ("outbound_request", outbound_request)):
+    app.command(_name)(_fn)
+    app.command(_name.replace("_", "-"), hidden=True)(_fn)
+app.command()(release)
+app.command()(status)
+app.command()(info)
+
+
+def main() -> None:
+    app(prog_name="s2uc")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

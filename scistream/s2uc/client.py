@@ -1,0 +1,103 @@
+"""One request to one S2CS: connect with TLS, send a line, read a line.
+
+The client trusts exactly the certificate given with --server_cert (the file the S2CS operator
+hands out), and checks that it names the host it connects to.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadRequest, ConfigError, Unreachable
+from ..protocol import DEFAULT_PORT, MAX_MESSAGE, check_reply, decode, encode, request
+
+CONNECT_TIMEOUT = 15.0
+# A request waits for a proxy to start, and maybe behind other requests: be generous.
+REPLY_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_server(text: str) -> Server:
+    """`host:port`, `host` (port 5000), `[v6]:port`."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host or (port and not port.isdigit()) or (port and not 1 <= int(port) <= 65535):
+        raise ConfigError(f"--s2cs must look like HOST:PORT, not {text!r}")
+    return Server(host, int(port) if port else DEFAULT_PORT)
+
+
+def tls_context(server_cert: Path) -> ssl.SSLContext:
+    if not server_cert.is_file():
+        raise ConfigError(
+            f"no server certificate at {server_cert}: pass --server_cert with the certificate of the "
+            "S2CS (its operator has it; a generated one is printed by s2cs at start)"
+        )
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def call(
+    server: Server, context: ssl.SSLContext, op: str, token: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    """Send one request, return the reply's fields; error replies raise their ScistreamError."""
+    data = encode(request(op, token, **fields))
+    try:
+        with (
+            socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT) as raw,
+            context.wrap_socket(raw, server_hostname=server.host) as sock,
+        ):
+            sock.settimeout(REPLY_TIMEOUT)
+            sock.sendall(data)
+            line = _read_line(sock)
+    except ssl.SSLCertVerificationError as exc:
+        raise Unreachable(
+            f"{server} presented a certificate that --server_cert does not vouch for "
+            f"({exc.verify_message}); ask its operator for the right one"
+        ) from None
+    except ssl.SSLError as exc:
+        raise Unreachable(f"TLS with {server} failed: {exc.reason or exc}") from None
+    except TimeoutError:
+        raise Unreachable(f"{server} did not answer within {REPLY_TIMEOUT:.0f}s") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise Unreachable(f"cannot reach s2cs at {server}: {reason}") from None
+    if not line:
+        raise Unreachable(f"{server} closed the connection without a reply")
+    try:
+        message = decode(line)
+    except BadRequest:
+        raise Unreachable(f"{server} sent something that is not a SciStream reply") from None
+    return check_reply(message)
+
+
+def _read_line(sock: ssl.SSLSocket) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < MAX_MESSAGE:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return b"".join(chunks)

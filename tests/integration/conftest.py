@@ -1,0 +1,63 @@
+"""Real s2cs and s2uc processes, real proxies, real TLS on 127.0.0.1; everything stopped afterwards."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from scistream.loopback import BIN, S2csProcess, free_port_range, proxies_of
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Short on purpose: proxies' control sockets live below it, and Unix socket paths are short.
+    path = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_s2cs(workdir: Path) -> Iterator[Callable[..., S2csProcess]]:
+    started: list[S2csProcess] = []
+
+    def start(
+        name: str = "hpc", *extra: str, ports: int = 10, port_range: tuple[int, int] | None = None
+    ) -> S2csProcess:
+        gw = S2csProcess(name, workdir / name, port_range or free_port_range(ports), extra)
+        started.append(gw)
+        gw.start()
+        # The user guide's default --server_cert is ./server.crt: give each gateway's users a copy.
+        shutil.copy(gw.cert, workdir / f"{name}.crt")
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+    for gw in started:  # a failed test must not leave proxies for the next one
+        for pid in proxies_of(gw.state_dir):
+            try:
+                psutil.Process(pid).send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def s2uc(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(BIN / "s2uc"), *args], capture_output=True, text=True, cwd=cwd, timeout=180)
+    if check and result.returncode != 0:
+        raise AssertionError(f"s2uc {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def field(output: str, name: str) -> str:
+    """The value of a `Name: value` line of s2uc's summary."""
+    for line in output.splitlines():
+        if line.startswith(f"{name}: "):
+            return line.split(": ", 1)[1].strip()
+    raise AssertionError(f"no {name!r} line in:\n{output}")
