@@ -68,6 +68,7 @@ class Received:
     first: float = 0.0
     last: float = 0.0
     marks: list[tuple[float, int]] = field(default_factory=list)  # (time, bytes so far)
+    reset: bool = False
 
     def rate_bps(self, skip: float = 1.0) -> float:
         """Bits per second after the first `skip` seconds (a limiter may let an initial burst pass)."""
@@ -106,14 +107,17 @@ class Sink:
         got = Received()
         digest = hashlib.sha256()
         with conn:
-            while chunk := conn.recv(1 << 20):
-                now = time.monotonic()
-                if not got.nbytes:
-                    got.first = now
-                digest.update(chunk)
-                got.nbytes += len(chunk)
-                got.last = now
-                got.marks.append((now, got.nbytes))
+            try:
+                while chunk := conn.recv(1 << 20):
+                    now = time.monotonic()
+                    if not got.nbytes:
+                        got.first = now
+                    digest.update(chunk)
+                    got.nbytes += len(chunk)
+                    got.last = now
+                    got.marks.append((now, got.nbytes))
+            except OSError:
+                got.reset = True  # the connection was cut: what came is not a whole stream
             got.sha256 = digest.hexdigest()
             with contextlib.suppress(OSError):
                 conn.sendall(f"{got.nbytes} {got.sha256}\n".encode())
