@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ScistreamError
+from .s2ds.system import processes_using
 from .s2uc.client import call, parse_server, tls_context
 
 BIN = Path(sys.executable).parent
@@ -89,6 +90,7 @@ class Sink:
         self.port = int(self.sock.getsockname()[1])
         self.results: list[Received] = []
         self.connections = 0
+        self.received = 0  # bytes so far, all connections
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -114,6 +116,8 @@ class Sink:
                         got.first = now
                     digest.update(chunk)
                     got.nbytes += len(chunk)
+                    with self._lock:
+                        self.received += len(chunk)
                     got.last = now
                     got.marks.append((now, got.nbytes))
             except OSError:
@@ -213,15 +217,8 @@ class S2csProcess:
 
 
 def proxies_of(state_dir: Path) -> list[int]:
-    """Pids of the proxy processes that run from `state_dir`."""
-    import psutil
-
-    marker = str(state_dir.resolve()) + "/"
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any(arg.startswith(marker) for arg in proc.info.get("cmdline") or []):
-            pids.append(proc.pid)
-    return pids
+    """Pids of the proxies and shapers that run from `state_dir`."""
+    return [p.pid for p in processes_using(state_dir.resolve())]
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,7 +265,7 @@ def _info(fields: Mapping[str, Any]) -> InfoRequest:
     return InfoRequest()
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[Mapping[str, Any]], Body]] = {
     "info": _info,
     "inbound": _inbound,
     "outbound": _outbound,

@@ -13,8 +13,11 @@ class Identity:
 
 
 class Authenticator(Protocol):
-    enabled: bool
-    scope: str | None
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def scope(self) -> str | None: ...
 
     def identify(self, token: str | None) -> Identity | None:
         """The identity behind `token`, None when authentication is off; raises Unauthenticated."""

@@ -34,7 +34,7 @@ from ..protocol import (
 from ..s2ds.backend import Backend, Launch
 from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles, hostport
 from ..s2ds.supervisor import ProxyProcess, State, Supervisor
-from ..s2ds.system import RealSystem, System, terminate
+from ..s2ds.system import RealSystem, System, processes_using, terminate
 from .auth import Authenticator, Identity
 from .ports import PortPool
 from .sessions import Session, SessionRegistry, short
@@ -159,13 +159,15 @@ class Gateway:
 
     def _sweep(self, adopted: set[int]) -> None:
         """Stop proxies that run from our state dir but belong to no session; delete stray files."""
-        marker = str(self.state.sessions) + "/"
-        for process in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = process.info.get("cmdline") or []
-            if process.pid in adopted or not any(arg.startswith(marker) for arg in cmdline):
+        for process in processes_using(self.state.sessions):
+            if process.pid in adopted:
                 continue
-            log.warning("stopping stray proxy pid %d (%s)", process.pid, " ".join(cmdline))
-            handle = self.system.adopt(process.pid, process.create_time(), cmdline)
+            try:
+                cmdline = process.cmdline()
+                handle = self.system.adopt(process.pid, process.create_time(), cmdline)
+            except psutil.Error:
+                continue
+            log.warning("stopping stray process pid %d (%s)", process.pid, " ".join(cmdline))
             if handle is not None:
                 terminate(self.system, handle, 5.0)
         known = self.registry.sids()

@@ -23,8 +23,11 @@ import psutil
 class Handle(Protocol):
     """A running (or finished) proxy process."""
 
-    pid: int
-    create_time: float
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def create_time(self) -> float: ...
 
     def poll(self) -> int | None:
         """The exit status once it has ended (-1 when unknown), else None."""
@@ -136,7 +139,7 @@ class RealSystem:
         bound: set[int | str] = set()
         for c in conns:
             if c.family == socket.AF_UNIX:
-                bound.add(c.laddr)  # psutil gives Unix sockets no state; bind and listen come together
+                bound.add(str(c.laddr))  # psutil gives Unix sockets no state; bind and listen come together
             elif c.status == psutil.CONN_LISTEN:
                 bound.add(c.laddr.port)
         return set(endpoints) <= bound
@@ -146,6 +149,18 @@ class RealSystem:
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
+
+
+def processes_using(directory: Path) -> list[psutil.Process]:
+    """Processes whose command line names a file below `directory`: the proxies and shapers of a
+    state dir, found without trusting any pid file."""
+    marker = str(directory) + "/"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if any(marker in arg for arg in cmdline):
+            found.append(process)
+    return found
 
 
 def terminate(system: System, handle: Handle, grace: float) -> None:

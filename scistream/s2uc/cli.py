@@ -7,7 +7,6 @@ reply itself with --json. Failures print one line and exit with the status of er
 from __future__ import annotations
 
 import json
-import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -334,4 +333,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

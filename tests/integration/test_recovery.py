@@ -1,0 +1,191 @@
+"""A gateway runs for months: proxies crash, s2cs is killed and restarted; streams must not notice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from scistream.loopback import Sink, proxies_of, send
+from scistream.s2cs.gateway import port_is_free
+
+
+def _wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def _pids(gw, uid: str) -> dict[str, int]:
+    streams = gw.call("status", uid=uid)["streams"]
+    return {p["name"]: p["pid"] for s in streams for p in s["processes"]}
+
+
+def _stream(hpc, inst, port: int, **limits) -> tuple[str, int]:
+    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[port], **limits)
+    outbound = inst.call("outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], **limits)
+    return inbound["uid"], int(outbound["listeners"][0].rpartition(":")[2])
+
+
+@pytest.mark.parametrize("victim", ["proxy", "shaper"])
+def test_a_killed_process_is_restarted_and_the_listener_forwards_again(start_s2cs, victim):
+    hpc = start_s2cs("hpc")
+    inst = start_s2cs("instrument")
+    sink = Sink()
+    uid, port = _stream(hpc, inst, sink.port, rate=100_000)  # rate: both a proxy and a shaper
+    before = _pids(hpc, uid)[victim]
+    os.kill(before, signal.SIGKILL)
+
+    def restarted() -> bool:
+        stream = hpc.call("status", uid=uid)["streams"][0]
+        return stream["state"] == "RUNNING" and stream["restarts"] == 1
+
+    _wait_for(restarted, timeout=10, what=f"restart of the {victim}")
+    assert _pids(hpc, uid)[victim] != before
+    data = os.urandom(1 << 20)
+    assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_a_stream_keeps_flowing_while_s2cs_is_killed_and_restarted(start_s2cs):
+    hpc = start_s2cs("hpc")
+    inst = start_s2cs("instrument")
+    sink = Sink()
+    # 400 Mbit/s: 300 MiB take over six seconds, longer than killing and restarting both s2cs.
+    uid, port = _stream(hpc, inst, sink.port, rate=400_000)
+    pids = _pids(hpc, uid)
+    size = 300 << 20
+    data = os.urandom(size)
+    result: list[tuple[int, str]] = []
+    sender = threading.Thread(target=lambda: result.append(send(("127.0.0.1", port), data)))
+    sender.start()
+    _wait_for(lambda: sink.received > 0, what="data flowing")
+    hpc.stop(signal.SIGKILL)
+    inst.stop(signal.SIGKILL)
+    assert all(psutil.pid_exists(pid) for pid in pids.values()), "a process died with its s2cs"
+    hpc.start()
+    inst.start()
+    assert sink.received < size, "the stream ended before s2cs was back: the test proved nothing"
+    sender.join(300)
+    assert result == [(size, hashlib.sha256(data).hexdigest())]
+
+    assert _pids(hpc, uid) == pids  # re-adopted, not restarted
+    assert hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING"
+    hpc.call("release", uid=uid)
+    inst.call("release", uid=uid)
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids.values()
+    )
+
+
+def test_sigterm_releases_everything_and_frees_the_whole_port_range(start_s2cs):
+    hpc = start_s2cs("hpc", ports=4)
+    sink = Sink()
+    for rate in (0, 10_000):
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=rate)
+    assert len(proxies_of(hpc.state_dir)) == 3
+    assert hpc.stop(signal.SIGTERM) == 0
+    assert proxies_of(hpc.state_dir) == []
+    leftovers = [p.name for p in (hpc.state_dir / "sessions").rglob("*")]
+    assert leftovers == []
+    assert json.loads((hpc.state_dir / "state.json").read_text())["sessions"] == []
+    first, last = hpc.port_range
+    assert all(port_is_free(p) for p in range(first, last + 1))
+
+
+def test_keep_streams_on_exit_leaves_the_proxies_for_the_next_s2cs(start_s2cs):
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit")
+    inst = start_s2cs("instrument")
+    sink = Sink()
+    uid, port = _stream(hpc, inst, sink.port)
+    pids = _pids(hpc, uid)
+    assert hpc.stop(signal.SIGTERM) == 0
+    data = os.urandom(100_000)
+    assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
+    hpc.start()
+    assert _pids(hpc, uid) == pids
+    hpc.call("release", uid=uid)
+    assert proxies_of(hpc.state_dir) == []
+
+
+def test_a_recycled_pid_in_the_state_file_is_left_alone(start_s2cs):
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit")
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
+    proxy = _pids(hpc, uid)["proxy"]
+    assert hpc.stop(signal.SIGTERM) == 0
+    os.kill(proxy, signal.SIGKILL)
+    # Another program now has the pid the state file names (as after a reboot or pid reuse).
+    stranger = subprocess.Popen(["sleep", "300"])
+    state = json.loads((hpc.state_dir / "state.json").read_text())
+    state["sessions"][0]["processes"][0]["pid"] = stranger.pid
+    (hpc.state_dir / "state.json").write_text(json.dumps(state))
+    try:
+        hpc.start()
+        _wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="restart")
+        assert stranger.poll() is None, "s2cs killed a process that was not its proxy"
+        assert _pids(hpc, uid)["proxy"] not in (proxy, stranger.pid)
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_proxy_that_keeps_failing_is_fatal_and_keeps_its_ports(start_s2cs):
+    hpc = start_s2cs("hpc", ports=2)
+    sink = Sink()
+    reply = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+    uid = reply["uid"]
+    # Somebody breaks the session's config by hand, then the proxy dies: every restart fails.
+    (config,) = (hpc.state_dir / "sessions").glob("*/proxy.conf")
+    config.write_text("frontend broken\n    no-such-keyword here\n")
+    os.kill(_pids(hpc, uid)["proxy"], signal.SIGKILL)
+
+    def fatal() -> dict | None:
+        stream = hpc.call("status", uid=uid)["streams"][0]
+        return stream if stream["state"] == "FATAL" else None
+
+    stream = _wait_for(fatal, timeout=60, what="FATAL")
+    assert "no-such-keyword" in stream["last_error"]  # HAProxy's own words reach the operator
+    assert stream["restarts"] >= 1
+    # Its port stays reserved: the next stream gets the other one.
+    other = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+    assert other["listeners"] != reply["listeners"]
+    hpc.call("release", uid=uid)
+    assert len(proxies_of(hpc.state_dir)) == 1
+
+
+def test_create_release_cycles_leak_nothing(start_s2cs):
+    hpc = start_s2cs("hpc", ports=4)
+    server = psutil.Process(hpc.proc.pid)
+    sink = Sink()
+
+    def cycle(i: int) -> None:
+        uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=(i % 2) * 10_000)[
+            "uid"
+        ]
+        hpc.call("release", uid=uid)
+
+    cycle(1)  # warm up: lazily opened files and threads of the server count as the baseline
+
+    def footprint() -> tuple:
+        return (
+            len(server.children(recursive=True)),
+            server.num_fds(),
+            sorted(p.name for p in hpc.state_dir.rglob("*")),
+            hpc.call("info")["free_ports"],
+        )
+
+    before = footprint()
+    for i in range(300):
+        cycle(i)
+    assert footprint() == before
