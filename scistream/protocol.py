@@ -172,10 +172,12 @@ def parse_address(value: Any, name: str) -> Address:
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be an address string 'IP:PORT', not {type(value).__name__}")
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or len(port) > 5:
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5:
         raise BadRequest(f"{name} must look like IP:PORT, not {value[:60]!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:
+        raise BadRequest(f"{name}: write an IPv6 address in brackets, [ADDRESS]:PORT, not {value[:60]!r}")
     return Address(parse_ip(host, name), parse_port(int(port), name))
 
 
@@ -335,8 +337,9 @@ def format_rate(kbps: int) -> str:
     if kbps == 0:
         return "unlimited"
     for unit, scale in (("Gbit/s", 1_000_000), ("Mbit/s", 1_000), ("kbit/s", 1)):
-        if kbps >= scale:
-            return f"{kbps / scale:.4g} {unit}"
+        shown = float(f"{kbps / scale:.4g}")  # round first: 999999 kb/s is 1 Gbit/s, not 1000 Mbit/s
+        if shown >= 1:
+            return f"{shown:g} {unit}"
     raise AssertionError("unreachable: rate is at least 1 kb/s")
 
 

@@ -14,8 +14,8 @@ from ..errors import BadRequest, ConfigError, Conflict, NoPorts
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    lo, sep, hi = text.partition("-")
-    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+    lo, sep, hi = (part.strip() for part in text.partition("-"))
+    if not sep or not all(p.isascii() and p.isdigit() for p in (lo, hi)):
         raise ConfigError(f"port range must look like 5100-5200, not {text!r}")
     first, last = int(lo), int(hi)
     if not 1 <= first <= last <= 65535:
@@ -52,6 +52,8 @@ class PortPool:
         """`requested` ports exactly (each inside the range and free), else `count` free ones."""
         with self._lock:
             if requested:
+                if len(set(requested)) != len(requested):
+                    raise BadRequest("the same port is requested twice")
                 for port in requested:
                     if not self.first <= port <= self.last:
                         raise BadRequest(f"port {port} is outside this server's port range {self.label}")

@@ -81,7 +81,7 @@ class ProxyProcess:
         self.restarts = 0
         self.fast_failures = 0
         self.last_error = ""
-        self._started_at = 0.0
+        self._running_since = 0.0
         self._deadline = 0.0
         self._next_start = 0.0
         self.lock = threading.RLock()
@@ -91,7 +91,7 @@ class ProxyProcess:
     def start(self) -> None:
         """First start, from a request: returns when RUNNING, raises BackendFailed otherwise."""
         with self.lock:
-            self._spawn()
+            self._spawn(first=True)
             while self.state == State.STARTING:
                 self._check_starting(first=True)
                 if self.state == State.STARTING:
@@ -105,7 +105,7 @@ class ProxyProcess:
         with self.lock:
             self.handle = handle
             self.state = State.RUNNING
-            self._started_at = self.system.now() - START_SECONDS  # it has proven itself already
+            self._running_since = self.system.now() - START_SECONDS  # it has proven itself already
             log.info("%s: re-adopted pid %d", self.name, handle.pid)
 
     def restart_later(self, reason: str) -> None:
@@ -141,7 +141,7 @@ class ProxyProcess:
             if self.state == State.RUNNING:
                 self._check_running()
             elif self.state == State.BACKOFF and self.system.now() >= self._next_start:
-                self._spawn()
+                self._spawn(first=False)
             elif self.state == State.STARTING:
                 self._check_starting(first=False)
         finally:
@@ -149,15 +149,14 @@ class ProxyProcess:
 
     # --- transitions -----------------------------------------------------------------------------
 
-    def _spawn(self) -> None:
+    def _spawn(self, first: bool) -> None:
         self.state = State.STARTING
-        self._started_at = self.system.now()
-        self._deadline = self._started_at + START_TIMEOUT
+        self._deadline = self.system.now() + START_TIMEOUT
         try:
             self.handle = self.system.spawn(self.argv, self.cwd, self.log_path)
         except OSError as exc:
             self.handle = None
-            self._failed(f"cannot run {self.argv[0]}: {exc}", first=False)
+            self._failed(f"cannot run {self.argv[0]}: {exc}", first)
 
     def _check_starting(self, first: bool) -> None:
         if self.handle is None:
@@ -167,6 +166,7 @@ class ProxyProcess:
             self._failed(log_tail(self.log_path) or f"exited with status {code}", first)
         elif self.system.listening(self.handle, self.ready):
             self.state = State.RUNNING
+            self._running_since = self.system.now()
             if not first:
                 log.info("%s: running again (pid %d)", self.name, self.handle.pid)
                 self.on_change(self)
@@ -185,7 +185,7 @@ class ProxyProcess:
         if code is None:
             return
         self.restarts += 1
-        young = self.system.now() - self._started_at < START_SECONDS
+        young = self.system.now() - self._running_since < START_SECONDS
         self.fast_failures = self.fast_failures + 1 if young else 1
         self.last_error = log_tail(self.log_path) or f"exited with status {code}"
         log.warning("%s: pid %d exited (%s); restarting", self.name, self.handle.pid, code)

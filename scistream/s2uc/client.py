@@ -32,15 +32,19 @@ class Server:
 def parse_server(text: str) -> Server:
     """`host:port`, `host` (port 5000), `[v6]:port`."""
     text = text.strip()
+    rest = ""
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"--s2cs must look like HOST:PORT or [IPV6]:PORT, not {text!r}")
+        port = rest[1:]
     elif text.count(":") == 1:
         host, _, port = text.partition(":")
     else:
         host, port = text, ""
-    if not host or (port and not port.isdigit()) or (port and not 1 <= int(port) <= 65535):
-        raise ConfigError(f"--s2cs must look like HOST:PORT, not {text!r}")
+    good_port = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    if not host or (port and not good_port) or (rest == ":"):
+        raise ConfigError(f"--s2cs must look like HOST:PORT or [IPV6]:PORT, not {text!r}")
     return Server(host, int(port) if port else DEFAULT_PORT)
 
 

@@ -1,0 +1,407 @@
+"""The supervisor's state machine, driven by a fake operating system with a fake clock.
+
+Nothing here starts a process or sleeps: `FakeSystem.sleep` moves the clock, and a test decides
+when each fake process listens and when it exits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from scistream.errors import BackendFailed
+from scistream.s2ds import supervisor
+from scistream.s2ds.supervisor import ProxyProcess, State, log_tail
+
+
+@dataclass
+class FakeHandle:
+    pid: int
+    create_time: float
+    listens_after: float | None = 0.0  # seconds after its start; None = never
+    ignores_sigterm: bool = False
+    exit_code: int | None = None
+
+    def poll(self) -> int | None:
+        return self.exit_code
+
+
+@dataclass
+class FakeSystem:
+    """Implements scistream.s2ds.system.System for processes that exist only in this test."""
+
+    clock: float = 1000.0
+    listens_after: float | None = 0.0  # how the next processes behave
+    ignores_sigterm: bool = False
+    on_spawn: Callable[[FakeHandle, Path], None] = lambda handle, log: None
+    spawn_error: OSError | None = None
+    spawned: list[FakeHandle] = field(default_factory=list)
+    signals: list[tuple[int, int, float]] = field(default_factory=list)  # pid, signal, when
+
+    def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> FakeHandle:
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        handle = FakeHandle(4000 + len(self.spawned), self.clock, self.listens_after, self.ignores_sigterm)
+        self.spawned.append(handle)
+        self.on_spawn(handle, log)
+        return handle
+
+    def adopt(self, pid: int, create_time: float, argv: Sequence[str]) -> FakeHandle | None:
+        return None
+
+    def signal(self, handle: FakeHandle, sig: int) -> None:
+        self.signals.append((handle.pid, sig, self.clock))
+        if handle.exit_code is None and not (sig == signal.SIGTERM and handle.ignores_sigterm):
+            handle.exit_code = -sig
+
+    def listening(self, handle: FakeHandle, endpoints: Sequence[int | str]) -> bool:
+        after = handle.listens_after
+        return handle.exit_code is None and after is not None and self.clock >= handle.create_time + after
+
+    def now(self) -> float:
+        return self.clock
+
+    def sleep(self, seconds: float) -> None:
+        self.clock += seconds
+
+
+@pytest.fixture
+def system() -> FakeSystem:
+    return FakeSystem()
+
+
+@pytest.fixture
+def changes() -> list[State]:
+    return []
+
+
+@pytest.fixture
+def proc(system, changes, tmp_path) -> ProxyProcess:
+    return ProxyProcess(
+        "inbound 5f0c2a9e proxy",
+        "proxy",
+        ["/usr/sbin/haproxy", "-db", "-f", "proxy.conf"],
+        tmp_path,
+        tmp_path / "proxy.log",
+        [5100, 5101],
+        system,
+        on_change=lambda p: changes.append(p.state),
+    )
+
+
+def write_log(path: Path, *lines: str) -> None:
+    with open(path, "a") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+def dies_at_once(*lines: str, code: int = 1) -> Callable[[FakeHandle, Path], None]:
+    def behave(handle: FakeHandle, log: Path) -> None:
+        write_log(log, *lines)
+        handle.exit_code = code
+
+    return behave
+
+
+def crash(system: FakeSystem, proc: ProxyProcess, after: float, *lines: str) -> None:
+    """The running process dies `after` seconds from now, leaving `lines` in its log."""
+    system.clock += after
+    write_log(proc.log_path, *lines)
+    system.spawned[-1].exit_code = 139
+
+
+def run_until(
+    system: FakeSystem, proc: ProxyProcess, states: State | set[State], limit: float = 120.0
+) -> None:
+    """Tick as the Supervisor thread would, on the fake clock, until `proc` is in one of `states`.
+
+    Ticks at least once, so it notices a process that died since the last tick."""
+    wanted = {states} if isinstance(states, State) else states
+    deadline = system.clock + limit
+    while True:
+        system.sleep(supervisor.TICK)
+        proc.tick()
+        if proc.state in wanted:
+            return
+        assert system.clock < deadline, f"still {proc.state} after {limit}s, expected {wanted}"
+
+
+# --- start ---------------------------------------------------------------------------------------
+
+
+def test_start_returns_once_the_proxy_listens(system, proc, changes):
+    system.listens_after = 0.5
+    began = system.clock
+    proc.start()
+    assert proc.state == State.RUNNING
+    assert proc.pid == 4000
+    assert 0.5 <= system.clock - began < 0.6
+    assert changes == [State.RUNNING]  # persisted once, when it runs
+
+
+def test_start_fails_with_the_proxys_own_last_words(system, proc, tmp_path):
+    system.on_spawn = dies_at_once(
+        "[NOTICE]   (1) : haproxy version is 2.8.25",
+        "[ALERT]    (1) : Starting frontend inbound: cannot bind socket (Address in use) [0.0.0.0:5100]",
+    )
+    with pytest.raises(BackendFailed) as caught:
+        proc.start()
+    assert "inbound 5f0c2a9e proxy did not start" in caught.value.message
+    assert "cannot bind socket (Address in use) [0.0.0.0:5100]" in caught.value.message
+    assert caught.value.code == "BACKEND_FAILED"
+    assert proc.state == State.STOPPED  # the request failed: nobody restarts it
+    assert len(system.spawned) == 1
+
+
+def test_start_fails_with_the_exit_status_when_the_proxy_said_nothing(system, proc):
+    system.on_spawn = dies_at_once(code=3)
+    with pytest.raises(BackendFailed, match="exited with status 3"):
+        proc.start()
+
+
+def test_start_gives_up_after_the_start_timeout_and_stops_the_process(system, proc):
+    system.listens_after = None
+    system.on_spawn = lambda handle, log: write_log(log, "[WARNING]  (1) : resolving peer, still waiting")
+    began = system.clock
+    with pytest.raises(BackendFailed) as caught:
+        proc.start()
+    message = caught.value.message
+    assert "not listening on 5100, 5101 after 10s" in message
+    assert "still waiting" in message
+    assert supervisor.START_TIMEOUT <= system.clock - began < supervisor.START_TIMEOUT + 1
+    assert [(pid, sig) for pid, sig, _ in system.signals] == [(4000, signal.SIGTERM)]
+    assert system.spawned[0].poll() is not None  # nothing left running
+    assert proc.state == State.STOPPED
+
+
+def test_a_binary_that_cannot_run_fails_the_request_and_is_not_restarted(system, proc):
+    system.spawn_error = FileNotFoundError(2, "No such file or directory")
+    with pytest.raises(BackendFailed, match="cannot run /usr/sbin/haproxy"):
+        proc.start()
+    assert proc.state == State.STOPPED
+
+
+def test_a_binary_that_cannot_run_fails_the_request_with_the_reason(system, proc):
+    system.spawn_error = FileNotFoundError(2, "No such file or directory")
+    with pytest.raises(BackendFailed, match=r"cannot run /usr/sbin/haproxy: .*No such file or directory"):
+        proc.start()
+
+
+# --- restarts ------------------------------------------------------------------------------------
+
+
+def test_a_running_proxy_that_dies_is_restarted_after_the_backoff(system, proc, changes):
+    proc.start()
+    crash(system, proc, 60, "[ALERT] segfault")
+    proc.tick()
+    assert proc.state == State.BACKOFF
+    assert proc.restarts == 1
+    assert proc.last_error == "[ALERT] segfault"
+    assert changes[-1] == State.BACKOFF
+
+    system.clock += supervisor.BACKOFF_FIRST - 0.01
+    proc.tick()
+    assert proc.state == State.BACKOFF  # not yet
+    assert len(system.spawned) == 1
+
+    system.clock += 0.01
+    proc.tick()
+    assert proc.state == State.STARTING
+    assert len(system.spawned) == 2
+    proc.tick()
+    assert proc.state == State.RUNNING
+    assert proc.pid == 4001
+    assert changes[-1] == State.RUNNING  # the new pid is persisted
+
+
+def test_every_death_of_a_running_proxy_is_counted(system, proc):
+    proc.start()
+    for expected in (1, 2, 3):
+        crash(system, proc, 60, "[ALERT] killed by the OOM killer")
+        run_until(system, proc, State.RUNNING)
+        assert proc.restarts == expected
+    assert len(system.spawned) == 4
+
+
+def test_repeated_fast_failures_end_in_fatal_and_keep_the_reason(system, proc, changes):
+    proc.start()
+    system.on_spawn = dies_at_once("[ALERT] (1) : cannot bind socket (Address in use) [0.0.0.0:5101]")
+    crash(system, proc, 0.5, "[ALERT] (1) : died young")
+    spawned_at = []
+    while proc.state != State.FATAL:
+        assert system.clock < 2000, "never gave up"
+        count = len(system.spawned)
+        system.sleep(supervisor.TICK)
+        proc.tick()
+        if len(system.spawned) > count:
+            spawned_at.append(system.clock)
+    assert proc.fast_failures == supervisor.MAX_FAST_FAILURES
+    assert "cannot bind socket (Address in use) [0.0.0.0:5101]" in proc.last_error
+    assert changes[-1] == State.FATAL
+    # Back-off doubles between attempts: 0.5 s, 1 s, 2 s, 4 s (up to one tick late).
+    gaps = [b - a for a, b in itertools.pairwise(spawned_at)]
+    assert len(spawned_at) == supervisor.MAX_FAST_FAILURES - 1
+    for gap, backoff in zip(gaps, (1.0, 2.0, 4.0), strict=True):
+        assert backoff <= gap <= backoff + 2 * supervisor.TICK + 1e-9
+    # FATAL is final: no more attempts however long we wait.
+    for _ in range(100):
+        system.sleep(1)
+        proc.tick()
+    assert proc.state == State.FATAL
+    assert len(system.spawned) == supervisor.MAX_FAST_FAILURES
+
+
+def test_a_proxy_that_ran_long_starts_counting_fast_failures_afresh(system, proc):
+    proc.start()
+    for _ in range(supervisor.MAX_FAST_FAILURES - 2):  # young deaths, one short of giving up
+        crash(system, proc, 1, "[ALERT] died young")
+        run_until(system, proc, State.RUNNING)
+    assert proc.fast_failures == supervisor.MAX_FAST_FAILURES - 2
+
+    crash(system, proc, 3600, "[ALERT] died after an hour")
+    proc.tick()
+    assert proc.state == State.BACKOFF
+    assert proc.fast_failures == 1
+    # ... so the next restart comes after the first, shortest back-off.
+    began = system.clock
+    run_until(system, proc, State.STARTING)
+    assert system.clock - began <= supervisor.BACKOFF_FIRST + supervisor.TICK + 1e-9
+
+
+def test_a_proxy_that_dies_soon_after_a_slow_start_ends_in_fatal(system, proc):
+    system.listens_after = 2.5
+    proc.start()
+    for _ in range(3 * supervisor.MAX_FAST_FAILURES):
+        crash(system, proc, 1, "[ALERT] died one second after it listened")
+        run_until(system, proc, {State.RUNNING, State.FATAL})
+        if proc.state == State.FATAL:
+            break
+    assert proc.state == State.FATAL
+
+
+def test_restart_later_starts_a_proxy_found_dead_at_the_next_tick(system, proc):
+    proc.restart_later("pid 3999 was gone after the s2cs restart")
+    assert proc.state == State.BACKOFF
+    assert proc.last_error == "pid 3999 was gone after the s2cs restart"
+    proc.tick()
+    assert proc.state == State.STARTING
+    proc.tick()
+    assert proc.state == State.RUNNING
+
+
+# --- stop ----------------------------------------------------------------------------------------
+
+
+def test_stop_sends_sigterm_and_waits(system, proc):
+    proc.start()
+    proc.stop()
+    assert [(pid, sig) for pid, sig, _ in system.signals] == [(4000, signal.SIGTERM)]
+    assert proc.state == State.STOPPED
+
+
+def test_stop_sends_sigkill_when_sigterm_is_ignored_for_the_grace_period(system, proc):
+    system.ignores_sigterm = True
+    proc.start()
+    proc.stop()
+    (pid1, term, t_term), (pid2, kill, t_kill) = system.signals
+    assert (pid1, term, pid2, kill) == (4000, signal.SIGTERM, 4000, signal.SIGKILL)
+    assert supervisor.STOP_GRACE <= t_kill - t_term < supervisor.STOP_GRACE + 0.1
+    assert system.spawned[0].poll() is not None
+    assert proc.state == State.STOPPED
+
+
+def test_stop_of_a_process_that_already_ended_signals_nothing(system, proc):
+    proc.start()
+    system.spawned[0].exit_code = 0
+    proc.stop()
+    assert system.signals == []
+    assert proc.state == State.STOPPED
+
+
+def test_a_stopped_proxy_is_not_restarted(system, proc):
+    proc.start()
+    proc.stop()
+    for _ in range(50):
+        system.sleep(1)
+        proc.tick()
+    assert proc.state == State.STOPPED
+    assert len(system.spawned) == 1
+
+
+# --- concurrency with requests, and re-adoption ----------------------------------------------------
+
+
+def test_tick_leaves_a_process_alone_while_a_request_holds_its_lock(system, proc):
+    proc.start()
+    crash(system, proc, 60, "[ALERT] died")
+    holding, done = threading.Event(), threading.Event()
+
+    def request_in_progress():
+        with proc.lock:
+            holding.set()
+            done.wait(10)
+
+    other = threading.Thread(target=request_in_progress)
+    other.start()
+    try:
+        assert holding.wait(10)
+        proc.tick()
+        assert proc.state == State.RUNNING  # untouched: the request decides
+        assert proc.restarts == 0
+    finally:
+        done.set()
+        other.join(10)
+    proc.tick()
+    assert proc.state == State.BACKOFF
+    assert proc.restarts == 1
+
+
+def test_adopt_takes_over_a_running_proxy(system, proc, changes):
+    proc.adopt(FakeHandle(pid=3999, create_time=system.clock - 7200))
+    assert proc.state == State.RUNNING
+    assert proc.pid == 3999
+    assert system.spawned == []
+    proc.tick()
+    assert proc.state == State.RUNNING
+
+
+def test_an_adopted_proxy_that_dies_at_once_is_restarted_not_counted_as_a_failed_start(system, proc):
+    proc.adopt(FakeHandle(pid=3999, create_time=system.clock - 7200))
+    proc.handle.exit_code = -1  # gone, as AdoptedHandle.poll reports it
+    proc.tick()
+    assert proc.state == State.BACKOFF
+    assert proc.fast_failures == 1
+    run_until(system, proc, State.RUNNING)
+    assert proc.pid == 4000
+
+
+def test_detach_forgets_the_process_without_signalling_it(system, proc):
+    proc.start()
+    proc.detach()
+    assert proc.pid is None
+    assert proc.state == State.STOPPED
+    assert system.signals == []
+
+
+# --- the log tail --------------------------------------------------------------------------------
+
+
+def test_log_tail_keeps_the_last_non_empty_lines(tmp_path):
+    log = tmp_path / "proxy.log"
+    write_log(log, *[f"line {i}" for i in range(1, 10)], "", "   ")
+    assert log_tail(log, lines=3) == "line 7\nline 8\nline 9"
+
+
+def test_log_tail_of_a_missing_log_is_empty(tmp_path):
+    assert log_tail(tmp_path / "never-written.log") == ""
+
+
+def test_log_tail_survives_bytes_that_are_not_utf8(tmp_path):
+    log = tmp_path / "proxy.log"
+    log.write_bytes(b"[ALERT] bad \xff byte\n")
+    assert log_tail(log) == "[ALERT] bad \ufffd byte"
