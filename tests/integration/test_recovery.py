@@ -16,6 +16,10 @@ import pytest
 from scistream.loopback import Sink, proxies_of, send
 from scistream.s2cs.gateway import port_is_free
 
+from .conftest import BACKENDS
+
+EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
+
 
 def _wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
@@ -39,9 +43,10 @@ def _stream(hpc, inst, port: int, **limits) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("victim", ["proxy", "shaper"])
-def test_a_killed_process_is_restarted_and_the_listener_forwards_again(start_s2cs, victim):
-    hpc = start_s2cs("hpc")
-    inst = start_s2cs("instrument")
+@EACH_BACKEND
+def test_a_killed_process_is_restarted_and_the_listener_forwards_again(start_s2cs, victim, backend):
+    hpc = start_s2cs("hpc", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
     uid, port = _stream(hpc, inst, sink.port, rate=100_000)  # rate: both a proxy and a shaper
     before = _pids(hpc, uid)[victim]
@@ -57,9 +62,10 @@ def test_a_killed_process_is_restarted_and_the_listener_forwards_again(start_s2c
     assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
 
 
-def test_a_stream_keeps_flowing_while_s2cs_is_killed_and_restarted(start_s2cs):
-    hpc = start_s2cs("hpc")
-    inst = start_s2cs("instrument")
+@EACH_BACKEND
+def test_a_stream_keeps_flowing_while_s2cs_is_killed_and_restarted(start_s2cs, backend):
+    hpc = start_s2cs("hpc", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
     # 400 Mbit/s: 300 MiB take over six seconds, longer than killing and restarting both s2cs.
     uid, port = _stream(hpc, inst, sink.port, rate=400_000)
@@ -88,12 +94,16 @@ def test_a_stream_keeps_flowing_while_s2cs_is_killed_and_restarted(start_s2cs):
     )
 
 
-def test_sigterm_releases_everything_and_frees_the_whole_port_range(start_s2cs):
-    hpc = start_s2cs("hpc", ports=4)
+@EACH_BACKEND
+def test_sigterm_releases_everything_and_frees_the_whole_port_range(start_s2cs, backend):
+    hpc = start_s2cs("hpc", backend=backend, ports=4)
     sink = Sink()
-    for rate in (0, 10_000):
-        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=rate)
-    assert len(proxies_of(hpc.state_dir)) == 3
+    uids = [
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=rate)["uid"]
+        for rate in (0, 10_000)
+    ]
+    running = [pid for uid in uids for pid in _pids(hpc, uid).values()]
+    assert sorted(proxies_of(hpc.state_dir)) == sorted(running)
     assert hpc.stop(signal.SIGTERM) == 0
     assert proxies_of(hpc.state_dir) == []
     leftovers = [p.name for p in (hpc.state_dir / "sessions").rglob("*")]
@@ -103,9 +113,10 @@ def test_sigterm_releases_everything_and_frees_the_whole_port_range(start_s2cs):
     assert all(port_is_free(p) for p in range(first, last + 1))
 
 
-def test_keep_streams_on_exit_leaves_the_proxies_for_the_next_s2cs(start_s2cs):
-    hpc = start_s2cs("hpc", "--keep-streams-on-exit")
-    inst = start_s2cs("instrument")
+@EACH_BACKEND
+def test_keep_streams_on_exit_leaves_the_proxies_for_the_next_s2cs(start_s2cs, backend):
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
     uid, port = _stream(hpc, inst, sink.port)
     pids = _pids(hpc, uid)
@@ -118,8 +129,9 @@ def test_keep_streams_on_exit_leaves_the_proxies_for_the_next_s2cs(start_s2cs):
     assert proxies_of(hpc.state_dir) == []
 
 
-def test_a_recycled_pid_in_the_state_file_is_left_alone(start_s2cs):
-    hpc = start_s2cs("hpc", "--keep-streams-on-exit")
+@EACH_BACKEND
+def test_a_recycled_pid_in_the_state_file_is_left_alone(start_s2cs, backend):
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit", backend=backend)
     sink = Sink()
     uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
     proxy = _pids(hpc, uid)["proxy"]
@@ -140,14 +152,17 @@ def test_a_recycled_pid_in_the_state_file_is_left_alone(start_s2cs):
         stranger.wait()
 
 
-def test_a_proxy_that_keeps_failing_is_fatal_and_keeps_its_ports(start_s2cs):
-    hpc = start_s2cs("hpc", ports=2)
+@EACH_BACKEND
+def test_a_proxy_that_keeps_failing_is_fatal_and_keeps_its_ports(start_s2cs, backend):
+    hpc = start_s2cs("hpc", backend=backend, ports=2)
     sink = Sink()
     reply = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
     uid = reply["uid"]
     # Somebody breaks the session's config by hand, then the proxy dies: every restart fails.
     (config,) = (hpc.state_dir / "sessions").glob("*/proxy.conf")
-    config.write_text("frontend broken\n    no-such-keyword here\n")
+    config.write_text(
+        "no-such-keyword = here\n" if backend == "stunnel" else "frontend x\n    no-such-keyword here\n"
+    )
     os.kill(_pids(hpc, uid)["proxy"], signal.SIGKILL)
 
     def fatal() -> dict | None:
@@ -161,11 +176,12 @@ def test_a_proxy_that_keeps_failing_is_fatal_and_keeps_its_ports(start_s2cs):
     other = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
     assert other["listeners"] != reply["listeners"]
     hpc.call("release", uid=uid)
-    assert len(proxies_of(hpc.state_dir)) == 1
+    assert sorted(proxies_of(hpc.state_dir)) == sorted(_pids(hpc, other["uid"]).values())
 
 
-def test_create_release_cycles_leak_nothing(start_s2cs):
-    hpc = start_s2cs("hpc", ports=4)
+@EACH_BACKEND
+def test_create_release_cycles_leak_nothing(start_s2cs, backend):
+    hpc = start_s2cs("hpc", backend=backend, ports=4)
     server = psutil.Process(hpc.proc.pid)
     sink = Sink()
 

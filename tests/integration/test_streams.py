@@ -18,7 +18,9 @@ from scistream.credentials import stream_credentials
 from scistream.errors import ScistreamError
 from scistream.loopback import Sink, proxies_of, send
 
-from .conftest import s2uc
+from .conftest import BACKENDS, s2uc
+
+EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
 RATE_TOLERANCE = 0.15
 
@@ -61,8 +63,9 @@ def _refusal(port: int, ctx: ssl.SSLContext) -> str:
         return type(exc).__name__
 
 
-def test_only_holders_of_the_stream_certificate_reach_the_service(start_s2cs, workdir):
-    hpc = start_s2cs("hpc")
+@EACH_BACKEND
+def test_only_holders_of_the_stream_certificate_reach_the_service(start_s2cs, workdir, backend):
+    hpc = start_s2cs("hpc", backend=backend)
     sink = Sink()
     inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
     port = _port(inbound["listeners"][0])
@@ -157,10 +160,11 @@ def _send_and_read_back(port: int, seconds: float, connections: int) -> list[tup
     return marks
 
 
-def test_rate_limit_holds_for_parallel_connections_in_both_directions(start_s2cs):
+@EACH_BACKEND
+def test_rate_limit_holds_for_parallel_connections_in_both_directions(start_s2cs, backend):
     """--rate 8000 (kb/s) with 4 connections: 8 Mbit/s together, each direction, within 15%."""
-    hpc = start_s2cs("hpc")
-    inst = start_s2cs("instrument")
+    hpc = start_s2cs("hpc", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
     service = EchoService()
     _, _, port = _stream(hpc, inst, service.port, rate=8000, num_conn=4)
     back = _send_and_read_back(port, seconds=6.0, connections=4)
@@ -169,9 +173,10 @@ def test_rate_limit_holds_for_parallel_connections_in_both_directions(start_s2cs
     assert _steady_rate(back) == pytest.approx(8e6, rel=RATE_TOLERANCE)  # and back
 
 
-def test_a_connection_beyond_num_conn_waits_until_one_closes(start_s2cs):
-    hpc = start_s2cs("hpc")
-    inst = start_s2cs("instrument")
+@EACH_BACKEND
+def test_a_connection_beyond_num_conn_waits_until_one_closes(start_s2cs, backend):
+    hpc = start_s2cs("hpc", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
     server = socket.create_server(("127.0.0.1", 0), backlog=16)
     accepted: list[socket.socket] = []
 
@@ -245,8 +250,9 @@ def test_concurrent_inbound_requests_get_their_own_ports_uids_and_targets(start_
     assert sinks[0].results[0].sha256 != sinks[1].results[0].sha256
 
 
-def test_release_stops_the_proxy_deletes_its_files_and_frees_its_ports(start_s2cs, workdir):
-    hpc = start_s2cs("hpc", ports=1)  # one port: it must come back for the next stream
+@EACH_BACKEND
+def test_release_stops_the_proxy_deletes_its_files_and_frees_its_ports(start_s2cs, workdir, backend):
+    hpc = start_s2cs("hpc", backend=backend, ports=1)  # one port: it must come back for the next stream
     sink = Sink()
     first = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])  # with a rate: 2 processes
     procs = hpc.call("status", uid=first["uid"])["streams"][0]["processes"]
@@ -288,13 +294,24 @@ SERVICE = {"remote_ip": "127.0.0.1", "receiver_ports": [5001]}
     ],
 )  # fmt: skip
 def test_bad_requests_get_their_error_codes_and_the_server_keeps_serving(
-    start_s2cs, request_fields, code, message
+    start_s2cs, op, fields, code, message
 ):
-
     hpc = start_s2cs("hpc")
-    op = request_fields.pop("op")
     with pytest.raises(ScistreamError) as caught:
-        hpc.call(op, **request_fields)
+        hpc.call(op, **fields)
     assert caught.value.code == code
     assert message in caught.value.message
     assert hpc.call("info")["ok"] is True
+
+
+@EACH_BACKEND
+def test_hundreds_of_short_connections_in_a_row_all_get_through(start_s2cs, backend):
+    """The prototype's stunnel mode hung after about 14: its log filled a pipe nobody read."""
+    hpc = start_s2cs("hpc", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
+    sink = Sink()
+    _, _, port = _stream(hpc, inst, sink.port, rate=0, num_conn=2)
+    for i in range(200):
+        data = f"short connection {i}\n".encode()
+        assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
+    assert len(sink.results) == 200

@@ -7,14 +7,19 @@ import os
 import socket
 import threading
 
+import pytest
+
 from scistream.loopback import Sink, send
 
-from .conftest import field, s2uc
+from .conftest import BACKENDS, field, s2uc
+
+PAIRS = pytest.mark.parametrize(("inbound", "outbound"), [(a, b) for a in BACKENDS for b in BACKENDS])
 
 
-def test_user_guide_flow_carries_data_exactly(start_s2cs, workdir):
-    hpc = start_s2cs("hpc")
-    inst = start_s2cs("instrument")
+@PAIRS
+def test_user_guide_flow_carries_data_exactly(start_s2cs, workdir, inbound, outbound):
+    hpc = start_s2cs("hpc", backend=inbound)
+    inst = start_s2cs("instrument", backend=outbound)
     sink = Sink()
     # 5.4.1, as written: --server_cert is left at its default, ./server.crt
     (workdir / "server.crt").write_bytes(hpc.cert.read_bytes())
@@ -42,9 +47,10 @@ def test_user_guide_flow_carries_data_exactly(start_s2cs, workdir):
         assert gw.call("status")["streams"] == []
 
 
-def test_data_flows_both_directions(start_s2cs):
-    hpc = start_s2cs("hpc")
-    inst = start_s2cs("instrument")
+@PAIRS
+def test_data_flows_both_directions(start_s2cs, inbound, outbound):
+    hpc = start_s2cs("hpc", backend=inbound)
+    inst = start_s2cs("instrument", backend=outbound)
     server = socket.create_server(("127.0.0.1", 0))
 
     def swapcase_service() -> None:

@@ -1,0 +1,118 @@
+"""The stunnel template and backend: golden files, and stunnel's own dry run of each config.
+
+After a deliberate template change: SCISTREAM_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_stunnel.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from scistream.errors import BackendFailed
+from scistream.s2ds import backend as backend_module
+from scistream.s2ds.haproxy import HaproxyBackend
+from scistream.s2ds.render import SessionFiles, default_templates, environment, render
+from scistream.s2ds.stunnel import StunnelBackend
+
+from .test_render import GOLDEN, SESSION_DIR, SESSIONS, UID
+
+
+@pytest.fixture(scope="module")
+def env() -> jinja2.Environment:
+    return environment(None, default_templates())
+
+
+@pytest.fixture
+def session_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ss-stunnel-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def stunnel_config(name: str, env: jinja2.Environment, directory: Path = SESSION_DIR) -> str:
+    spec = SESSIONS[name]
+    return render(spec, SessionFiles(directory), "stunnel.conf.j2", env)
+
+
+@pytest.mark.parametrize("name", sorted(SESSIONS))
+def test_rendered_stunnel_config_matches_the_golden_file(name, env):
+    path = GOLDEN / f"{name}.stunnel.conf"
+    text = stunnel_config(name, env)
+    if os.environ.get("SCISTREAM_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"{path.name} differs; regenerate with SCISTREAM_UPDATE_GOLDEN=1"
+
+
+def test_every_listener_demands_the_stream_certificate_and_tls_1_3(env):
+    text = stunnel_config("inbound-two-listeners-rate", env)
+    assert text.count("verifyPeer = yes") == 2
+    assert text.count(f"CAfile = {SESSION_DIR}/stream.crt") == 2
+    assert text.count("sslVersionMin = TLSv1.3") == 2
+    # stunnel logs to stderr, which s2cs sends to a file: no pid file, no syslog, no pipe
+    assert "foreground = yes" in text and "pid =\n" in text
+
+
+def test_stunnel_reaches_its_targets_through_the_shaper(env):
+    text = stunnel_config("outbound-rate", env)
+    assert "client = yes" in text
+    assert f"connect = {SESSION_DIR}/shaper-0.sock" in text
+
+
+@pytest.mark.parametrize("name", sorted(SESSIONS))
+def test_the_dry_run_accepts_every_golden_config(name, session_dir, env):
+    backend = StunnelBackend(env)
+    files = SessionFiles(session_dir)
+    backend.write_credentials(UID, files)
+    config = session_dir / "candidate.conf"
+    config.write_text(stunnel_config(name, env, session_dir))
+    backend.check(config, files)  # raises BackendFailed with stunnel's words otherwise
+    assert [p.name for p in session_dir.iterdir() if p.name.startswith(".dry")] == []
+
+
+def test_the_dry_run_refuses_a_broken_config_in_stunnel_s_words(session_dir, env):
+    backend = StunnelBackend(env)
+    files = SessionFiles(session_dir)
+    backend.write_credentials(UID, files)
+    config = session_dir / "candidate.conf"
+    config.write_text(stunnel_config("outbound-rate", env, session_dir) + "no-such-option = 1\n")
+    with pytest.raises(BackendFailed, match="no-such-option"):
+        backend.check(config, files)
+
+
+def test_the_dry_run_binds_none_of_the_real_ports(session_dir, env):
+    """It must not take the listener ports: the real proxy starts right after it."""
+    import socket
+
+    backend = StunnelBackend(env)
+    files = SessionFiles(session_dir)
+    backend.write_credentials(UID, files)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        probe.listen()  # the port is busy: a dry run that bound it would fail
+        port = probe.getsockname()[1]
+        config = session_dir / "candidate.conf"
+        text = stunnel_config("outbound-rate", env, session_dir).replace(
+            "127.0.0.1:5200", f"127.0.0.1:{port}"
+        )
+        config.write_text(text)
+        backend.check(config, files)
+
+
+@pytest.mark.parametrize("make", [HaproxyBackend, StunnelBackend])
+def test_without_splice_no_limit_is_claimed_that_nobody_enforces(make, env, monkeypatch):
+    backend = make(env)
+    caps = backend.capabilities
+    assert caps.rate.enforced and caps.num_conn.enforced
+    monkeypatch.setattr(backend_module, "SHAPER", False)
+    monkeypatch.setattr("scistream.s2ds.stunnel.SHAPER", False)
+    caps = backend.capabilities
+    assert not caps.rate.enforced
+    assert "splice" in caps.rate.reason
+    assert caps.num_conn.enforced == (make is HaproxyBackend)  # maxconn needs no shaper
+    assert not backend.shaped(1_250_000)
