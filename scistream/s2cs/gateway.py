@@ -307,7 +307,7 @@ class Gateway:
             listeners=session.listeners,
             num_conn=session.limits.num_conn,
             rate_bytes=rate_bytes,
-            shaped=self.backend.shaped(rate_bytes),
+            shaped=self.backend.shaped(rate_bytes, len(session.listeners)),
         )
 
     def _prepare(self, session: Session, files: SessionFiles) -> list[Launch]:

@@ -112,13 +112,14 @@ class Backend(ABC):
         write_private(files.cert, creds.cert_pem)
         write_private(files.pem, creds.cert_pem + creds.key_pem)
 
-    def shaped(self, rate_bytes: int) -> bool:
-        """Whether a session needs the shaper between its proxy and its targets."""
-        return SHAPER and rate_bytes > 0
+    def shaped(self, rate_bytes: int, listeners: int) -> bool:
+        """Whether a session needs the shaper between its proxy and its targets: for a rate, or
+        for one connection limit over several listeners (a proxy's limit is per listener)."""
+        return SHAPER and (rate_bytes > 0 or listeners > 1)
 
     def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
-        """What else the shaper enforces for this backend (stunnel: the connection limit)."""
-        return []
+        """The shaper enforces num_conn over all listeners of the session together."""
+        return [f"--max-conn={spec.num_conn}"]
 
     def prepare(self, uid: str, spec: ProxySpec, files: SessionFiles) -> list[Launch]:
         """Validate, write, check, swap: the config only takes its place once the proxy accepts it.

@@ -17,7 +17,7 @@ from pathlib import Path
 import jinja2
 
 from ..errors import BackendFailed, ConfigError
-from .backend import Backend, Capabilities, Capability, Stats, shaper_rate
+from .backend import SHAPER, Backend, Capabilities, Capability, Stats, shaper_rate
 from .render import SessionFiles
 
 MIN_VERSION = (2, 7)
@@ -71,7 +71,8 @@ class HaproxyBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(num_conn=Capability(True, by="HAProxy maxconn"), rate=shaper_rate())
+        num_conn = Capability(True, by="HAProxy maxconn" + (" and the session's shaper" if SHAPER else ""))
+        return Capabilities(num_conn=num_conn, rate=shaper_rate())
 
     def command(self, files: SessionFiles) -> list[str]:
         # -db: stay in the foreground, one process, so s2cs supervises it directly.

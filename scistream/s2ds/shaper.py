@@ -69,13 +69,17 @@ class Flow:
             pass
         self.pending = 0  # bytes in the pipe
         self.moved = 0  # bytes delivered to dst
+        self.starved = False
         self.eof = False
         self.shut = False
         self.readable = True
         self.writable = True
 
-    def pump(self) -> None:
-        """Move what the bucket and the sockets allow; raises OSError when a side is gone."""
+    def pump(self, share: float) -> None:
+        """Move what the bucket, this flow's `share` of it and the sockets allow; raises OSError
+        when a side is gone."""
+        budget = share
+        self.starved = False
         while True:
             moved = False
             if self.pending and self.writable:
@@ -87,8 +91,10 @@ class Flow:
                 except BlockingIOError:
                     self.writable = False
             room = PIPE_SIZE - self.pending
-            if not self.eof and self.readable and room > 0 and self.bucket.tokens >= 1:
-                want = int(min(self.bucket.tokens, room))
+            want = int(min(self.bucket.tokens, room, budget))
+            if not self.eof and self.readable and self.bucket.tokens >= 1 and want < 1 <= room:
+                self.starved = True  # its share of this pass is used up: another pass comes at once
+            elif not self.eof and self.readable and want >= 1:
                 try:
                     n = os.splice(self.src.fileno(), self.pipe_w, want, flags=_NONBLOCK)
                 except BlockingIOError:
@@ -98,6 +104,7 @@ class Flow:
                         self.eof = True
                     self.pending += n
                     self.bucket.tokens -= n
+                    budget -= n
                     moved = moved or n > 0
             if self.eof and not self.pending and not self.shut:
                 self.dst.shutdown(socket.SHUT_WR)  # the FIN, after every byte before it
@@ -229,6 +236,8 @@ class Shaper:
                 timeout = min(timeout or 1.0, self.up.wait(), self.down.wait())
             if any(not c.connected for c in self.conns):
                 timeout = 0.01 if timeout is None else min(timeout, 0.01)
+            if any(f.starved for c in self.conns for f in c.flows):
+                timeout = 0
             self._register()
             for key, mask in self.sel.select(timeout):
                 if key.data is None:
@@ -247,6 +256,14 @@ class Shaper:
             self._pump()
 
     def _pump(self) -> None:
+        # Fairness: each connection may take an equal share of what the buckets hold now, and
+        # the pass starts one connection later each time, so that none waits behind the others
+        # (a handshake must not starve behind a bulk transfer on the same session).
+        active = max(1, len(self.conns))
+        up_share = self.up.tokens / active if self.up.rate else float("inf")
+        down_share = self.down.tokens / active if self.down.rate else float("inf")
+        shares = (max(up_share, 4096.0), max(down_share, 4096.0))
+        self.conns.rotate(-1)
         for _ in range(len(self.conns)):
             conn = self.conns.popleft()
             try:
@@ -260,8 +277,8 @@ class Shaper:
                         self.conns.append(conn)  # still connecting
                         continue
                     conn.connected = True
-                for flow in conn.flows:
-                    flow.pump()
+                for flow, share in zip(conn.flows, shares, strict=True):
+                    flow.pump(share)
             except OSError as exc:
                 if exc.errno not in _GONE:
                     print(f"connection closed: {exc}", flush=True)

@@ -62,11 +62,11 @@ class StunnelBackend(Backend):
         )
         return Capabilities(num_conn=num_conn, rate=shaper_rate())
 
-    def shaped(self, rate_bytes: int) -> bool:
+    def shaped(self, rate_bytes: int, listeners: int) -> bool:
         return SHAPER  # the shaper is where num_conn is enforced, whatever the rate
 
     def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
-        return [f"--max-conn={spec.num_conn}", f"--stats={files.shaper_stats}"]
+        return [*super().shaper_options(spec, files), f"--stats={files.shaper_stats}"]
 
     def command(self, files: SessionFiles) -> list[str]:
         return [self.binary, str(files.config)]

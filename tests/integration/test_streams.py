@@ -52,10 +52,10 @@ def _refusal(port: int, ctx: ssl.SSLContext) -> str:
     """Connect, send, read: what the client sees of a refusal ('' when nothing refused it)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
-            tls.sendall(b"frame 0001")
             tls.settimeout(10)
             # TLS 1.3: the server judges the client's certificate after the client's Finished, so
-            # the refusal arrives here, as an alert.
+            # the refusal arrives here, as an alert. (Sending first would race it: unread data
+            # makes the server's close a reset, which can overtake the alert.)
             return "closed" if tls.recv(100) == b"" else ""
     except ssl.SSLError as exc:
         return exc.reason or str(exc)
@@ -138,6 +138,8 @@ def _send_and_read_back(port: int, seconds: float, connections: int) -> list[tup
 
     def client() -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            # Small buffers: what the clients have sent in `seconds` arrives soon after.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 << 10)
 
             def read_back() -> None:
                 while chunk := sock.recv(1 << 16):

@@ -125,7 +125,7 @@ def test_a_rate_limited_session_reaches_its_targets_through_the_shaper(env):
 
 def test_an_unlimited_session_connects_straight_to_its_target(env):
     text = render_session("inbound-one-listener-unlimited", env)
-    assert "server service 10.0.1.5:5001\n" in text
+    assert "server service 10.0.1.5:5001 maxconn 5\n" in text
     assert "shaper" not in text.split("backend target0")[1]
 
 

@@ -115,4 +115,4 @@ def test_without_splice_no_limit_is_claimed_that_nobody_enforces(make, env, monk
     assert not caps.rate.enforced
     assert "splice" in caps.rate.reason
     assert caps.num_conn.enforced == (make is HaproxyBackend)  # maxconn needs no shaper
-    assert not backend.shaped(1_250_000)
+    assert not backend.shaped(1_250_000, 2)
