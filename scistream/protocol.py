@@ -30,7 +30,9 @@ MAX_TOKEN = 8192
 OPS = ("info", "inbound", "outbound", "release", "status")
 
 _UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces, as bearer tokens are
+# A bearer token (RFC 6750 b64token). Base64 and JWT segments never hold "..", so a token that
+# does is refused too: it can only be an attempt at a path.
+_TOKEN = re.compile(r"(?!.*\.\.)[A-Za-z0-9\-._~+/]+=*")
 
 
 @dataclass(frozen=True)

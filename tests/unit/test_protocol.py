@@ -212,7 +212,10 @@ def test_bearer_tokens_are_passed_on_unchanged(token):
 
 @pytest.mark.parametrize(
     "token",
-    ["", "two words", "tab\there", "line\nbreak", "t\u00f6ken", "x" * 8193, 12345, True, ["a"]],
+    [
+        *("", "two words", "tab\there", "line\nbreak", "t\u00f6ken", "x" * 8193, 12345, True, ["a"]),
+        *("{{7*7}}", "{%raw%}", "a#b", 'a"b', "a'b", "../../etc/passwd", "a=b"),
+    ],
 )
 def test_tokens_that_could_not_be_bearer_tokens_are_refused(token):
     with pytest.raises(BadRequest, match="token must be null or a bearer token string"):
