@@ -151,6 +151,7 @@ class S2csProcess:
     state_dir: Path
     port_range: tuple[int, int]
     extra: Sequence[str] = ()
+    env: dict[str, str] | None = None  # added to this process's environment
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
@@ -182,7 +183,8 @@ class S2csProcess:
             self.port = free_port()
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT)
+            env = {**os.environ, **(self.env or {})}
+            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, env=env)
         self.wait_ready(timeout)
         return self
 
@@ -202,8 +204,8 @@ class S2csProcess:
                 )
             time.sleep(0.1)
 
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        return call(parse_server(self.address), tls_context(self.cert), op, **fields)
+    def call(self, op: str, token: str | None = None, **fields: Any) -> dict[str, Any]:
+        return call(parse_server(self.address), tls_context(self.cert), op, token, **fields)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -12,13 +12,13 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from ..errors import ScistreamError
+from ..errors import ConfigError, ScistreamError
 from ..protocol import DEFAULT_PORT, parse_ip
 from ..s2ds.backend import Backend
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
 from ..s2ds.stunnel import StunnelBackend
-from .auth import NoAuth
+from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import server_certificate
 from .gateway import Gateway, Settings
 from .ports import parse_range
@@ -101,6 +101,31 @@ def run(
     haproxy_bin: Annotated[
         str | None, typer.Option("--haproxy-bin", help="HAProxy binary (>= 2.7 for rate limits).")
     ] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option(
+            "--client-id",
+            "--client_id",
+            help="Globus Auth client id of this server: turns authentication on.",
+        ),
+    ] = None,
+    client_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--client-secret",
+            "--client_secret",
+            envvar="SCISTREAM_CLIENT_SECRET",
+            show_envvar=True,
+            help="Its secret; better given in the environment than on the command line.",
+        ),
+    ] = None,
+    auth_scope: Annotated[
+        str | None,
+        typer.Option(
+            "--auth-scope",
+            help="Scope tokens must carry. [default: https://auth.globus.org/scopes/CLIENT_ID/scistream]",
+        ),
+    ] = None,
     keep_streams_on_exit: Annotated[
         bool,
         typer.Option("--keep-streams-on-exit", help="On SIGTERM leave the proxies running, for an upgrade."),
@@ -125,7 +150,12 @@ def run(
         state = (state_dir or Path.home() / ".scistream" / f"s2cs-{port}").expanduser()
         settings = Settings(listener_ip, bind, parse_range(port_range), state)
         backend = make_backend(kind, templates, haproxy_bin)
-        gateway = Gateway(settings, backend, NoAuth())
+        if bool(client_id) != bool(client_secret):
+            raise ConfigError("authentication needs both --client-id and --client-secret")
+        auth: Authenticator = (
+            GlobusAuth(client_id, client_secret, auth_scope) if client_id and client_secret else NoAuth()
+        )
+        gateway = Gateway(settings, backend, auth)
         gateway.state.create()
         crt, key, generated = server_certificate(server_crt, server_key, gateway.state.path, listener_ip)
         context = server_context(str(crt), str(key))
@@ -145,7 +175,9 @@ def run(
         f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",
         err=True,
     )
-    if not gateway.auth.enabled:
+    if gateway.auth.enabled:
+        typer.echo(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}", err=True)
+    else:
         typer.echo(
             "  WARNING: authentication is OFF: anyone who can reach this port can create and release "
             "streams. Pass --client-id and --client-secret to require Globus tokens.",

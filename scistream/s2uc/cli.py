@@ -10,14 +10,15 @@ import json
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from .. import __version__
-from ..errors import ScistreamError
+from ..errors import ExitStatus, ScistreamError
 from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
-from .client import Server, call, parse_server, tls_context
+from .client import Connection, Server, parse_server, tls_context
+from .tokens import TokenStore
 
 app = typer.Typer(
     add_completion=False,
@@ -88,20 +89,23 @@ def _ports(text: str | None) -> list[int] | None:
     return ports
 
 
-def _run(server_text: str, server_cert: Path, body: Callable[[Server, Any], None]) -> None:
-    """Run one command; turn its failure into one line and an exit status."""
+def _fail(exc: ScistreamError, server: Server | None = None) -> NoReturn:
+    """One line and the exit status of the error; a traceback only with --debug."""
+    if _debug:
+        traceback.print_exc()
+    origin = f" ({exc.code} from {server})" if server and exc.code not in ("CONFIG", "UNREACHABLE") else ""
+    typer.echo(f"error: {exc.message}{origin}", err=True)
+    raise typer.Exit(exc.exit_status) from None
+
+
+def _run(server_text: str, server_cert: Path, scope: str | None, body: Callable[[Connection], None]) -> None:
+    """Run one command against one S2CS; turn its failure into one line and an exit status."""
     server: Server | None = None
     try:
         server = parse_server(server_text)
-        body(server, tls_context(server_cert))
+        body(Connection(server, tls_context(server_cert), scope))
     except ScistreamError as exc:
-        if _debug:
-            traceback.print_exc()
-        origin = (
-            f" ({exc.code} from {server})" if server and exc.code not in ("CONFIG", "UNREACHABLE") else ""
-        )
-        typer.echo(f"error: {exc.message}{origin}", err=True)
-        raise typer.Exit(exc.exit_status) from None
+        _fail(exc, server)
 
 
 def _print_json(reply: dict[str, Any]) -> None:
@@ -142,10 +146,8 @@ def inbound_request(
     """Create the inbound proxy in front of a service at this facility; prints the UID and listeners."""
     ports = _ports(receiver_ports)
 
-    def body(server: Server, ctx: Any) -> None:
-        reply = call(
-            server, ctx, "inbound", remote_ip=remote_ip, receiver_ports=ports, num_conn=num_conn, rate=rate
-        )
+    def body(conn: Connection) -> None:
+        reply = conn.call("inbound", remote_ip=remote_ip, receiver_ports=ports, num_conn=num_conn, rate=rate)
         if as_json:
             return _print_json(reply)
         _warn_unenforced(reply)
@@ -153,7 +155,7 @@ def inbound_request(
         typer.echo(f"UID: {uid}")
         typer.echo(f"Listeners: {','.join(listeners)}")
         pairs = ", ".join(f"{lst} -> {remote_ip}:{p}" for lst, p in zip(listeners, ports or [], strict=True))
-        typer.echo(f"Inbound proxy on {server}: {pairs}; {_limits_line(reply)}.")
+        typer.echo(f"Inbound proxy on {conn.server}: {pairs}; {_limits_line(reply)}.")
         extra = "".join(
             f" --{name} {value}"
             for name, value, default in (
@@ -165,7 +167,7 @@ def inbound_request(
         typer.echo("On the instrument side, run:")
         typer.echo(f"  s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000{extra} {uid} {','.join(listeners)}")
 
-    _run(s2cs, server_cert, body)
+    _run(s2cs, server_cert, scope, body)
 
 
 def outbound_request(
@@ -201,10 +203,8 @@ def outbound_request(
     ports = _ports(receiver_ports)
     listeners = [a.strip() for a in remote_listeners.split(",") if a.strip()]
 
-    def body(server: Server, ctx: Any) -> None:
-        reply = call(
-            server,
-            ctx,
+    def body(conn: Connection) -> None:
+        reply = conn.call(
             "outbound",
             uid=uid,
             remote_listeners=listeners,
@@ -220,11 +220,11 @@ def outbound_request(
         typer.echo(f"UID: {reply['uid']}")
         typer.echo(f"Listeners: {','.join(local)}")
         pairs = ", ".join(f"{a} -> {b}" for a, b in zip(local, listeners, strict=True))
-        typer.echo(f"Outbound proxy on {server}: {pairs} (TLS); {_limits_line(reply)}.")
+        typer.echo(f"Outbound proxy on {conn.server}: {pairs} (TLS); {_limits_line(reply)}.")
         ports_shown = ",".join(a.rpartition(":")[2] for a in local)
         typer.echo(f"Send the instrument's data to port {ports_shown} of this gateway.")
 
-    _run(s2cs, server_cert, body)
+    _run(s2cs, server_cert, scope, body)
 
 
 def release(
@@ -236,13 +236,13 @@ def release(
 ) -> None:
     """Stop this server's proxy (or proxies) of a stream and free its ports."""
 
-    def body(server: Server, ctx: Any) -> None:
-        reply = call(server, ctx, "release", uid=uid)
+    def body(conn: Connection) -> None:
+        reply = conn.call("release", uid=uid)
         if as_json:
             return _print_json(reply)
-        typer.echo(f"Released {' and '.join(reply['released'])} proxy of stream {uid} on {server}.")
+        typer.echo(f"Released {' and '.join(reply['released'])} proxy of stream {uid} on {conn.server}.")
 
-    _run(s2cs, server_cert, body)
+    _run(s2cs, server_cert, scope, body)
 
 
 def _bytes(n: int | None) -> str:
@@ -267,13 +267,13 @@ def status(
 ) -> None:
     """Show streams on a server: state, listeners, limits, connections, bytes, restarts."""
 
-    def body(server: Server, ctx: Any) -> None:
-        reply = call(server, ctx, "status", uid=uid)
+    def body(conn: Connection) -> None:
+        reply = conn.call("status", uid=uid)
         if as_json:
             return _print_json(reply)
         streams = reply["streams"]
         if not streams:
-            typer.echo(f"No streams on {server}.")
+            typer.echo(f"No streams on {conn.server}.")
             return
         header = (
             f"{'UID':36}  {'ROLE':8}  {'STATE':8}  {'CONN':>4}  {'IN':>10}  {'OUT':>10}  {'RESTARTS':>8}  "
@@ -289,7 +289,7 @@ def status(
             if s.get("last_error"):
                 typer.echo(f"    last error: {s['last_error']}")
 
-    _run(s2cs, server_cert, body)
+    _run(s2cs, server_cert, scope, body)
 
 
 def info(
@@ -299,13 +299,13 @@ def info(
 ) -> None:
     """Show what a server offers: version, backend, enforced limits, authentication, ports."""
 
-    def body(server: Server, ctx: Any) -> None:
-        reply = call(server, ctx, "info")
+    def body(conn: Connection) -> None:
+        reply = conn.call("info")
         if as_json:
             return _print_json(reply)
         backend = reply["backend"]
         caps = backend["capabilities"]
-        typer.echo(f"{server}: s2cs {reply['version']}, protocol {reply['protocol']}")
+        typer.echo(f"{conn.server}: s2cs {reply['version']}, protocol {reply['protocol']}")
         typer.echo(f"  backend    {backend['type']} ({backend['version']})")
         for name, cap in caps.items():
             state = "enforced" if cap["enforced"] else f"NOT enforced: {cap.get('reason', '')}"
@@ -316,7 +316,62 @@ def info(
             f"  ports      {reply['port_range']} ({reply['free_ports']} free), {reply['streams']} stream(s)"
         )
 
-    _run(s2cs, server_cert, body)
+    _run(s2cs, server_cert, None, body)
+
+
+def login(
+    scope: Annotated[
+        str, typer.Option("--scope", help="Globus Auth scope of the S2CS (its `s2uc info` shows it).")
+    ],
+) -> None:
+    """Log in with Globus for a secured S2CS; the tokens are kept in ~/.scistream/tokens.json."""
+
+    def ask(url: str) -> str:
+        typer.echo("Open this address in a browser, log in, then paste the authorization code here:")
+        typer.echo(f"\n  {url}\n")
+        code: str = typer.prompt("Authorization code")
+        return code
+
+    try:
+        store = TokenStore()
+        found = store.login(scope, ask)
+    except ScistreamError as exc:
+        _fail(exc)
+    who = f" as {found.identity}" if found.identity else ""
+    typer.echo(f"Logged in{who} for {scope}; the token is valid until {found.until}, then refreshed.")
+
+
+def check_auth(
+    scope: Annotated[str, typer.Option("--scope", help="The scope to check.")],
+    show_token: Annotated[bool, typer.Option("--show-token", help="Also print the access token.")] = False,
+) -> None:
+    """Tell whether a valid token for a scope is stored (exit 0) or not (exit 4)."""
+    try:
+        found = TokenStore().find(scope)
+    except ScistreamError as exc:
+        _fail(exc)
+    if found is None:
+        typer.echo(f"Not logged in for {scope}: run s2uc login --scope {scope}", err=True)
+        raise typer.Exit(ExitStatus.AUTH)
+    who = f" as {found.identity}" if found.identity else ""
+    typer.echo(f"Logged in{who} for {scope}; the token is valid until {found.until}.")
+    if show_token:
+        typer.echo(found.access_token)
+
+
+def logout(
+    scope: Annotated[
+        str | None, typer.Option("--scope", help="Only this scope. [default: every scope]")
+    ] = None,
+) -> None:
+    """Revoke stored tokens at Globus Auth and delete them."""
+    try:
+        store = TokenStore()
+        gone = store.logout(scope)
+    except ScistreamError as exc:
+        _fail(exc)
+    what = f"for {scope}" if scope else "for every scope"
+    typer.echo(f"Logged out {what}: {gone} login(s) revoked and deleted from {store.path}.")
 
 
 # The user guide spells commands with underscores; dashes are accepted too.
@@ -326,6 +381,10 @@ for _name, _fn in (("inbound_request", inbound_request), ("outbound_request", ou
 app.command()(release)
 app.command()(status)
 app.command()(info)
+app.command()(login)
+app.command("check-auth")(check_auth)
+app.command("check_auth", hidden=True)(check_auth)
+app.command()(logout)
 
 
 def main() -> None:

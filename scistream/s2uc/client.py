@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRequest, ConfigError, Unreachable
+from ..errors import BadRequest, ConfigError, Unauthenticated, Unreachable
 from ..protocol import DEFAULT_PORT, MAX_MESSAGE, check_reply, decode, encode, request
 
 CONNECT_TIMEOUT = 15.0
@@ -91,6 +91,37 @@ def call(
     except BadRequest:
         raise Unreachable(f"{server} sent something that is not a SciStream reply") from None
     return check_reply(message)
+
+
+class Connection:
+    """Requests to one S2CS, with a Globus token when it asks for one.
+
+    With --scope the token of that scope goes with every request. Without it, a request goes
+    without one; if the server answers UNAUTHENTICATED, the client asks it which scope it wants
+    (the `info` op) and tries once more with a stored token of that scope, if there is one.
+    """
+
+    def __init__(self, server: Server, context: ssl.SSLContext, scope: str | None = None) -> None:
+        self.server = server
+        self.context = context
+        self.scope = scope
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        from .tokens import token_for
+
+        if self.scope:
+            token = token_for(self.scope)
+            if token is None:
+                raise Unauthenticated(f"not logged in for {self.scope}: s2uc login --scope {self.scope}")
+            return call(self.server, self.context, op, token, **fields)
+        try:
+            return call(self.server, self.context, op, None, **fields)
+        except Unauthenticated:
+            scope = call(self.server, self.context, "info")["auth"]["scope"]
+            token = token_for(scope) if scope else None
+            if token is None:
+                raise
+            return call(self.server, self.context, op, token, **fields)
 
 
 def _read_line(sock: ssl.SSLSocket) -> bytes:

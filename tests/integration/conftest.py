@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -30,8 +31,14 @@ BACKENDS = ("haproxy", "stunnel")
 def start_s2cs(workdir: Path) -> Iterator[Callable[..., S2csProcess]]:
     started: list[S2csProcess] = []
 
-    def start(name: str = "hpc", *extra: str, backend: str = "haproxy", ports: int = 10) -> S2csProcess:
-        gw = S2csProcess(name, workdir / name, free_port_range(ports), ("--type", backend, *extra))
+    def start(
+        name: str = "hpc",
+        *extra: str,
+        backend: str = "haproxy",
+        ports: int = 10,
+        env: dict[str, str] | None = None,
+    ) -> S2csProcess:
+        gw = S2csProcess(name, workdir / name, free_port_range(ports), ("--type", backend, *extra), env)
         started.append(gw)
         gw.start()
         # The user guide's default --server_cert is ./server.crt: give each gateway's users a copy.
@@ -49,8 +56,17 @@ def start_s2cs(workdir: Path) -> Iterator[Callable[..., S2csProcess]]:
                 pass
 
 
-def s2uc(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(BIN / "s2uc"), *args], capture_output=True, text=True, cwd=cwd, timeout=180)
+def s2uc(
+    *args: str, cwd: Path | None = None, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(BIN / "s2uc"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=180,
+        env={**os.environ, **(env or {})},
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"s2uc {' '.join(args)} failed ({result.returncode}): {result.stderr}")
     return result

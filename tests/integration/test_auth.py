@@ -1,0 +1,171 @@
+"""Globus authentication end to end: the real s2uc and s2cs code, globus-sdk, a local stand-in."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scistream.loopback import BIN, Sink
+
+from ..globus_standin import GlobusStandIn
+from .conftest import field, s2uc
+
+S2CS_ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
+S2CS_SECRET = "s2cs-secret-for-tests"
+SCOPE = f"https://auth.globus.org/scopes/{S2CS_ID}/scistream"
+NATIVE_ID = "7d9e0f1a-2b3c-4d5e-8f60-718293a4b5c6"
+
+
+@pytest.fixture
+def globus(workdir: Path) -> Iterator[GlobusStandIn]:
+    standin = GlobusStandIn(workdir, confidential={S2CS_ID: S2CS_SECRET}).start()
+    yield standin
+    standin.stop()
+
+
+def user_env(globus: GlobusStandIn, workdir: Path, user: str) -> dict[str, str]:
+    return {
+        **globus.env,
+        "SCISTREAM_HOME": str(workdir / user / ".scistream"),
+        "SCISTREAM_CLIENT_ID": NATIVE_ID,
+    }
+
+
+def login(globus: GlobusStandIn, env: dict[str, str], user: str, scope: str = SCOPE) -> str:
+    """`s2uc login --scope`, as the user guide has it: open the address, paste the code."""
+    proc = subprocess.Popen(
+        [str(BIN / "s2uc"), "login", "--scope", scope],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    address = ""
+    while not address:
+        line = proc.stdout.readline()
+        assert line, f"s2uc login printed no address: {proc.stderr.read() if proc.stderr else ''}"
+        if line.strip().startswith("https://"):
+            address = line.strip()
+    proc.stdin.write(globus.authorize(address, user) + "\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out
+
+
+def secured_s2cs(start_s2cs, globus: GlobusStandIn):
+    return start_s2cs(
+        "hpc", "--client-id", S2CS_ID, env={**globus.env, "SCISTREAM_CLIENT_SECRET": S2CS_SECRET}
+    )
+
+
+def test_login_stores_a_private_token_that_check_auth_sees(globus, workdir):
+    env = user_env(globus, workdir, "alice")
+    assert s2uc("check-auth", "--scope", SCOPE, env=env, check=False).returncode == 4
+
+    out = login(globus, env, "alice")
+    assert f"for {SCOPE}" in out
+    tokens = workdir / "alice" / ".scistream" / "tokens.json"
+    assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
+
+    checked = s2uc("check-auth", "--scope", SCOPE, env=env)
+    assert "Logged in" in checked.stdout
+    token = next(iter(globus.access))
+    assert token not in checked.stdout  # never printed unless asked
+    assert token in s2uc("check-auth", "--scope", SCOPE, "--show-token", env=env).stdout
+    # Another scope is another login.
+    assert (
+        s2uc("check-auth", "--scope", "https://auth.globus.org/scopes/x/y", env=env, check=False).returncode
+        == 4
+    )
+
+
+def test_an_expiring_token_is_refreshed_before_use(globus, workdir):
+    globus.token_lifetime = 30  # shorter than the client's refresh margin
+    env = user_env(globus, workdir, "alice")
+    login(globus, env, "alice")
+    assert s2uc("check-auth", "--scope", SCOPE, env=env).returncode == 0
+    assert globus.calls.get("/v2/oauth2/token", 0) >= 2  # the code exchange, then a refresh
+
+
+def test_logout_revokes_and_deletes(globus, workdir):
+    env = user_env(globus, workdir, "alice")
+    login(globus, env, "alice")
+    out = s2uc("logout", env=env).stdout
+    assert "1 login(s) revoked" in out
+    assert all(grant.revoked for grant in globus.access.values())
+    assert s2uc("check-auth", "--scope", SCOPE, env=env, check=False).returncode == 4
+
+
+def test_a_secured_s2cs_serves_logged_in_users_and_keeps_their_streams_apart(start_s2cs, globus, workdir):
+    hpc = secured_s2cs(start_s2cs, globus)
+    assert hpc.call("info")["auth"] == {"enabled": True, "scope": SCOPE}
+    alice, bob = user_env(globus, workdir, "alice"), user_env(globus, workdir, "bob")
+    sink = Sink()
+    server = ["--s2cs", hpc.address, "--server_cert", str(hpc.cert)]
+    request = ["inbound_request", *server, "--remote_ip", "127.0.0.1", "--receiver_ports", str(sink.port)]
+
+    refused = s2uc(*request, env=alice, check=False)
+    assert refused.returncode == 4
+    assert f"s2uc login --scope {SCOPE}" in refused.stderr  # tells the user what to do
+
+    login(globus, alice, "alice")
+    uid = field(s2uc(*request, "--scope", SCOPE, env=alice).stdout, "UID")
+    # Without --scope too: the client asks the server which scope it wants.
+    second = field(s2uc(*request, env=alice).stdout, "UID")
+
+    login(globus, bob, "bob")
+    assert s2uc("status", *server, env=bob).stdout.startswith("No streams")  # not bob's
+    denied = s2uc("release", uid, *server, env=bob, check=False)
+    assert denied.returncode == 4 and "FORBIDDEN" in denied.stderr
+    listing = s2uc("status", *server, "--json", env=alice).stdout
+    assert uid in listing and second in listing  # alice sees her own, in full
+
+    for stream in (uid, second):
+        s2uc("release", stream, *server, env=alice)
+    # Every request was checked, but Globus was asked once per token and minute.
+    assert globus.calls["/v2/oauth2/token/introspect"] <= 3
+
+    s2uc("logout", env=alice)
+    after = s2uc(*request, env=alice, check=False)
+    assert after.returncode == 4
+
+
+def test_a_token_for_another_scope_is_refused(start_s2cs, globus, workdir):
+    hpc = secured_s2cs(start_s2cs, globus)
+    env = user_env(globus, workdir, "alice")
+    other = "https://auth.globus.org/scopes/0000/other"
+    login(globus, env, "alice", scope=other)
+    refused = s2uc("info", "--s2cs", hpc.address, "--server_cert", str(hpc.cert), env=env)
+    assert "auth       on" in refused.stdout
+    result = s2uc(
+        "status",
+        "--s2cs",
+        hpc.address,
+        "--server_cert",
+        str(hpc.cert),
+        "--scope",
+        other,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 4 and "not for this server's scope" in result.stderr
+
+
+def test_half_configured_authentication_is_refused_at_start(workdir):
+    result = subprocess.run(
+        [str(BIN / "s2cs"), "--client-id", S2CS_ID, "--state-dir", str(workdir / "x")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "SCISTREAM_CLIENT_SECRET"},
+    )
+    assert result.returncode == 2
+    assert "needs both --client-id and --client-secret" in result.stderr
