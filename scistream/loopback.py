@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ScistreamError
+from .s2cs.gateway import port_is_free
 from .s2ds.system import processes_using
 from .s2uc.client import call, parse_server, tls_context
 
@@ -34,16 +35,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 _taken: set[int] = set()
 _taken_lock = threading.Lock()
 
@@ -54,7 +45,7 @@ def free_port_range(count: int, low: int = 20000, high: int = 32000) -> tuple[in
         for _ in range(1000):
             first = random.randrange(low, high - count)
             ports = range(first, first + count)
-            if not _taken.intersection(ports) and all(_bindable(p) for p in ports):
+            if not _taken.intersection(ports) and all(port_is_free(p) for p in ports):
                 _taken.update(ports)
                 return first, first + count - 1
     raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")

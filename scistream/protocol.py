@@ -35,15 +35,20 @@ _UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a
 _TOKEN = re.compile(r"(?!.*\.\.)[A-Za-z0-9\-._~+/]+=*")
 
 
+def hostport(host: str, port: int) -> str:
+    """`1.2.3.4:5`, `[::1]:5`, `example.org:5`: the syntax of addresses here, in HAProxy and stunnel."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Address:
-    """An IP address and a TCP port; `str()` gives `1.2.3.4:5` or `[::1]:5`."""
+    """An IP address and a TCP port."""
 
     ip: str
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return hostport(self.ip, self.port)
 
 
 @dataclass(frozen=True)

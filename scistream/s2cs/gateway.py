@@ -28,11 +28,12 @@ from ..protocol import (
     Limits,
     OutboundRequest,
     format_rate,
+    hostport,
     ok,
     rate_bytes_per_second,
 )
 from ..s2ds.backend import Backend, Launch
-from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles, hostport
+from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles
 from ..s2ds.supervisor import ProxyProcess, State, Supervisor
 from ..s2ds.system import RealSystem, System, processes_using, terminate
 from .auth import Authenticator, Identity

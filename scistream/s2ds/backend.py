@@ -12,7 +12,8 @@ from pathlib import Path
 import jinja2
 
 from ..credentials import stream_credentials
-from .render import ProxySpec, SessionFiles, hostport, render
+from ..protocol import hostport
+from .render import ProxySpec, SessionFiles, render
 
 # The shaper moves bytes with splice(2): Linux only. Elsewhere no rate can be enforced, and
 # every reply says so (DESIGN.md, "Capabilities").

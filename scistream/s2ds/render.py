@@ -17,6 +17,7 @@ from typing import Any, Literal
 import jinja2
 
 from ..errors import ConfigError
+from ..protocol import hostport
 
 Role = Literal["inbound", "outbound"]
 
@@ -82,11 +83,6 @@ class SessionFiles:
     def shaper_socket(self, index: int) -> Path:
         """Where the shaper listens for the proxy's connections to target `index`."""
         return self.directory / f"shaper-{index}.sock"
-
-
-def hostport(ip: str, port: int) -> str:
-    """`1.2.3.4:5` / `[::1]:5`: the address syntax both HAProxy and stunnel read."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _finalize(value: Any) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadRequest, ConfigError, Unauthenticated, Unreachable
-from ..protocol import DEFAULT_PORT, MAX_MESSAGE, check_reply, decode, encode, request
+from ..protocol import DEFAULT_PORT, MAX_MESSAGE, check_reply, decode, encode, hostport, request
 
 CONNECT_TIMEOUT = 15.0
 # A request waits for a proxy to start, and maybe behind other requests: be generous.
@@ -26,7 +26,7 @@ class Server:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 def parse_server(text: str) -> Server:
