@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from scistream.credentials import stream_credentials
@@ -336,3 +337,46 @@ def test_half_close_is_passed_on_in_both_directions(start_s2cs, rate):
     while len(log) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert log == ["request 300000", "answered", "after answer b''"]
+
+
+def test_connections_without_the_stream_certificate_take_no_num_conn_slot(start_s2cs, workdir):
+    """Anyone can reach a listener; only the stream's own connections count against num_conn."""
+    hpc = start_s2cs("hpc")
+    sink = Sink()
+    reply = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], num_conn=2, rate=0)
+    listener = int(reply["listeners"][0].rpartition(":")[2])
+    squatters = [socket.create_connection(("127.0.0.1", listener), timeout=30) for _ in range(20)]
+    try:
+        started = time.monotonic()
+        with _tls_to_listener(reply["uid"], listener, workdir) as tls:
+            tls.sendall(b"frame 1")
+            with contextlib.suppress(ssl.SSLError):
+                tls.unwrap()
+        deadline = time.monotonic() + 30
+        while not sink.results and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r.nbytes for r in sink.results] == [7]
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in squatters:
+            sock.close()
+
+
+def test_secrets_stay_private(start_s2cs):
+    hpc = start_s2cs("hpc")
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731
+    assert mode(hpc.state_dir) == 0o700
+    assert mode(hpc.state_dir / "state.json") == 0o600
+    (session,) = (hpc.state_dir / "sessions").iterdir()
+    assert mode(session) == 0o700
+    for name in ("stream.key", "stream.pem", "proxy.conf"):
+        assert mode(session / name) == 0o600, name
+    # The UID is the stream's secret: not in any command line other users can read, not in the
+    # server's log (which shows its first 8 characters).
+    for pid in proxies_of(hpc.state_dir):
+        assert uid not in " ".join(psutil.Process(pid).cmdline())
+    assert uid not in hpc.log.read_text()
+    assert uid[:8] in hpc.log.read_text()
+    hpc.call("release", uid=uid)
