@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ScistreamError
+from .protocol import hostport
 from .s2cs.gateway import port_is_free
 from .s2ds.system import processes_using
 from .s2uc.client import call, parse_server, tls_context
@@ -30,7 +31,7 @@ BIN = Path(sys.executable).parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
@@ -143,12 +144,13 @@ class S2csProcess:
     port_range: tuple[int, int]
     extra: Sequence[str] = ()
     env: dict[str, str] | None = None  # added to this process's environment
+    listener_ip: str = "127.0.0.1"
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return hostport(self.listener_ip, self.port)
 
     @property
     def cert(self) -> Path:
@@ -162,7 +164,7 @@ class S2csProcess:
         first, last = self.port_range
         return [
             str(BIN / "s2cs"),
-            "--listener-ip", "127.0.0.1",
+            "--listener-ip", self.listener_ip,
             "--port", str(self.port),
             "--port-range", f"{first}-{last}",
             "--state-dir", str(self.state_dir),
@@ -171,7 +173,7 @@ class S2csProcess:
 
     def start(self, timeout: float = 30.0) -> S2csProcess:
         if not self.port:
-            self.port = free_port()
+            self.port = free_port(self.listener_ip)
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             env = {**os.environ, **(self.env or {})}

@@ -61,7 +61,16 @@ def server_certificate(
     if crt or key:
         raise ConfigError("give both --server-crt and --server-key, or neither to use a generated pair")
     crt, key = state_dir / "server.crt", state_dir / "server.key"
-    if not (crt.is_file() and key.is_file()):
-        generate(crt, key, listener_ip)
+    if not (crt.is_file() and key.is_file()) or not _names(crt, listener_ip):
+        generate(crt, key, listener_ip)  # also when --listener-ip changed: it must name it
         return crt, key, True
     return crt, key, False
+
+
+def _names(crt: Path, ip: str) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(crt.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return ipaddress.ip_address(ip) in sans.get_values_for_type(x509.IPAddress)

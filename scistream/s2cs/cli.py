@@ -13,7 +13,7 @@ import typer
 
 from .. import __version__
 from ..errors import ConfigError, ScistreamError
-from ..protocol import DEFAULT_PORT, parse_ip
+from ..protocol import DEFAULT_PORT, hostport, parse_ip
 from ..s2ds.backend import Backend
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
@@ -165,7 +165,9 @@ def run(
     _raise_fd_limit()
     caps = backend.capabilities
     host = gateway.inbound_bind
-    typer.echo(f"s2cs {__version__}: control server on {host}:{port}, TLS certificate {crt}", err=True)
+    typer.echo(
+        f"s2cs {__version__}: control server on {hostport(host, port)}, TLS certificate {crt}", err=True
+    )
     if generated:
         typer.echo(f"  generated that certificate; give it to users: s2uc ... --server_cert {crt}", err=True)
     typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
@@ -191,13 +193,13 @@ def run(
     server = ControlServer(gateway, context, host, port)
 
     def ready() -> None:
-        typer.echo(f"s2cs ready on {host}:{port}", err=True)
+        typer.echo(f"s2cs ready on {hostport(host, port)}", err=True)
 
     try:
         asyncio.run(server.serve(ready, keep_streams_on_exit))
     except OSError as exc:
         gateway.close()
-        typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        typer.echo(f"error: cannot listen on {hostport(host, port)}: {exc.strerror}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -46,7 +46,8 @@ class PortPool:
 
     def available(self) -> int:
         with self._lock:
-            return self.size - len(self._reserved)
+            # Sessions recovered from an earlier, different range may hold ports outside this one.
+            return self.size - sum(1 for p in self._reserved if self.first <= p <= self.last)
 
     def reserve(self, count: int, requested: Sequence[int] = ()) -> list[int]:
         """`requested` ports exactly (each inside the range and free), else `count` free ones."""

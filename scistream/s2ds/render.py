@@ -108,6 +108,8 @@ def environment(override: Path | None, default: Path) -> jinja2.Environment:
         finalize=_finalize,
     )
     env.filters["hostport"] = hostport
+    # stunnel splits host and port at the last colon and does not take brackets: ::1:5100
+    env.filters["stunnel_address"] = lambda ip, port: f"{ip}:{port}"
     return env
 
 

@@ -317,3 +317,50 @@ def test_hundreds_of_short_connections_in_a_row_all_get_through(start_s2cs, back
         data = f"short connection {i}\n".encode()
         assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
     assert len(sink.results) == 200
+
+
+@EACH_BACKEND
+def test_ipv6_listeners_and_services(start_s2cs, backend, workdir):
+    from scistream.loopback import S2csProcess, free_port_range
+
+    hpc = S2csProcess(
+        "hpc6", workdir / "hpc6", free_port_range(4), ("--type", backend), listener_ip="::1"
+    ).start()
+    inst = start_s2cs("instrument", backend=backend)
+    try:
+        server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+        got: list[bytes] = []
+
+        def service() -> None:
+            conn, _ = server.accept()
+            with conn:
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+                got.append(data)
+
+        threading.Thread(target=service, daemon=True).start()
+        inbound = hpc.call("inbound", remote_ip="::1", receiver_ports=[server.getsockname()[1]], rate=0)
+        assert inbound["listeners"][0].startswith("[::1]:")
+        outbound = inst.call("outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"])
+        with socket.create_connection(("127.0.0.1", _port(outbound["listeners"][0])), timeout=30) as sock:
+            sock.sendall(b"over IPv6 to the service")
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == [b"over IPv6 to the service"]
+    finally:
+        hpc.stop()
+
+
+def test_an_outbound_address_that_is_not_local_listens_everywhere_and_says_so(start_s2cs):
+    hpc = start_s2cs("hpc")
+    inst = start_s2cs("instrument")
+    sink = Sink()
+    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+    args = ["--s2cs", inst.address, "--server_cert", str(inst.cert), "--remote_ip", "192.0.2.10"]
+    out = s2uc("outbound_request", *args, inbound["uid"], inbound["listeners"][0])
+    assert "192.0.2.10 is not an address of this host; listening on all interfaces" in out.stderr
+    port = int(out.stdout.split("Listeners: ")[1].split()[0].rpartition(":")[2])
+    data = b"the guide's localhost:5100 works"
+    assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
