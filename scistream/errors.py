@@ -25,6 +25,7 @@ class ScistreamError(Exception):
 
     code = "INTERNAL"
     exit_status = ExitStatus.ERROR
+    remote = False  # True when a server sent it (an error reply), False when raised here
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -110,4 +111,5 @@ def from_wire(code: str, message: str) -> ScistreamError:
     """The exception for an error reply; an unknown code (a newer server) becomes a plain error."""
     err = WIRE_ERRORS.get(code, ScistreamError)(message)
     err.code = code
+    err.remote = True
     return err

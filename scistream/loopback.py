@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,10 +115,10 @@ class Sink:
             except OSError:
                 got.reset = True  # the connection was cut: what came is not a whole stream
             got.sha256 = digest.hexdigest()
+            with self._lock:  # before the answer: whoever has the answer finds the result
+                self.results.append(got)
             with contextlib.suppress(OSError):
                 conn.sendall(f"{got.nbytes} {got.sha256}\n".encode())
-        with self._lock:
-            self.results.append(got)
 
     def close(self) -> None:
         self.sock.close()
@@ -214,13 +214,3 @@ class S2csProcess:
 def proxies_of(state_dir: Path) -> list[int]:
     """Pids of the proxies and shapers that run from `state_dir`."""
     return [p.pid for p in processes_using(state_dir.resolve())]
-
-
-@contextlib.contextmanager
-def chdir(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)

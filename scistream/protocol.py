@@ -190,8 +190,9 @@ def parse_address(value: Any, name: str) -> Address:
 
 def parse_uid(value: Any, name: str = "uid") -> str:
     if not isinstance(value, str) or not _UID.fullmatch(value):
-        shown = value[:60] if isinstance(value, str) else type(value).__name__
-        raise BadRequest(f"{name} is not a stream UID (a lowercase UUID4): {shown!r}")
+        # At most 8 characters: a mistyped UID (upper case, say) is still a secret; logs get no more.
+        shown = f"{value[:8]!r}..." if isinstance(value, str) else type(value).__name__
+        raise BadRequest(f"{name} is not a stream UID (a lowercase UUID4): {shown}")
     return value
 
 
@@ -245,8 +246,6 @@ def _outbound(fields: Mapping[str, Any]) -> OutboundRequest:
     listeners = tuple(parse_address(a, "remote_listeners") for a in remote)
     bind = fields.get("remote_ip")
     bind_ip = None if bind is None else parse_ip(bind, "remote_ip")
-    if bind_ip is not None and ipaddress.ip_address(bind_ip).is_unspecified:
-        bind_ip = None
     ports = _ports(fields, "receiver_ports", required=False)
     if ports and len(ports) != len(listeners):
         raise BadRequest(

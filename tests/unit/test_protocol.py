@@ -60,8 +60,8 @@ def test_inbound_request_round_trips_with_defaults():
     assert req.body == InboundRequest("10.0.1.5", (5001, 5002), Limits(num_conn=5, rate=10_000))
 
 
-def test_outbound_request_treats_all_interfaces_as_no_bind_address():
-    line = encode(request("outbound", uid=UID, remote_listeners=["[::1]:5100"], remote_ip="0.0.0.0"))
+def test_outbound_request_without_an_address_listens_everywhere():
+    line = encode(request("outbound", uid=UID, remote_listeners=["[::1]:5100"]))
     body = decode_request(line).body
     assert body == OutboundRequest(UID, (Address("::1", 5100),), None, (), Limits())
 
@@ -345,9 +345,9 @@ def test_outbound_keeps_a_local_bind_address_and_normalises_v6_listeners():
     assert [str(a) for a in body.remote_listeners] == ["[2001:db8::1]:5100", "192.0.2.7:5101"]
 
 
-@pytest.mark.parametrize("everywhere", ["0.0.0.0", "::", "0:0::0"])
-def test_outbound_all_interfaces_means_no_bind_address(everywhere):
-    assert outbound(remote_ip=everywhere).body.bind_ip is None
+@pytest.mark.parametrize(("everywhere", "kept"), [("0.0.0.0", "0.0.0.0"), ("::", "::"), ("0:0::0", "::")])
+def test_outbound_all_interfaces_is_kept_with_its_address_family(everywhere, kept):
+    assert outbound(remote_ip=everywhere).body.bind_ip == kept  # "::" listens on IPv6 too
 
 
 @pytest.mark.parametrize(
