@@ -25,7 +25,7 @@ bench-deps:
 demo: setup
 	$(BIN)/scistream demo
 
-test: setup system-deps
+test: setup system-deps lint
 	scripts/run-tests $(BIN)
 
 lint: setup

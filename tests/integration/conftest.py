@@ -8,6 +8,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -78,3 +79,22 @@ def field(output: str, name: str) -> str:
         if line.startswith(f"{name}: "):
             return line.split(": ", 1)[1].strip()
     raise AssertionError(f"no {name!r} line in:\n{output}")
+
+
+def port_of(address: str) -> int:
+    """5100 of '127.0.0.1:5100' or '[::1]:5100'."""
+    return int(address.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
+class Stream:
+    uid: str
+    listener: int  # the inbound proxy's port (TLS)
+    port: int  # the outbound proxy's port, where the instrument sends
+
+
+def open_stream(hpc: S2csProcess, inst: S2csProcess, service_port: int, **limits: int) -> Stream:
+    """inbound at `hpc` in front of 127.0.0.1:`service_port`, then outbound at `inst`."""
+    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service_port], **limits)
+    outbound = inst.call("outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], **limits)
+    return Stream(inbound["uid"], port_of(inbound["listeners"][0]), port_of(outbound["listeners"][0]))

@@ -23,6 +23,8 @@ from scistream.credentials import stream_credentials
 from scistream.errors import NoPorts, ScistreamError
 from scistream.loopback import Sink, proxies_of
 
+from .conftest import open_stream, port_of
+
 UID = "0b7c1f2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
 NASTY = [
     "1.2.3.4\n    bind *:22",
@@ -217,7 +219,7 @@ def test_a_hundred_concurrent_requests_get_their_own_ports_and_carry_their_own_d
 
     # Each stream carries its own data to its own service.
     for i, reply in granted.items():
-        with _tls_to_listener(reply["uid"], int(reply["listeners"][0].rpartition(":")[2]), workdir) as tls:
+        with _tls_to_listener(reply["uid"], port_of(reply["listeners"][0]), workdir) as tls:
             tls.sendall(f"stream {i}: ".encode() * 1000)
             with contextlib.suppress(ssl.SSLError):  # the service answers, unwrap() balks at it
                 tls.unwrap()  # close_notify: the end of this stream's data
@@ -234,12 +236,6 @@ def test_a_hundred_concurrent_requests_get_their_own_ports_and_carry_their_own_d
         hpc.call("release", uid=reply["uid"])
     assert hpc.call("info")["free_ports"] == 60
     assert proxies_of(hpc.state_dir) == []
-
-
-def _stream(hpc, inst, port: int, **limits) -> int:
-    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[port], **limits)
-    outbound = inst.call("outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], **limits)
-    return int(outbound["listeners"][0].rpartition(":")[2]), int(inbound["listeners"][0].rpartition(":")[2])
 
 
 def _random_blocks(seed: int, count: int, size: int = 1 << 20):
@@ -263,7 +259,8 @@ def test_a_flood_of_failing_handshakes_does_not_disturb_a_stream(start_s2cs, wor
     hpc = start_s2cs("hpc")
     inst = start_s2cs("instrument")
     sink = Sink()
-    port, listener = _stream(hpc, inst, sink.port, rate=0, num_conn=2)
+    stream = open_stream(hpc, inst, sink.port, rate=0, num_conn=2)
+    port, listener = stream.port, stream.listener
     stop = threading.Event()
     attempts = [0]
     impostor = str(__import__("uuid").uuid4())
@@ -297,7 +294,7 @@ def test_a_gibibyte_arrives_byte_exact(start_s2cs):
     hpc = start_s2cs("hpc")
     inst = start_s2cs("instrument")
     sink = Sink()
-    port, _ = _stream(hpc, inst, sink.port, rate=0)
+    port = open_stream(hpc, inst, sink.port, rate=0).port
     expected, got = _send_blocks(port, seed=3, count=1024)
     assert got == (1 << 30, expected)
 
@@ -324,7 +321,7 @@ def test_half_close_is_passed_on_in_both_directions(start_s2cs, rate):
             log.append(f"after answer {conn.recv(100)!r}")
 
     threading.Thread(target=service, daemon=True).start()
-    port, _ = _stream(hpc, inst, server.getsockname()[1], rate=rate)
+    port = open_stream(hpc, inst, server.getsockname()[1], rate=rate).port
     request = os.urandom(300_000)
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(request)
@@ -344,7 +341,7 @@ def test_connections_without_the_stream_certificate_take_no_num_conn_slot(start_
     hpc = start_s2cs("hpc")
     sink = Sink()
     reply = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], num_conn=2, rate=0)
-    listener = int(reply["listeners"][0].rpartition(":")[2])
+    listener = port_of(reply["listeners"][0])
     squatters = [socket.create_connection(("127.0.0.1", listener), timeout=30) for _ in range(20)]
     try:
         started = time.monotonic()

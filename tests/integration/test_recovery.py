@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import astuple
 
 import psutil
 import pytest
@@ -19,7 +20,7 @@ from scistream.loopback import Sink, proxies_of, send
 from scistream.s2cs.gateway import port_is_free
 from scistream.s2ds.render import default_templates
 
-from .conftest import BACKENDS
+from .conftest import BACKENDS, open_stream
 
 EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -39,19 +40,13 @@ def _pids(gw, uid: str) -> dict[str, int]:
     return {p["name"]: p["pid"] for s in streams for p in s["processes"]}
 
 
-def _stream(hpc, inst, port: int, **limits) -> tuple[str, int]:
-    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[port], **limits)
-    outbound = inst.call("outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], **limits)
-    return inbound["uid"], int(outbound["listeners"][0].rpartition(":")[2])
-
-
 @pytest.mark.parametrize("victim", ["proxy", "shaper"])
 @EACH_BACKEND
 def test_a_killed_process_is_restarted_and_the_listener_forwards_again(start_s2cs, victim, backend):
     hpc = start_s2cs("hpc", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
-    uid, port = _stream(hpc, inst, sink.port, rate=100_000)  # rate: both a proxy and a shaper
+    uid, _, port = astuple(open_stream(hpc, inst, sink.port, rate=100_000))  # a rate: proxy and shaper
     before = _pids(hpc, uid)[victim]
     os.kill(before, signal.SIGKILL)
 
@@ -70,8 +65,8 @@ def test_a_stream_keeps_flowing_while_s2cs_is_killed_and_restarted(start_s2cs, b
     hpc = start_s2cs("hpc", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
-    # 400 Mbit/s: 300 MiB take over six seconds, longer than killing and restarting both s2cs.
-    uid, port = _stream(hpc, inst, sink.port, rate=400_000)
+    # 200 Mbit/s: 300 MiB take 12 s, much longer than killing and restarting both s2cs.
+    uid, _, port = astuple(open_stream(hpc, inst, sink.port, rate=200_000))
     pids = _pids(hpc, uid)
     size = 300 << 20
     data = os.urandom(size)
@@ -121,7 +116,7 @@ def test_keep_streams_on_exit_leaves_the_proxies_for_the_next_s2cs(start_s2cs, b
     hpc = start_s2cs("hpc", "--keep-streams-on-exit", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
-    uid, port = _stream(hpc, inst, sink.port)
+    uid, _, port = astuple(open_stream(hpc, inst, sink.port))
     pids = _pids(hpc, uid)
     assert hpc.stop(signal.SIGTERM) == 0
     data = os.urandom(100_000)

@@ -18,22 +18,11 @@ from scistream.credentials import stream_credentials
 from scistream.errors import ScistreamError
 from scistream.loopback import Sink, proxies_of, send
 
-from .conftest import BACKENDS, s2uc
+from .conftest import BACKENDS, field, open_stream, port_of, s2uc
 
 EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
 RATE_TOLERANCE = 0.15
-
-
-def _stream(hpc, inst, service_port: int, **limits) -> tuple[str, str, int]:
-    """inbound then outbound; (uid, inbound listener, instrument-side port)."""
-    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service_port], **limits)
-    outbound = inst.call("outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], **limits)
-    return inbound["uid"], inbound["listeners"][0], int(outbound["listeners"][0].rpartition(":")[2])
-
-
-def _port(address: str) -> int:
-    return int(address.rpartition(":")[2])
 
 
 def _tls_client(cert_dir: Path | None, uid: str | None) -> ssl.SSLContext:
@@ -68,7 +57,7 @@ def test_only_holders_of_the_stream_certificate_reach_the_service(start_s2cs, wo
     hpc = start_s2cs("hpc", backend=backend)
     sink = Sink()
     inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
-    port = _port(inbound["listeners"][0])
+    port = port_of(inbound["listeners"][0])
     other = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
 
     assert "CERTIFICATE_REQUIRED" in _refusal(port, _tls_client(workdir, None))
@@ -168,7 +157,7 @@ def test_rate_limit_holds_for_parallel_connections_in_both_directions(start_s2cs
     hpc = start_s2cs("hpc", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
     service = EchoService()
-    _, _, port = _stream(hpc, inst, service.port, rate=8000, num_conn=4)
+    port = open_stream(hpc, inst, service.port, rate=8000, num_conn=4).port
     back = _send_and_read_back(port, seconds=6.0, connections=4)
     service.server.close()
     assert _steady_rate(service.marks) == pytest.approx(8e6, rel=RATE_TOLERANCE)  # instrument -> service
@@ -198,7 +187,7 @@ def test_a_connection_beyond_num_conn_waits_until_one_closes(start_s2cs, backend
                 pass
 
     threading.Thread(target=service, daemon=True).start()
-    _, _, port = _stream(hpc, inst, server.getsockname()[1], num_conn=2, rate=0)
+    port = open_stream(hpc, inst, server.getsockname()[1], num_conn=2, rate=0).port
 
     def connect() -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -247,7 +236,7 @@ def test_concurrent_inbound_requests_get_their_own_ports_uids_and_targets(start_
         reply = replies[i]
         out = inst.call("outbound", uid=reply["uid"], remote_listeners=reply["listeners"], rate=0)
         data = f"stream {i} ".encode() * 50_000
-        assert send(("127.0.0.1", _port(out["listeners"][0])), data)[1] == hashlib.sha256(data).hexdigest()
+        assert send(("127.0.0.1", port_of(out["listeners"][0])), data)[1] == hashlib.sha256(data).hexdigest()
     assert [len(s.results) for s in sinks] == [1, 1]
     assert sinks[0].results[0].sha256 != sinks[1].results[0].sha256
 
@@ -312,7 +301,7 @@ def test_hundreds_of_short_connections_in_a_row_all_get_through(start_s2cs, back
     hpc = start_s2cs("hpc", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
-    _, _, port = _stream(hpc, inst, sink.port, rate=0, num_conn=2)
+    port = open_stream(hpc, inst, sink.port, rate=0, num_conn=2).port
     for i in range(200):
         data = f"short connection {i}\n".encode()
         assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
@@ -343,7 +332,7 @@ def test_ipv6_listeners_and_services(start_s2cs, backend, workdir):
         inbound = hpc.call("inbound", remote_ip="::1", receiver_ports=[server.getsockname()[1]], rate=0)
         assert inbound["listeners"][0].startswith("[::1]:")
         outbound = inst.call("outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"])
-        with socket.create_connection(("127.0.0.1", _port(outbound["listeners"][0])), timeout=30) as sock:
+        with socket.create_connection(("127.0.0.1", port_of(outbound["listeners"][0])), timeout=30) as sock:
             sock.sendall(b"over IPv6 to the service")
         deadline = time.monotonic() + 30
         while not got and time.monotonic() < deadline:
@@ -361,6 +350,6 @@ def test_an_outbound_address_that_is_not_local_listens_everywhere_and_says_so(st
     args = ["--s2cs", inst.address, "--server_cert", str(inst.cert), "--remote_ip", "192.0.2.10"]
     out = s2uc("outbound_request", *args, inbound["uid"], inbound["listeners"][0])
     assert "192.0.2.10 is not an address of this host; listening on all interfaces" in out.stderr
-    port = int(out.stdout.split("Listeners: ")[1].split()[0].rpartition(":")[2])
+    port = port_of(field(out.stdout, "Listeners"))
     data = b"the guide's localhost:5100 works"
     assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())

@@ -11,7 +11,7 @@ import pytest
 
 from scistream.loopback import Sink, send
 
-from .conftest import BACKENDS, field, s2uc
+from .conftest import BACKENDS, field, port_of, s2uc
 
 PAIRS = pytest.mark.parametrize(("inbound", "outbound"), [(a, b) for a in BACKENDS for b in BACKENDS])
 
@@ -66,7 +66,7 @@ def test_data_flows_both_directions(start_s2cs, inbound, outbound):
     uid, listener = field(out, "UID"), field(out, "Listeners")
     inst_args = ["--s2cs", inst.address, "--server_cert", str(inst.cert)]
     out = s2uc("outbound_request", *inst_args, uid, listener).stdout
-    local = int(field(out, "Listeners").rpartition(":")[2])
+    local = port_of(field(out, "Listeners"))
 
     payload = b"Beamline Frame " * 70_000
     with socket.create_connection(("127.0.0.1", local), timeout=60) as sock:
