@@ -18,8 +18,9 @@ from typing import Any
 
 from ..errors import Unauthenticated, Unreachable
 
-# SciStream's native-app client id at Globus Auth; a facility that registers its own sets
-# SCISTREAM_CLIENT_ID.
+# The native-app client id `s2uc login` presents to Globus Auth. A placeholder: no client has been
+# registered at Globus for the project yet, so facilities register one and set
+# SCISTREAM_CLIENT_ID (docs/operator-guide.md, Authentication).
 NATIVE_CLIENT_ID = "5f0c2a9e-41b7-4c4e-9a31-7d2f8e6b1c90"
 REFRESH_MARGIN = 60  # seconds: a token this close to its expiry is refreshed first
 
