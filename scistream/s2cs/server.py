@@ -8,6 +8,7 @@ that run the gateway's operations. Every read and write has a deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import ssl
@@ -135,8 +136,12 @@ class ControlServer:
             await stop.wait()
             log.info("stopping: %s", "leaving streams running" if keep_streams else "releasing every stream")
             server.close()
+        # Requests under way finish first (those still queued are dropped): a stream being set up
+        # now must be known to the gateway before it releases everything.
+        await loop.run_in_executor(
+            None, functools.partial(self.workers.shutdown, wait=True, cancel_futures=True)
+        )
         await loop.run_in_executor(None, self.gateway.close, keep_streams)
-        self.workers.shutdown(wait=True, cancel_futures=True)
 
 
 def _quiet_tls_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

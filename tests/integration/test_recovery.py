@@ -242,3 +242,26 @@ def test_an_operator_template_the_proxy_refuses_fails_the_request_in_the_proxys_
     assert "no_such_field" in stream["last_error"]
     hpc.call("release", uid=uid)
     assert proxies_of(hpc.state_dir) == []
+
+
+def test_sigterm_during_requests_leaves_nothing_behind(start_s2cs):
+    hpc = start_s2cs("hpc", ports=10)
+    sink = Sink()
+    results: list[object] = []
+
+    def request() -> None:
+        try:
+            results.append(hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port]))
+        except Exception as exc:  # refused or cut off by the shutdown: both are fine here
+            results.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(10)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # some proxies started, some starting, some requests still queued
+    assert hpc.stop(signal.SIGTERM) == 0
+    for t in threads:
+        t.join(60)
+    assert len(results) == 10
+    assert proxies_of(hpc.state_dir) == []
+    assert list((hpc.state_dir / "sessions").iterdir()) == []
