@@ -147,7 +147,8 @@ class Gateway:
             gone = []
             for before in record.get("processes", []):
                 kind = before["name"]
-                launch = Launch(kind, tuple(before["argv"]), self._ready(session, files, kind))
+                ready = self.backend.ready(self._spec(session), files, kind)
+                launch = Launch(kind, tuple(before["argv"]), ready)
                 proc = self._process(session, files, launch)
                 proc.restarts = int(before.get("restarts", 0))
                 handle = None
@@ -188,13 +189,6 @@ class Gateway:
                 proc.argv = list(launches[proc.kind].argv)
             proc.restart_later("it was not running when s2cs started")
             log.warning("%s: was gone after the restart of s2cs; starting it again", proc.name)
-
-    @staticmethod
-    def _ready(session: Session, files: SessionFiles, kind: str) -> tuple[int | str, ...]:
-        """What must listen before a process of this kind counts as started."""
-        if kind == "shaper":
-            return tuple(str(files.shaper_socket(i)) for i in range(len(session.listeners)))
-        return session.ports
 
     def _sweep(self, adopted: set[int]) -> None:
         """Stop proxies that run from our state dir but belong to no session; delete stray files."""
@@ -341,13 +335,15 @@ class Gateway:
 
     def _spec(self, session: Session) -> ProxySpec:
         rate_bytes = rate_bytes_per_second(session.limits.rate)
+        shaped = self.backend.shaped(rate_bytes, len(session.listeners))
         return ProxySpec(
             name=session.sid,
             role=session.role,
             listeners=session.listeners,
             num_conn=session.limits.num_conn,
             rate_bytes=rate_bytes,
-            shaped=self.backend.shaped(rate_bytes, len(session.listeners)),
+            shaped=shaped,
+            front=shaped and self.backend.shaper_in_front(session.role),
         )
 
     def _prepare(self, session: Session, files: SessionFiles) -> list[Launch]:

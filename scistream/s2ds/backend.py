@@ -123,6 +123,17 @@ class Backend(ABC):
         """The shaper enforces num_conn over all listeners of the session together."""
         return [f"--max-conn={spec.num_conn}"]
 
+    def shaper_in_front(self, role: str) -> bool:
+        """Whether the shaper takes the listener ports, with the proxy behind it."""
+        return False
+
+    def ready(self, spec: ProxySpec, files: SessionFiles, kind: str) -> tuple[int | str, ...]:
+        """What must listen before a process of this session counts as started."""
+        sockets = tuple(str(files.shaper_socket(i)) for i in range(len(spec.listeners)))
+        ports = tuple(lst.port for lst in spec.listeners)
+        on_ports = "shaper" if spec.front else "proxy"
+        return ports if kind == on_ports else sockets
+
     def prepare(self, uid: str, spec: ProxySpec, files: SessionFiles) -> list[Launch]:
         """Validate, write, check, swap: the config only takes its place once the proxy accepts it.
         Returns the processes to start, in order."""
@@ -139,20 +150,21 @@ class Backend(ABC):
             os.replace(candidate, files.config)
         finally:
             candidate.unlink(missing_ok=True)
-        launches = []
-        if spec.shaped:
-            launches.append(shaper_launch(spec, files, self.shaper_options(spec, files)))
-        launches.append(
-            Launch("proxy", tuple(self.command(files)), tuple(lst.port for lst in spec.listeners))
-        )
-        return launches
+        proxy = Launch("proxy", tuple(self.command(files)), self.ready(spec, files, "proxy"))
+        if not spec.shaped:
+            return [proxy]
+        shaper = self.shaper_launch(spec, files)
+        # Whatever the other connects to starts first.
+        return [proxy, shaper] if spec.front else [shaper, proxy]
 
-
-def shaper_launch(spec: ProxySpec, files: SessionFiles, options: list[str]) -> Launch:
-    sockets = [str(files.shaper_socket(i)) for i in range(len(spec.listeners))]
-    routes = [
-        f"--route={path}={hostport(lst.target_ip, lst.target_port)}"
-        for path, lst in zip(sockets, spec.listeners, strict=True)
-    ]
-    argv = (sys.executable, "-m", "scistream.s2ds.shaper", f"--rate={spec.rate_bytes}", *options, *routes)
-    return Launch("shaper", argv, tuple(sockets))
+    def shaper_launch(self, spec: ProxySpec, files: SessionFiles) -> Launch:
+        routes = []
+        for i, lst in enumerate(spec.listeners):
+            socket_path = str(files.shaper_socket(i))
+            if spec.front:
+                routes.append(f"--route={hostport(lst.bind_ip, lst.port)}={socket_path}")
+            else:
+                routes.append(f"--route={socket_path}={hostport(lst.target_ip, lst.target_port)}")
+        options = self.shaper_options(spec, files)
+        argv = (sys.executable, "-m", "scistream.s2ds.shaper", f"--rate={spec.rate_bytes}", *options, *routes)
+        return Launch("shaper", argv, self.ready(spec, files, "shaper"))

@@ -41,7 +41,8 @@ class ProxySpec:
     listeners: tuple[ListenerSpec, ...]
     num_conn: int
     rate_bytes: int  # per second, each direction, all connections together; 0 = unlimited
-    shaped: bool  # the proxy reaches its targets through the session's shaper (see shaper.py)
+    shaped: bool  # the session has a shaper (see shaper.py) between the proxy and its targets...
+    front: bool = False  # ...or in front of the proxy: it has the listener ports, the proxy Unix sockets
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class SessionFiles:
         return self.directory / "shaper.json"
 
     def shaper_socket(self, index: int) -> Path:
-        """Where the shaper listens for the proxy's connections to target `index`."""
+        """The Unix socket between the shaper and the proxy, for listener `index`."""
         return self.directory / f"shaper-{index}.sock"
 
 

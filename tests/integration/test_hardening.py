@@ -23,7 +23,7 @@ from scistream.credentials import stream_credentials
 from scistream.errors import NoPorts, ScistreamError
 from scistream.loopback import Sink, proxies_of
 
-from .conftest import open_stream, port_of
+from .conftest import BACKENDS, open_stream, port_of
 
 UID = "0b7c1f2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
 NASTY = [
@@ -299,10 +299,11 @@ def test_a_gibibyte_arrives_byte_exact(start_s2cs):
     assert got == (1 << 30, expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rate", [0, 10_000])
-def test_half_close_is_passed_on_in_both_directions(start_s2cs, rate):
-    hpc = start_s2cs("hpc")
-    inst = start_s2cs("instrument")
+def test_half_close_is_passed_on_in_both_directions(start_s2cs, rate, backend):
+    hpc = start_s2cs("hpc", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
     server = socket.create_server(("127.0.0.1", 0))
     log: list[str] = []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,8 @@ def session_dir() -> Iterator[Path]:
 
 def stunnel_config(name: str, env: jinja2.Environment, directory: Path = SESSION_DIR) -> str:
     spec = SESSIONS[name]
+    # As s2cs makes them: an outbound stunnel has its shaper in front (StunnelBackend.shaper_in_front).
+    spec = replace(spec, shaped=True, front=spec.role == "outbound")
     return render(spec, SessionFiles(directory), "stunnel.conf.j2", env)
 
 
@@ -58,10 +61,18 @@ def test_every_listener_demands_the_stream_certificate_and_tls_1_3(env):
     assert "foreground = yes" in text and "pid =\n" in text
 
 
-def test_stunnel_reaches_its_targets_through_the_shaper(env):
+def test_an_inbound_stunnel_reaches_its_service_through_the_shaper(env):
+    text = stunnel_config("inbound-one-listener-unlimited", env)
+    assert "accept = 0.0.0.0:5100" in text
+    assert f"connect = {SESSION_DIR}/shaper-0.sock" in text
+
+
+def test_an_outbound_stunnel_has_its_shaper_in_front_and_reaches_the_peer_itself(env):
+    """The shaper would cut the peer's TLS records into pieces, which stunnel 5.68 mishandles."""
     text = stunnel_config("outbound-rate", env)
     assert "client = yes" in text
-    assert f"connect = {SESSION_DIR}/shaper-0.sock" in text
+    assert f"accept = {SESSION_DIR}/shaper-0.sock" in text
+    assert "connect = 192.0.2.7:5100" in text
 
 
 @pytest.mark.parametrize("name", sorted(SESSIONS))
