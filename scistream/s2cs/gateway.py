@@ -134,8 +134,9 @@ class Gateway:
     def recover(self) -> None:
         """Re-adopt the processes of a previous s2cs that still run; restart the others.
 
-        Never refuses to start: a session whose proxy cannot be started again (an edited template
-        the proxy now refuses, say) is FATAL with the reason, and its ports stay reserved.
+        Never refuses to start: a session whose processes cannot be started again (neither from
+        the current templates nor from their last config) is FATAL with the reason, and its ports
+        stay reserved.
         """
         adopted: set[int] = set()
         for record in self.state.load():
@@ -144,11 +145,11 @@ class Gateway:
             self.pool.take(session.ports)
             files = SessionFiles(self.state.session_dir(session.sid))
             files.directory.mkdir(mode=0o700, exist_ok=True)
+            spec = self._spec(session)
             gone = []
             for before in record.get("processes", []):
                 kind = before["name"]
-                ready = self.backend.ready(self._spec(session), files, kind)
-                launch = Launch(kind, tuple(before["argv"]), ready)
+                launch = Launch(kind, tuple(before["argv"]), self.backend.ready(spec, files, kind))
                 proc = self._process(session, files, launch)
                 proc.restarts = int(before.get("restarts", 0))
                 handle = None
