@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import replace
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
