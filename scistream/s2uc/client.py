@@ -18,6 +18,7 @@ from ..protocol import DEFAULT_PORT, MAX_MESSAGE, check_reply, decode, encode, h
 CONNECT_TIMEOUT = 15.0
 # A request waits for a proxy to start, and maybe behind other requests: be generous.
 REPLY_TIMEOUT = 120.0
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,26 @@ def tls_context(server_cert: Path) -> ssl.SSLContext:
             f"no server certificate at {server_cert}: pass --server_cert with the certificate of the "
             "S2CS (its operator has it; a generated one is printed by s2cs at start)"
         )
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+    try:
+        data = server_cert.read_bytes()  # read once: what is checked is what is trusted
+    except OSError as exc:
+        raise ConfigError(f"cannot read {server_cert}: {exc.strerror}") from None
+    ask = "pass --server_cert with the certificate of the S2CS (PEM; its operator has it)"
+    if not data.strip():
+        raise ConfigError(f"{server_cert} is empty: {ask}")
+    if _PEM_CERT not in data:
+        if data[:1] == b"\x30":  # an ASN.1 SEQUENCE: a certificate in binary form
+            raise ConfigError(
+                f"{server_cert} is a DER (binary) certificate; s2uc needs PEM: "
+                f"openssl x509 -inform der -in {server_cert} -out server.crt"
+            )
+        raise ConfigError(f"{server_cert} holds no PEM certificate (no {_PEM_CERT.decode()} line): {ask}")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=data.decode("ascii", "replace"))
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{server_cert} holds no PEM certificate that can be read ({exc.reason or exc}): {ask}"
+        ) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 

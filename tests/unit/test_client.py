@@ -69,3 +69,88 @@ def test_the_context_trusts_the_given_certificate_and_checks_the_host_name(tmp_p
     assert ctx.check_hostname
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert [c["subject"] for c in ctx.get_ca_certs()] == [((("commonName", "scistream-stream"),),)]
+
+
+# --- a --server_cert that is there but unusable: one line naming the file, no traceback ----------
+
+
+def _pem(tmp_path):
+    cert = tmp_path / "server.crt"
+    cert.write_bytes(stream_credentials("0b7c1f2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e").cert_pem)
+    return cert
+
+
+def _der(tmp_path):
+    pem = _pem(tmp_path).read_text()
+    der = tmp_path / "server.der"
+    der.write_bytes(ssl.PEM_cert_to_DER_cert(pem))
+    return der
+
+
+def test_an_empty_server_certificate_is_named_and_said_to_be_empty(tmp_path):
+    empty = tmp_path / "server.crt"
+    empty.touch()
+    with pytest.raises(ConfigError) as caught:
+        tls_context(empty)
+    assert caught.value.message.startswith(f"{empty} is empty")
+    assert "pass --server_cert" in caught.value.message
+
+
+def test_a_der_server_certificate_is_named_with_the_command_that_converts_it(tmp_path):
+    der = _der(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        tls_context(der)
+    message = caught.value.message
+    assert message.startswith(f"{der} is a DER (binary) certificate")
+    assert f"openssl x509 -inform der -in {der} -out server.crt" in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"hello, this is not a certificate\n", b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n"],
+    ids=["text", "broken-pem"],
+)
+def test_a_file_without_a_certificate_is_named_and_said_to_hold_none(tmp_path, content):
+    junk = tmp_path / "server.crt"
+    junk.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        tls_context(junk)
+    assert caught.value.message.startswith(f"{junk} holds no PEM certificate")
+
+
+def test_an_unreadable_server_certificate_is_named_with_the_reason(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cert = _pem(tmp_path)
+    cert.chmod(0o000)
+    check = (
+        "import sys; from pathlib import Path; from scistream.errors import ConfigError\n"
+        "from scistream.s2uc.client import tls_context\n"
+        "try:\n    tls_context(Path(sys.argv[1]))\n"
+        "except ConfigError as exc:\n    print(exc.message)\n"
+    )
+    argv = [sys.executable, "-c", check, str(cert)]
+    if os.geteuid() == 0:  # root reads any file: take away the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to read a file as root cannot")
+        drop = "-dac_override,-dac_read_search"
+        argv = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *argv]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.strip() == f"cannot read {cert}: Permission denied", result.stderr
+
+
+@pytest.mark.parametrize("make", [lambda p: (p / "server.crt").touch() or p / "server.crt", _der])
+def test_s2uc_says_what_is_wrong_with_the_certificate_in_one_line(tmp_path, make):
+    from typer.testing import CliRunner
+
+    from scistream.s2uc.cli import app
+
+    cert = make(tmp_path)
+    result = CliRunner().invoke(app, ["info", "--s2cs", "127.0.0.1:9", "--server_cert", str(cert)])
+    assert result.exit_code == 2  # fix the command line
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {cert} is ")
