@@ -14,6 +14,7 @@ the unit tests.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -55,6 +56,20 @@ def log_tail(path: Path, lines: int = 5, limit: int = 16384) -> str:
     # HAProxy opens every run with NOTICE lines on its version and path: not the reason.
     kept = [line.strip() for line in text.splitlines() if line.strip() and "[NOTICE]" not in line]
     return "\n".join(kept[-lines:])
+
+
+def spawn_failure(exc: OSError, argv: Sequence[str], cwd: Path, log: Path) -> str:
+    """Why a process could not be started, naming what failed: its log, its directory or its binary.
+
+    The OS says which by the file name of the error (open of the log, chdir, then exec)."""
+    reason = exc.strerror or str(exc)
+    gone = f"the session directory {cwd} is gone; release the stream and request it again"
+    if exc.filename == str(log):
+        # The log is opened with O_CREAT: "no such file" can only mean no directory to put it in.
+        return f"cannot open its log {log}: {gone if exc.errno == errno.ENOENT else reason}"
+    if exc.filename == str(cwd) and exc.errno == errno.ENOENT:
+        return gone[0].upper() + gone[1:]
+    return f"cannot run {argv[0]}: {reason}"
 
 
 class ProxyProcess:
@@ -167,7 +182,7 @@ class ProxyProcess:
             self.handle = self.system.spawn(self.argv, self.cwd, self.log_path)
         except OSError as exc:
             self.handle = None
-            self._failed(f"cannot run {self.argv[0]}: {exc}", first)
+            self._failed(spawn_failure(exc, self.argv, self.cwd, self.log_path), first)
 
     def _check_starting(self, first: bool) -> None:
         if self.handle is None:

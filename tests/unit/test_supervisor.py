@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import pytest
 from scistream.errors import BackendFailed
 from scistream.s2ds import supervisor
 from scistream.s2ds.supervisor import ProxyProcess, State, log_tail
+from scistream.s2ds.system import RealSystem
 
 
 @dataclass
@@ -189,6 +191,50 @@ def test_a_binary_that_cannot_run_fails_the_request_and_is_not_restarted(system,
 def test_a_binary_that_cannot_run_fails_the_request_with_the_reason(system, proc):
     system.spawn_error = FileNotFoundError(2, "No such file or directory")
     with pytest.raises(BackendFailed, match=r"cannot run /usr/sbin/haproxy: .*No such file or directory"):
+        proc.start()
+
+
+def test_a_log_that_cannot_be_opened_is_the_reason_given_not_the_binary(system, proc, tmp_path):
+    """RealSystem.spawn opens the log first: ENOENT there means the session directory is gone."""
+    system.spawn_error = FileNotFoundError(2, "No such file or directory", str(proc.log_path))
+    with pytest.raises(BackendFailed) as caught:
+        proc.start()
+    message = caught.value.message
+    assert "cannot run" not in message
+    assert f"cannot open its log {proc.log_path}: the session directory {tmp_path} is gone" in message
+
+
+def test_a_proxy_whose_session_directory_vanished_goes_fatal_saying_so(system, proc, tmp_path):
+    proc.start()
+    system.spawn_error = FileNotFoundError(2, "No such file or directory", str(proc.log_path))
+    crash(system, proc, 60, "[ALERT] killed")
+    run_until(system, proc, State.FATAL)
+    assert proc.last_error.startswith(f"cannot open its log {proc.log_path}: the session directory")
+    assert "cannot run /usr/sbin/haproxy" not in proc.last_error
+
+
+def test_a_real_spawn_into_a_deleted_session_directory_names_the_directory(tmp_path):
+    gone = tmp_path / "sessions" / "5f0c2a9e41b7"
+    proc = ProxyProcess(
+        "inbound 5f0c2a9e shaper",
+        "shaper",
+        [sys.executable, "-m", "scistream.s2ds.shaper", "--route=a=b"],
+        gone,
+        gone / "shaper.log",
+        [str(gone / "shaper-0.sock")],
+        RealSystem(),
+    )
+    with pytest.raises(BackendFailed) as caught:
+        proc.start()
+    assert caught.value.message == (
+        f"inbound 5f0c2a9e shaper did not start: cannot open its log {gone}/shaper.log: "
+        f"the session directory {gone} is gone; release the stream and request it again"
+    )
+
+
+def test_a_missing_binary_is_still_named(system, proc):
+    system.spawn_error = FileNotFoundError(2, "No such file or directory", "/usr/sbin/haproxy")
+    with pytest.raises(BackendFailed, match=r"cannot run /usr/sbin/haproxy: No such file or directory$"):
         proc.start()
 
 
