@@ -124,8 +124,13 @@ class Backend(ABC):
         return [f"--max-conn={spec.num_conn}"]
 
     def shaper_in_front(self, role: str) -> bool:
-        """Whether the shaper takes the listener ports, with the proxy behind it."""
-        return False
+        """Whether the shaper takes the listener ports, with the proxy behind it: outbound, so
+        that it only ever sees plain data. Between an outbound proxy and the peer it would pass
+        TLS records on in pieces as small as the rate allows per wake-up, and stunnel 5.68
+        resets a connection whose records come in more than about a hundred pieces
+        ("transfer() loop executes not transferring any data"): a HAProxy outbound proxy then
+        cut the replies of a stunnel inbound one."""
+        return role == "outbound"
 
     def ready(self, spec: ProxySpec, files: SessionFiles, kind: str) -> tuple[int | str, ...]:
         """What must listen before a process of this session counts as started."""

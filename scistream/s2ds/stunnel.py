@@ -68,12 +68,6 @@ class StunnelBackend(Backend):
     def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
         return [*super().shaper_options(spec, files), f"--stats={files.shaper_stats}"]
 
-    def shaper_in_front(self, role: str) -> bool:
-        # stunnel 5.68 resets a half-closed connection whose TLS input comes in pieces ("transfer()
-        # loop executes not transferring any data"); a shaper on the TLS side cuts records into
-        # pieces, so outbound the shaper sits on the plain side.
-        return role == "outbound"
-
     def command(self, files: SessionFiles) -> list[str]:
         return [self.binary, str(files.config)]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,6 +87,9 @@ class System(Protocol):
     def sleep(self, seconds: float) -> None: ...
 
 
+_HAPROXY_TEMP = re.compile(r"\.\d+\.tmp$")
+
+
 class RealSystem:
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
         # Append: a restarted proxy's log keeps the lines that explain why it died.
@@ -139,7 +143,11 @@ class RealSystem:
         bound: set[int | str] = set()
         for c in conns:
             if c.family == socket.AF_UNIX:
-                bound.add(str(c.laddr))  # psutil gives Unix sockets no state; bind and listen come together
+                # psutil gives Unix sockets no state; bind and listen come together. HAProxy binds
+                # PATH.PID.tmp and renames it to PATH, and the kernel keeps the name of the bind.
+                path = _HAPROXY_TEMP.sub("", str(c.laddr))
+                if path == str(c.laddr) or os.path.exists(path):
+                    bound.add(path)
             elif c.status == psutil.CONN_LISTEN:
                 bound.add(c.laddr.port)
         return set(endpoints) <= bound

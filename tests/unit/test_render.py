@@ -66,6 +66,7 @@ SESSIONS = {
         num_conn=5,
         rate_bytes=rate_bytes_per_second(100_000),
         shaped=True,
+        front=True,  # as s2cs makes it: an outbound proxy's shaper is in front (Backend.shaper_in_front)
     ),
 }
 
@@ -102,18 +103,26 @@ def test_rendered_config_matches_the_golden_file(name, env):
 
 def test_inbound_listeners_demand_the_stream_certificate(env):
     text = render_session("inbound-two-listeners-rate", env)
-    for port in (5100, 5101):
+    for index, port in enumerate((5100, 5101), start=1):
         assert (
-            f"bind 0.0.0.0:{port} ssl crt {SESSION_DIR}/stream.pem ca-file {SESSION_DIR}/stream.crt "
-            "verify required"
+            f"bind 0.0.0.0:{port} id {index} ssl crt {SESSION_DIR}/stream.pem "
+            f"ca-file {SESSION_DIR}/stream.crt verify required"
         ) in text
     assert "maxconn 8" in text
 
 
 def test_outbound_proxy_verifies_the_peer_holds_the_stream_certificate(env):
     text = render_session("outbound-rate", env)
-    assert "bind 127.0.0.1:5200\n" in text
+    assert "server peer 192.0.2.7:5100 maxconn 5 ssl crt" in text
     assert "verify required verifyhost scistream-stream" in text
+
+
+def test_a_rate_limited_outbound_proxy_has_its_shaper_on_the_plain_side(env):
+    """The shaper has the listener port and passes plain data on; TLS leaves HAProxy whole."""
+    text = render_session("outbound-rate", env)
+    assert f"bind unix@{SESSION_DIR}/shaper-0.sock id 1 mode 600\n" in text
+    assert "bind 127.0.0.1:5200" not in text
+    assert "unix@" not in text.split("backend target0")[1]
 
 
 def test_a_rate_limited_session_reaches_its_targets_through_the_shaper(env):

@@ -38,7 +38,7 @@ def session_dir() -> Iterator[Path]:
 
 def stunnel_config(name: str, env: jinja2.Environment, directory: Path = SESSION_DIR) -> str:
     spec = SESSIONS[name]
-    # As s2cs makes them: an outbound stunnel has its shaper in front (StunnelBackend.shaper_in_front).
+    # As s2cs makes them: an outbound proxy has its shaper in front (Backend.shaper_in_front).
     spec = replace(spec, shaped=True, front=spec.role == "outbound")
     return render(spec, SessionFiles(directory), "stunnel.conf.j2", env)
 
