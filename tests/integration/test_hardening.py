@@ -255,9 +255,10 @@ def _send_blocks(port: int, seed: int, count: int) -> tuple[str, tuple[int, str]
     return digest.hexdigest(), (int(answer[0]), answer[1].decode())
 
 
-def test_a_flood_of_failing_handshakes_does_not_disturb_a_stream(start_s2cs, workdir):
-    hpc = start_s2cs("hpc")
-    inst = start_s2cs("instrument")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flood_of_failing_handshakes_does_not_disturb_a_stream(start_s2cs, workdir, backend):
+    hpc = start_s2cs("hpc", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
     stream = open_stream(hpc, inst, sink.port, rate=0, num_conn=2)
     port, listener = stream.port, stream.listener
@@ -337,13 +338,15 @@ def test_half_close_is_passed_on_in_both_directions(start_s2cs, rate, backend):
     assert log == ["request 300000", "answered", "after answer b''"]
 
 
-def test_connections_without_the_stream_certificate_take_no_num_conn_slot(start_s2cs, workdir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_connections_without_the_stream_certificate_take_no_num_conn_slot(start_s2cs, workdir, backend):
     """Anyone can reach a listener; only the stream's own connections count against num_conn."""
-    hpc = start_s2cs("hpc")
+    hpc = start_s2cs("hpc", backend=backend)
     sink = Sink()
     reply = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], num_conn=2, rate=0)
     listener = port_of(reply["listeners"][0])
-    squatters = [socket.create_connection(("127.0.0.1", listener), timeout=30) for _ in range(20)]
+    # Many, but fewer than the 256 places HAProxy keeps for connections in their handshake.
+    squatters = [socket.create_connection(("127.0.0.1", listener), timeout=30) for _ in range(200)]
     try:
         started = time.monotonic()
         with _tls_to_listener(reply["uid"], listener, workdir) as tls:
@@ -358,6 +361,47 @@ def test_connections_without_the_stream_certificate_take_no_num_conn_slot(start_
     finally:
         for sock in squatters:
             sock.close()
+
+
+HANDSHAKE_TIMEOUT = 10  # seconds: HAProxy's `timeout client`, stunnel's TIMEOUTbusy (docs/security.md)
+
+
+def _seconds_until_cut(sock: socket.socket, since: float) -> float:
+    """How long after `since` the listener closed or reset this connection (at most 60 s)."""
+    sock.settimeout(max(1.0, since + 60 - time.monotonic()))
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(100) == b""  # nothing is ever sent to a client that did not finish
+    return time.monotonic() - since
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_connection_that_never_completes_its_handshake_is_cut_after_10_seconds(
+    start_s2cs, workdir, backend
+):
+    hpc = start_s2cs("hpc", backend=backend)
+    sink = Sink()
+    reply = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], num_conn=2, rate=0)
+    listener = port_of(reply["listeners"][0])
+    started = time.monotonic()
+    silent = socket.create_connection(("127.0.0.1", listener), timeout=30)
+    halfway = socket.create_connection(("127.0.0.1", listener), timeout=30)
+    halfway.sendall(bytes.fromhex("160301 0200 01 0001fc 0303"))  # a ClientHello's first bytes
+    try:
+        for sock in (silent, halfway):
+            cut = _seconds_until_cut(sock, started)
+            assert HANDSHAKE_TIMEOUT - 2 < cut < HANDSHAKE_TIMEOUT + 15, cut
+        # The stream itself is unharmed: its own connection still gets through.
+        with _tls_to_listener(reply["uid"], listener, workdir) as tls:
+            tls.sendall(b"frame 1")
+            with contextlib.suppress(ssl.SSLError):
+                tls.unwrap()
+        deadline = time.monotonic() + 30
+        while not sink.results and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r.nbytes for r in sink.results] == [7]
+    finally:
+        silent.close()
+        halfway.close()
 
 
 def test_secrets_stay_private(start_s2cs):
