@@ -172,13 +172,18 @@ class S2csProcess:
         ]  # fmt: skip
 
     def start(self, timeout: float = 30.0) -> S2csProcess:
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> S2csProcess:
+        """Start it and return at once, ready or not (to catch it while it recovers)."""
         if not self.port:
             self.port = free_port(self.listener_ip)
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             env = {**os.environ, **(self.env or {})}
             self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:

@@ -139,6 +139,15 @@ def run(
         bool,
         typer.Option("--keep-streams-on-exit", help="On SIGTERM leave the proxies running, for an upgrade."),
     ] = False,
+    log_max_bytes: Annotated[
+        int,
+        typer.Option(
+            "--log-max-bytes",
+            min=1024,
+            hidden=True,  # advanced, in the operator guide
+            help="Rotate a proxy's log once it is this large; 3 earlier parts are kept. [default: 10 MiB]",
+        ),
+    ] = 10 * 1024 * 1024,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
     version: Annotated[
         bool | None,
@@ -166,6 +175,7 @@ def run(
             GlobusAuth(client_id, client_secret, auth_scope) if client_id and client_secret else NoAuth()
         )
         gateway = Gateway(settings, backend, auth)
+        gateway.supervisor.limit_logs(log_max_bytes)
         gateway.state.create()
         addresses = [ip for ip in (bind, control) if ip and not ipaddress.ip_address(ip).is_unspecified]
         crt, key, generated = server_certificate(
@@ -197,11 +207,6 @@ def run(
             "streams. Pass --client-id and --client-secret to require Globus tokens.",
             err=True,
         )
-    try:
-        gateway.start()
-    except ScistreamError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(exc.exit_status) from None
     server = ControlServer(gateway, context, host, port)
 
     def ready() -> None:
@@ -209,6 +214,9 @@ def run(
 
     try:
         asyncio.run(server.serve(ready, keep_streams_on_exit))
+    except ScistreamError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(exc.exit_status) from None
     except OSError as exc:
         gateway.close()
         typer.echo(f"error: cannot listen on {shown}: {exc.strerror}", err=True)

@@ -116,26 +116,32 @@ class ControlServer:
             writer.close()
 
     async def serve(self, on_ready: Callable[[], None], keep_streams: bool) -> None:
+        """Recover the state dir's streams, serve requests until SIGTERM or SIGINT, then stop."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_tls_errors)
         stop = asyncio.Event()
+        # Before recovery: a SIGTERM while streams are being re-adopted must still end in the
+        # stop below (everything released, or kept with --keep-streams-on-exit), not in an exit
+        # that leaves proxies and keys behind.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        server = await asyncio.start_server(
-            self._client,
-            self.host,
-            self.port,
-            ssl=self.context,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            limit=MAX_MESSAGE,
-            backlog=512,
-            reuse_address=True,
-        )
-        on_ready()
-        async with server:
-            await stop.wait()
-            log.info("stopping: %s", "leaving streams running" if keep_streams else "releasing every stream")
-            server.close()
+        await loop.run_in_executor(None, self.gateway.start)
+        if not stop.is_set():
+            server = await asyncio.start_server(
+                self._client,
+                self.host,
+                self.port,
+                ssl=self.context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                limit=MAX_MESSAGE,
+                backlog=512,
+                reuse_address=True,
+            )
+            on_ready()
+            async with server:
+                await stop.wait()
+                server.close()
+        log.info("stopping: %s", "leaving streams running" if keep_streams else "releasing every stream")
         # Requests under way finish first (those still queued are dropped): a stream being set up
         # now must be known to the gateway before it releases everything.
         await loop.run_in_executor(

@@ -1,0 +1,125 @@
+"""The gateway's start-up and its edges: what an operator's mistake or an unlucky moment must not do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from scistream.loopback import S2csProcess, Sink, proxies_of
+from scistream.s2ds.haproxy import find_binary
+
+
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def _pids(gw: S2csProcess, uid: str) -> dict[str, int]:
+    streams = gw.call("status", uid=uid)["streams"]
+    return {p["name"]: p["pid"] for s in streams for p in s["processes"]}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _fails(argv: list[str]) -> tuple[int, list[str]]:
+    """Run an s2cs that must not start: its exit status and what it printed."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    return result.returncode, (result.stdout + result.stderr).strip().splitlines()
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return {str(p.relative_to(directory)): p.read_bytes() for p in files}
+
+
+class SlowHaproxy:
+    """An HAProxy that waits a few seconds at one step (its config check, or its start), so a
+    test can act while s2cs waits for it. `slow("check")` arms it; `waiting("check")` is true once
+    a process of it has reached that step."""
+
+    SECONDS = 5
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "haproxy"
+        self.path.write_text(
+            "#!/bin/bash\n"
+            'case " $* " in *" -v "*) step=version ;; *" -c "*) step=check ;; *) step=run ;; esac\n'
+            f'if [ -e "{directory}/slow-$step" ]; then\n'
+            f'    touch "{directory}/waiting-$step"; sleep {self.SECONDS}\n'
+            "fi\n"
+            # exec -a: the proxy's command line stays the one s2cs ran (and records)
+            f'exec -a "$0" {find_binary(None)} "$@"\n'
+        )
+        self.path.chmod(0o755)
+
+    def slow(self, step: str) -> None:
+        (self.directory / f"slow-{step}").touch()
+
+    def fast(self, step: str) -> None:
+        (self.directory / f"slow-{step}").unlink(missing_ok=True)
+
+    def waiting(self, step: str) -> bool:
+        return (self.directory / f"waiting-{step}").exists()
+
+
+@pytest.fixture
+def slow_haproxy(workdir: Path) -> SlowHaproxy:
+    directory = workdir / "bin"
+    directory.mkdir()
+    return SlowHaproxy(directory)
+
+
+# --- SIGTERM while s2cs recovers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["release", "keep-streams-on-exit"])
+def test_sigterm_during_recovery_still_ends_in_a_clean_stop(start_s2cs, slow_haproxy, keep):
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit", "--haproxy-bin", str(slow_haproxy.path))
+    sink = Sink()
+    alive, gone = (
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
+        for _ in range(2)
+    )
+    alive_pid, gone_pid = _pids(hpc, alive)["proxy"], _pids(hpc, gone)["proxy"]
+    assert hpc.stop(signal.SIGTERM) == 0
+    os.kill(gone_pid, signal.SIGKILL)  # recovery writes its config again, and HAProxy checks it: slowly
+    slow_haproxy.slow("check")
+    if not keep:
+        hpc.extra = tuple(arg for arg in hpc.extra if arg != "--keep-streams-on-exit")
+    hpc.launch()
+    _wait_for(lambda: slow_haproxy.waiting("check"), what="recovery checking a config")
+
+    assert hpc.stop(signal.SIGTERM) == 0
+
+    state = json.loads((hpc.state_dir / "state.json").read_text())
+    if keep:
+        assert _alive(alive_pid)
+        assert sorted(s["uid"] for s in state["sessions"]) == sorted([alive, gone])
+        slow_haproxy.fast("check")
+        hpc.start()
+        assert _pids(hpc, alive)["proxy"] == alive_pid
+        _wait_for(lambda: hpc.call("status", uid=gone)["streams"][0]["state"] == "RUNNING", what="restart")
+    else:
+        assert not _alive(alive_pid)
+        assert proxies_of(hpc.state_dir) == []
+        assert list((hpc.state_dir / "sessions").iterdir()) == []  # no key, no config left
+        assert state["sessions"] == []
+        assert not (hpc.state_dir / "state.json.prev").exists()  # nor a UID in an old copy
