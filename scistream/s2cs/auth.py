@@ -50,7 +50,10 @@ class NoAuth:
 
 
 def default_scope(client_id: str) -> str:
-    return f"https://auth.globus.org/scopes/{client_id}/scistream"
+    """The scope this server advertises: built as `s2uc` expands a scope ID, so the two agree."""
+    from ..s2uc.scopes import scistream_scope  # loads globus-sdk: only with authentication on
+
+    return scistream_scope(client_id)
 
 
 class GlobusAuth:
@@ -59,7 +62,11 @@ class GlobusAuth:
     def __init__(self, client_id: str, client_secret: str, scope: str | None = None) -> None:
         import globus_sdk  # only servers with authentication on need it loaded
 
+        from ..s2uc.scopes import login_form
+
         self.scope = scope or default_scope(client_id)
+        # The login hint names the scope ID, as facilities hand it out and the user guide writes it.
+        self._login = f"s2uc login --scope {login_form(self.scope)}"
         self._client = globus_sdk.ConfidentialAppAuthClient(client_id, client_secret)
         self._api_error = globus_sdk.GlobusAPIError
         self._network_error = globus_sdk.NetworkError
@@ -67,7 +74,7 @@ class GlobusAuth:
         self._lock = threading.Lock()
 
     def identify(self, token: str | None) -> Identity | None:
-        login = f"s2uc login --scope {self.scope}"
+        login = self._login
         if not token:
             raise Unauthenticated(f"this server requires a Globus login: {login}")
         key = hashlib.sha256(token.encode()).hexdigest()  # no token kept in memory longer than needed

@@ -54,7 +54,10 @@ ServerCert = Annotated[
     typer.Option("--server_cert", "--server-cert", help="Certificate of the S2CS (PEM), from its operator."),
 ]
 Scope = Annotated[
-    str | None, typer.Option("--scope", help="Globus Auth scope of the S2CS, for secured endpoints.")
+    str | None,
+    typer.Option(
+        "--scope", help="Scope ID (or full scope) of the S2CS, for secured endpoints: send its token."
+    ),
 ]
 NumConn = Annotated[
     int,
@@ -98,12 +101,19 @@ def _fail(exc: ScistreamError, server: Server | None = None) -> NoReturn:
     raise typer.Exit(exc.exit_status) from None
 
 
+def _expand(scope: str) -> str:
+    from .scopes import expand  # loads globus-sdk: only commands given a scope pay for it
+
+    return expand(scope)
+
+
 def _run(server_text: str, server_cert: Path, scope: str | None, body: Callable[[Connection], None]) -> None:
     """Run one command against one S2CS; turn its failure into one line and an exit status."""
     server: Server | None = None
     try:
+        named = _expand(scope) if scope is not None else None
         server = parse_server(server_text)
-        body(Connection(server, tls_context(server_cert), scope))
+        body(Connection(server, tls_context(server_cert), named))
     except ScistreamError as exc:
         _fail(exc, server)
 
@@ -324,7 +334,10 @@ def info(
 
 def login(
     scope: Annotated[
-        str, typer.Option("--scope", help="Globus Auth scope of the S2CS (its `s2uc info` shows it).")
+        str,
+        typer.Option(
+            "--scope", help="Scope ID of the S2CS, from its operators, or the full scope `s2uc info` shows."
+        ),
     ],
 ) -> None:
     """Log in with Globus for a secured S2CS; the tokens are kept in ~/.scistream/tokens.json."""
@@ -336,6 +349,7 @@ def login(
         return code
 
     try:
+        scope = _expand(scope)
         store = TokenStore()
         found = store.login(scope, ask)
     except ScistreamError as exc:
@@ -345,16 +359,19 @@ def login(
 
 
 def check_auth(
-    scope: Annotated[str, typer.Option("--scope", help="The scope to check.")],
+    scope: Annotated[str, typer.Option("--scope", help="The scope ID (or full scope) to check.")],
     show_token: Annotated[bool, typer.Option("--show-token", help="Also print the access token.")] = False,
 ) -> None:
     """Tell whether a valid token for a scope is stored (exit 0) or not (exit 4)."""
+    from .scopes import login_form
+
     try:
+        scope = _expand(scope)
         found = TokenStore().find(scope)
     except ScistreamError as exc:
         _fail(exc)
     if found is None:
-        typer.echo(f"Not logged in for {scope}: run s2uc login --scope {scope}", err=True)
+        typer.echo(f"Not logged in for {scope}: run s2uc login --scope {login_form(scope)}", err=True)
         raise typer.Exit(ExitStatus.AUTH)
     who = f" as {found.identity}" if found.identity else ""
     typer.echo(f"Logged in{who} for {scope}; the token is valid until {found.until}.")
@@ -364,11 +381,12 @@ def check_auth(
 
 def logout(
     scope: Annotated[
-        str | None, typer.Option("--scope", help="Only this scope. [default: every scope]")
+        str | None, typer.Option("--scope", help="Only this scope (ID or full). [default: every scope]")
     ] = None,
 ) -> None:
     """Revoke stored tokens at Globus Auth and delete them."""
     try:
+        scope = _expand(scope) if scope is not None else None
         store = TokenStore()
         gone = store.logout(scope)
     except ScistreamError as exc:

@@ -130,9 +130,12 @@ class Connection:
         from .tokens import token_for
 
         if self.scope:
+            from .scopes import login_form
+
             token = token_for(self.scope)
             if token is None:
-                raise Unauthenticated(f"not logged in for {self.scope}: s2uc login --scope {self.scope}")
+                hint = f"s2uc login --scope {login_form(self.scope)}"
+                raise Unauthenticated(f"not logged in for {self.scope}: {hint}")
             return call(self.server, self.context, op, token, **fields)
         try:
             return call(self.server, self.context, op, None, **fields)

@@ -114,7 +114,7 @@ def test_a_secured_s2cs_serves_logged_in_users_and_keeps_their_streams_apart(sta
 
     refused = s2uc(*request, env=alice, check=False)
     assert refused.returncode == 4
-    assert f"s2uc login --scope {SCOPE}" in refused.stderr  # tells the user what to do
+    assert f"s2uc login --scope {S2CS_ID}" in refused.stderr  # tells the user what to do, as the guide does
 
     login(globus, alice, "alice")
     uid = field(s2uc(*request, "--scope", SCOPE, env=alice).stdout, "UID")
@@ -138,6 +138,24 @@ def test_a_secured_s2cs_serves_logged_in_users_and_keeps_their_streams_apart(sta
     assert after.returncode == 4
 
 
+def test_login_with_the_scope_id_of_the_user_guide_serves_requests(start_s2cs, globus, workdir):
+    """5.6 as written: `s2uc login --scope YOUR_SCOPE_ID`, the ID a facility hands out."""
+    hpc = secured_s2cs(start_s2cs, globus)
+    env = user_env(globus, workdir, "alice")
+    sink = Sink()
+    server = ["--s2cs", hpc.address, "--server_cert", str(hpc.cert)]
+    request = ["inbound_request", *server, "--remote_ip", "127.0.0.1", "--receiver_ports", str(sink.port)]
+
+    out = login(globus, env, "alice", scope=S2CS_ID.upper())  # as copied, in whatever case
+    assert f"for {SCOPE}" in out  # what the ID stands for
+    assert f"for {SCOPE}" in s2uc("check-auth", "--scope", S2CS_ID, env=env).stdout
+    uid = field(s2uc(*request, "--scope", S2CS_ID, env=env).stdout, "UID")
+    s2uc("release", uid, *server, "--scope", S2CS_ID, env=env)
+    # The full scope string names the same login.
+    assert s2uc("check-auth", "--scope", SCOPE, env=env).returncode == 0
+    assert "1 login(s) revoked" in s2uc("logout", "--scope", S2CS_ID, env=env).stdout
+
+
 def test_a_token_for_another_scope_is_refused(start_s2cs, globus, workdir):
     hpc = secured_s2cs(start_s2cs, globus)
     env = user_env(globus, workdir, "alice")
@@ -157,6 +175,7 @@ def test_a_token_for_another_scope_is_refused(start_s2cs, globus, workdir):
         check=False,
     )
     assert result.returncode == 4 and "not for this server's scope" in result.stderr
+    assert f"s2uc login --scope {S2CS_ID} " in result.stderr  # the ID, as the facility hands it out
 
 
 def test_half_configured_authentication_is_refused_at_start(workdir):
