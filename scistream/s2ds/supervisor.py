@@ -7,6 +7,7 @@ Lifecycle (as in Supervisor's process.py):
 
 RUNNING only once every listener port is listening. A FATAL proxy keeps its ports reserved until
 the session is released, and keeps the last lines of its log as the reason.
+The log of a running process is bounded: rotated by size, a few parts kept (`LogBound`).
 Everything touching the OS goes through `System`, so the state machine runs under a fake clock in
 the unit tests.
 """
@@ -16,8 +17,11 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
+import shutil
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendFailed
@@ -32,6 +36,13 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 8.0
 STOP_GRACE = 5.0
 TICK = 0.2
+# HAProxy logs every connection (option tcplog), stunnel and the shaper log too: once a process's
+# log reaches LOG_MAX_BYTES it is copied to LOG.1 (LOG.1 to LOG.2, ...) and emptied, and the
+# oldest of LOG_KEEP parts is dropped. Each process of a session keeps at most
+# (1 + LOG_KEEP) x LOG_MAX_BYTES of log, 40 MiB, and what it writes in one TICK.
+# `s2cs --log-max-bytes` sets the size.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_KEEP = 3
 
 
 class State(enum.StrEnum):
@@ -43,8 +54,59 @@ class State(enum.StrEnum):
     STOPPED = "STOPPED"
 
 
-def log_tail(path: Path, lines: int = 5, limit: int = 16384) -> str:
-    """The last lines a proxy wrote: its own words for why it failed."""
+@dataclass(frozen=True)
+class LogBound:
+    """How large the log of a process may grow, and how many rotated parts of it are kept."""
+
+    max_bytes: int = LOG_MAX_BYTES
+    keep: int = LOG_KEEP
+
+    def due(self, size: int) -> bool:
+        return size >= self.max_bytes
+
+    def renames(self, log: Path) -> list[tuple[Path, Path]]:
+        """What makes room for a new LOG.1, in order: LOG.2 -> LOG.3, then LOG.1 -> LOG.2."""
+        return [(rotated(log, i), rotated(log, i + 1)) for i in range(self.keep - 1, 0, -1)]
+
+
+DEFAULT_LOGS = LogBound()
+
+
+def rotated(log: Path, index: int) -> Path:
+    return log.with_name(f"{log.name}.{index}")
+
+
+def rotate_log(log: Path, bound: LogBound) -> bool:
+    """Copy a log that reached its bound to LOG.1 and empty it; True if it did.
+
+    The process goes on writing to the descriptor RealSystem.spawn gave it, which is O_APPEND:
+    after the truncation its next line lands at the start of the emptied file, so no restart is
+    needed (logrotate's copytruncate). Only a line written between the end of the copy and the
+    truncation, microseconds, can be lost. If the copy fails (a full disk) the log is left whole
+    and the OSError raised."""
+    try:
+        size = log.stat().st_size
+    except FileNotFoundError:
+        return False
+    if not bound.due(size):
+        return False
+    part = log.with_name(f".{log.name}.rotating")
+    try:
+        with open(log, "rb") as source, open(part, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)  # up to the end, lines written meanwhile too
+            copy.flush()
+            os.truncate(log, 0)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    for older, newer in bound.renames(log):
+        if older.exists():
+            os.replace(older, newer)
+    os.replace(part, rotated(log, 1))
+    return True
+
+
+def _last_lines(path: Path, limit: int) -> list[str]:
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -52,9 +114,17 @@ def log_tail(path: Path, lines: int = 5, limit: int = 16384) -> str:
             f.seek(max(0, size - limit))
             text = f.read().decode("utf-8", "replace")
     except OSError:
-        return ""
+        return []
     # HAProxy opens every run with NOTICE lines on its version and path: not the reason.
-    kept = [line.strip() for line in text.splitlines() if line.strip() and "[NOTICE]" not in line]
+    return [line.strip() for line in text.splitlines() if line.strip() and "[NOTICE]" not in line]
+
+
+def log_tail(path: Path, lines: int = 5, limit: int = 16384) -> str:
+    """The last lines a proxy wrote: its own words for why it failed, also when its log was
+    rotated just before (then they are at the end of LOG.1)."""
+    kept = _last_lines(path, limit)
+    if len(kept) < lines:
+        kept = _last_lines(rotated(path, 1), limit) + kept
     return "\n".join(kept[-lines:])
 
 
@@ -100,6 +170,7 @@ class ProxyProcess:
         self._running_since = 0.0
         self._deadline = 0.0
         self._next_start = 0.0
+        self._rotation_failed = False
         self.lock = threading.RLock()
 
     # --- what s2cs asks for ----------------------------------------------------------------------
@@ -158,18 +229,30 @@ class ProxyProcess:
 
     # --- what the supervisor does ----------------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self, logs: LogBound = DEFAULT_LOGS) -> None:
         if not self.lock.acquire(blocking=False):
             return  # a request is starting or stopping it right now
         try:
             if self.state == State.RUNNING:
                 self._check_running()
+                if self.state == State.RUNNING:  # not one that just died: its log holds why
+                    self._rotate(logs)
             elif self.state == State.BACKOFF and self.system.now() >= self._next_start:
                 self._spawn(first=False)
             elif self.state == State.STARTING:
                 self._check_starting(first=False)
         finally:
             self.lock.release()
+
+    def _rotate(self, logs: LogBound) -> None:
+        try:
+            rotate_log(self.log_path, logs)
+        except OSError as exc:
+            if not self._rotation_failed:  # once, not at every tick
+                log.warning("%s: cannot rotate its log %s: %s", self.name, self.log_path, exc.strerror or exc)
+            self._rotation_failed = True
+        else:
+            self._rotation_failed = False
 
     # --- transitions -----------------------------------------------------------------------------
 
@@ -245,12 +328,17 @@ class ProxyProcess:
 class Supervisor:
     """One thread that ticks every proxy: restarts the dead ones, notices the ready ones."""
 
-    def __init__(self, interval: float = TICK) -> None:
+    def __init__(self, interval: float = TICK, logs: LogBound = DEFAULT_LOGS) -> None:
         self.interval = interval
+        self.logs = logs
         self._procs: dict[int, ProxyProcess] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+
+    def limit_logs(self, max_bytes: int) -> None:
+        """Rotate the logs at `max_bytes` instead of LOG_MAX_BYTES (s2cs --log-max-bytes)."""
+        self.logs = LogBound(max_bytes, self.logs.keep)
 
     def add(self, proc: ProxyProcess) -> None:
         with self._lock:
@@ -274,6 +362,6 @@ class Supervisor:
                 procs = list(self._procs.values())
             for proc in procs:
                 try:
-                    proc.tick()
+                    proc.tick(self.logs)
                 except Exception:
                     log.exception("%s: supervision failed", proc.name)

@@ -18,7 +18,7 @@ import pytest
 
 from scistream.errors import BackendFailed
 from scistream.s2ds import supervisor
-from scistream.s2ds.supervisor import ProxyProcess, State, log_tail
+from scistream.s2ds.supervisor import LogBound, ProxyProcess, State, log_tail
 from scistream.s2ds.system import RealSystem
 
 
@@ -451,3 +451,111 @@ def test_log_tail_survives_bytes_that_are_not_utf8(tmp_path):
     log = tmp_path / "proxy.log"
     log.write_bytes(b"[ALERT] bad \xff byte\n")
     assert log_tail(log) == "[ALERT] bad \ufffd byte"
+
+
+# --- bounded logs --------------------------------------------------------------------------------
+
+SMALL = LogBound(max_bytes=1000, keep=3)
+
+
+def test_the_renames_of_a_rotation_go_from_the_oldest_part_to_the_newest():
+    log = Path("/state/sessions/5f0c2a9e41b7/proxy.log")
+    assert SMALL.renames(log) == [
+        (Path(f"{log}.2"), Path(f"{log}.3")),
+        (Path(f"{log}.1"), Path(f"{log}.2")),
+    ]
+    assert LogBound(max_bytes=1000, keep=1).renames(log) == []
+
+
+def test_a_log_is_due_for_rotation_once_it_reaches_its_bound():
+    assert not SMALL.due(999)
+    assert SMALL.due(1000)
+    assert supervisor.LogBound().max_bytes == 10 * 1024 * 1024
+    assert supervisor.LogBound().keep == 3
+
+
+def test_a_log_below_its_bound_is_left_alone(system, proc):
+    proc.start()
+    write_log(proc.log_path, "x" * 900)
+    proc.tick(SMALL)
+    assert proc.log_path.stat().st_size == 901
+    assert not Path(f"{proc.log_path}.1").exists()
+
+
+def test_a_growing_log_keeps_its_newest_parts_and_drops_the_oldest(system, proc):
+    proc.start()
+    for generation in range(1, 7):
+        write_log(proc.log_path, f"generation {generation} " + "x" * 1000)
+        system.sleep(supervisor.TICK)
+        proc.tick(SMALL)
+        assert proc.log_path.stat().st_size == 0
+    parts = sorted(p.name for p in proc.log_path.parent.iterdir() if p.name.startswith("proxy.log"))
+    assert parts == ["proxy.log", "proxy.log.1", "proxy.log.2", "proxy.log.3"]
+    for index, generation in ((1, 6), (2, 5), (3, 4)):
+        assert Path(f"{proc.log_path}.{index}").read_text().startswith(f"generation {generation} ")
+    assert proc.state == State.RUNNING  # nothing else changed
+
+
+def test_a_process_writing_to_its_log_goes_on_writing_after_a_rotation(tmp_path):
+    """As RealSystem.spawn hands it over: O_APPEND. After the truncation the next line lands at
+    the start of the empty file, not at the old offset (which would leave a sparse file as large
+    as before)."""
+    log = tmp_path / "proxy.log"
+    with open(log, "ab", buffering=0) as proxy:
+        proxy.write(b"old line\n" * 200)
+        assert supervisor.rotate_log(log, SMALL)
+        proxy.write(b"new line\n")
+    assert log.read_bytes() == b"new line\n"
+    assert Path(f"{log}.1").read_bytes() == b"old line\n" * 200
+
+
+def test_a_log_that_cannot_be_copied_is_left_whole_and_said_once(system, proc, monkeypatch, caplog):
+    proc.start()
+    write_log(proc.log_path, "x" * 2000)
+
+    def disk_full(src, dst, length=0):
+        dst.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(supervisor.shutil, "copyfileobj", disk_full)
+    for _ in range(5):
+        system.sleep(supervisor.TICK)
+        proc.tick(SMALL)
+    assert proc.log_path.stat().st_size == 2001  # nothing lost
+    assert sorted(p.name for p in proc.log_path.parent.iterdir()) == ["proxy.log"]  # no partial copy
+    warnings = [r.getMessage() for r in caplog.records if "cannot rotate" in r.getMessage()]
+    assert warnings == [
+        f"inbound 5f0c2a9e proxy: cannot rotate its log {proc.log_path}: No space left on device"
+    ]
+    assert proc.state == State.RUNNING
+
+
+def test_the_last_words_of_a_proxy_survive_a_rotation_just_before_it_died(system, proc):
+    proc.start()
+    write_log(proc.log_path, "x" * 990, "[ALERT] (1) : out of memory, exiting")
+    proc.tick(SMALL)  # rotated while the proxy was still on its way out
+    assert proc.log_path.stat().st_size == 0
+    crash(system, proc, 0.1)
+    proc.tick(SMALL)
+    assert proc.state == State.BACKOFF
+    assert proc.last_error.endswith("[ALERT] (1) : out of memory, exiting")
+
+
+def test_a_log_is_not_rotated_while_nothing_runs(system, proc):
+    proc.start()
+    crash(system, proc, 60, "x" * 2000, "[ALERT] the reason")
+    proc.tick(SMALL)
+    assert proc.state == State.BACKOFF
+    assert not Path(f"{proc.log_path}.1").exists()
+
+
+def test_a_restarted_process_appends_to_its_log(tmp_path):
+    """The lines that explain why a proxy died are still there after it was started again."""
+    log = tmp_path / "proxy.log"
+    real = RealSystem()
+    for run in (1, 2):
+        handle = real.spawn([sys.executable, "-c", f"print('run {run}: bye')"], tmp_path, log)
+        deadline = real.now() + 30
+        while handle.poll() is None and real.now() < deadline:
+            real.sleep(0.02)
+    assert log.read_text() == "run 1: bye\nrun 2: bye\n"
