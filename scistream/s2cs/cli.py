@@ -176,7 +176,7 @@ def run(
         )
         gateway = Gateway(settings, backend, auth)
         gateway.supervisor.limit_logs(log_max_bytes)
-        gateway.state.create()
+        gateway.state.open()  # before anything else touches the state dir
         addresses = [ip for ip in (bind, control) if ip and not ipaddress.ip_address(ip).is_unspecified]
         crt, key, generated = server_certificate(
             server_crt, server_key, gateway.state.path, listener_ip, *addresses
@@ -214,13 +214,9 @@ def run(
 
     try:
         asyncio.run(server.serve(ready, keep_streams_on_exit))
-    except ScistreamError as exc:
+    except ScistreamError as exc:  # the control port is taken, or state.json cannot be used
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exc.exit_status) from None
-    except OSError as exc:
-        gateway.close()
-        typer.echo(f"error: cannot listen on {shown}: {exc.strerror}", err=True)
-        raise typer.Exit(1) from None
 
 
 def _raise_fd_limit() -> None:

@@ -113,7 +113,7 @@ class Gateway:
     # --- life of the server ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.state.create()
+        """Recover the streams of the state dir and supervise them; `state.open()` came first."""
         self.recover()
         self.supervisor.start()
 

@@ -27,6 +27,7 @@ from ..protocol import (
     decode_request,
     encode,
     error,
+    hostport,
 )
 from .gateway import Gateway
 
@@ -115,8 +116,13 @@ class ControlServer:
             self._clients -= 1
             writer.close()
 
+    @property
+    def where(self) -> str:
+        return hostport(self.host, self.port) if self.host else f"port {self.port} of every interface"
+
     async def serve(self, on_ready: Callable[[], None], keep_streams: bool) -> None:
-        """Recover the state dir's streams, serve requests until SIGTERM or SIGINT, then stop."""
+        """Take the control port, recover the state dir's streams, serve requests until SIGTERM
+        or SIGINT, then stop."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_tls_errors)
         stop = asyncio.Event()
@@ -125,8 +131,9 @@ class ControlServer:
         # that leaves proxies and keys behind.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await loop.run_in_executor(None, self.gateway.start)
-        if not stop.is_set():
+        # The port too: an s2cs that cannot listen must fail before it adopts any stream, or its
+        # failed start would end streams it did not make.
+        try:
             server = await asyncio.start_server(
                 self._client,
                 self.host,
@@ -136,11 +143,22 @@ class ControlServer:
                 limit=MAX_MESSAGE,
                 backlog=512,
                 reuse_address=True,
+                start_serving=False,
             )
-            on_ready()
-            async with server:
+        except OSError as exc:
+            raise ScistreamError(f"cannot listen on {self.where}: {exc.strerror or exc}") from None
+        async with server:
+            try:
+                await loop.run_in_executor(None, self.gateway.start)
+            except BaseException:
+                # The streams adopted so far belong to an earlier s2cs: leave them to the next.
+                await loop.run_in_executor(None, self.gateway.close, True)
+                raise
+            if not stop.is_set():
+                await server.start_serving()
+                on_ready()
                 await stop.wait()
-                server.close()
+            server.close()
         log.info("stopping: %s", "leaving streams running" if keep_streams else "releasing every stream")
         # Requests under way finish first (those still queued are dropped): a stream being set up
         # now must be known to the gateway before it releases everything.

@@ -1,6 +1,7 @@
 """The state dir: sessions persisted with atomic writes, so a restarted s2cs finds its streams.
 
 Layout of `--state-dir` (mode 0700):
+    s2cs.lock             held (flock) by the one s2cs that uses this state dir; names its pid
     state.json            every session, with its proxy's pid, start time and command line
     server.crt/.key       the control-plane certificate, when s2cs generated it
     sessions/<sid>/       one directory per session: config, stream key and certificate, log, socket
@@ -8,6 +9,7 @@ Layout of `--state-dir` (mode 0700):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -37,12 +39,52 @@ class StateDir:
             )
         self.sessions = self.path / "sessions"
         self.file = self.path / "state.json"
+        self.lock_file = self.path / "s2cs.lock"
+        self._lock_fd: int | None = None
 
-    def create(self) -> None:
-        self.sessions.mkdir(parents=True, exist_ok=True)
+    def open(self) -> None:
+        """Hold the state dir for the life of this process, then create what it lacks.
+
+        The lock comes before anything else is read or written here: a second s2cs started on
+        the same state dir by mistake changes nothing, and the streams of the first run on.
+        """
         # Session keys are the streams' secrets: nobody else may list or read this tree.
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock()
+        self.sessions.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.path, 0o700)
         os.chmod(self.sessions, 0o700)
+
+    def _lock(self) -> None:
+        try:
+            # Not truncated on open: until the lock is ours, the pid in it is the holder's.
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open {self.lock_file}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"s2cs pid {holder}" if holder.isdigit() else "another s2cs"
+            raise ConfigError(
+                f"state dir {self.path} is in use by {who}; stop that one first, "
+                "or give this one a --state-dir of its own"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"cannot lock {self.lock_file}: {exc.strerror}") from exc
+        # The lock is the flock, held as long as this descriptor is open (until s2cs exits, even
+        # by SIGKILL); the pid is only there to tell a second s2cs whom to look for.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Let go of the state dir (s2cs is done with it)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the last descriptor drops the flock
+            self._lock_fd = None
 
     def session_dir(self, sid: str) -> Path:
         return self.sessions / sid

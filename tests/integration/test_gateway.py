@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import psutil
 import pytest
 
-from scistream.loopback import S2csProcess, Sink, proxies_of
+from scistream.loopback import S2csProcess, Sink, free_port, proxies_of, send
 from scistream.s2ds.haproxy import find_binary
+
+from .conftest import open_stream
 
 
 def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
@@ -85,6 +89,53 @@ def slow_haproxy(workdir: Path) -> SlowHaproxy:
     directory = workdir / "bin"
     directory.mkdir()
     return SlowHaproxy(directory)
+
+
+# --- one state dir, one s2cs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("port", ["the same port", "another port"])
+def test_a_second_s2cs_on_the_same_state_dir_exits_and_touches_nothing(start_s2cs, port):
+    hpc = start_s2cs("hpc")
+    inst = start_s2cs("instrument")
+    sink = Sink()
+    uid, _, data_port = astuple(open_stream(hpc, inst, sink.port))
+    pids = _pids(hpc, uid)
+    before = _contents(hpc.state_dir)
+
+    second = S2csProcess("again", hpc.state_dir, hpc.port_range, hpc.extra)
+    second.port = hpc.port if port == "the same port" else free_port()
+    status, output = _fails(second.argv())
+
+    assert status != 0
+    assert len(output) == 1, output
+    assert output[0].startswith("error: ") and f"pid {hpc.proc.pid}" in output[0], output
+    assert _contents(hpc.state_dir) == before  # not a file written, deleted or changed
+    assert _pids(hpc, uid) == pids
+    assert hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING"
+    data = os.urandom(1 << 20)
+    assert send(("127.0.0.1", data_port), data) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_a_busy_control_port_fails_before_any_stream_is_adopted(start_s2cs):
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit")
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    pids = _pids(hpc, uid)
+    assert hpc.stop(signal.SIGTERM) == 0  # the streams stay, for the next s2cs
+    other = start_s2cs("other")
+
+    hpc.port = other.port  # the operator starts it again on a port another s2cs holds
+    status, output = _fails(hpc.argv())
+
+    assert status == 1
+    assert output[-1].startswith(f"error: cannot listen on port {other.port}"), output
+    assert not any("Traceback" in line for line in output), output
+    assert all(_alive(pid) for pid in pids.values()), "a failed start stopped streams it had not made"
+    hpc.port = free_port()
+    hpc.start()
+    assert _pids(hpc, uid) == pids
+    assert hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING"
 
 
 # --- SIGTERM while s2cs recovers ----------------------------------------------------------------
