@@ -15,10 +15,10 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from .. import __version__
-from ..errors import ExitStatus, ScistreamError
+from ..errors import ExitStatus, ScistreamError, Unauthenticated
 from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
 from .client import Connection, Server, parse_server, tls_context
-from .tokens import TokenStore
+from .tokens import TokenStore, registered_client_id
 
 app = typer.Typer(
     add_completion=False,
@@ -340,15 +340,24 @@ def login(
         ),
     ],
 ) -> None:
-    """Log in with Globus for a secured S2CS; the tokens are kept in ~/.scistream/tokens.json."""
+    """Log in with Globus for a secured S2CS; the tokens are kept in ~/.scistream/tokens.json.
+
+    Needs SCISTREAM_CLIENT_ID: the id of the Globus native-app client your facility registered
+    (the one built into s2uc is a placeholder until the project registers its own).
+    """
 
     def ask(url: str) -> str:
         typer.echo("Open this address in a browser, log in, then paste the authorization code here:")
         typer.echo(f"\n  {url}\n")
-        code: str = typer.prompt("Authorization code")
+        try:
+            code: str = typer.prompt("Authorization code")
+        except typer.Abort:  # Ctrl-C or the end of the input: click would say only "Aborted!"
+            typer.echo()  # end the prompt's line
+            raise Unauthenticated("login aborted: no authorization code pasted; nothing changed") from None
         return code
 
     try:
+        registered_client_id()
         scope = _expand(scope)
         store = TokenStore()
         found = store.login(scope, ask)

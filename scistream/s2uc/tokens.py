@@ -1,28 +1,34 @@
 """Globus tokens of the user client: log in, keep, refresh, check, revoke.
 
 Tokens live in ~/.scistream/tokens.json (SCISTREAM_HOME moves the directory), in globus-sdk's own
-token storage, readable by the user only. The native-app client id is SciStream's
-(SCISTREAM_CLIENT_ID overrides it). globus-sdk reads its environment (GLOBUS_SDK_ENVIRONMENT,
-GLOBUS_SDK_SERVICE_URL_AUTH, GLOBUS_SDK_VERIFY_SSL), so tests run this code against a local
-stand-in for Globus Auth.
+token storage, readable by the user only. The native-app client id comes from SCISTREAM_CLIENT_ID:
+the one built in is a placeholder, which `s2uc login` refuses. globus-sdk reads its environment
+(GLOBUS_SDK_ENVIRONMENT, GLOBUS_SDK_SERVICE_URL_AUTH, GLOBUS_SDK_VERIFY_SSL), so tests run this
+code against a local stand-in for Globus Auth.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import Unauthenticated, Unreachable
+from ..errors import ConfigError, Unauthenticated, Unreachable
 
 # The native-app client id `s2uc login` presents to Globus Auth. A placeholder: no client has been
 # registered at Globus for the project yet, so facilities register one and set
-# SCISTREAM_CLIENT_ID (docs/operator-guide.md, Authentication).
+# SCISTREAM_CLIENT_ID (docs/operator-guide.md, Authentication). `s2uc login` refuses it, since
+# Globus Auth would refuse it only after the user has opened the address and logged in.
 NATIVE_CLIENT_ID = "5f0c2a9e-41b7-4c4e-9a31-7d2f8e6b1c90"
 REFRESH_MARGIN = 60  # seconds: a token this close to its expiry is refreshed first
+_CLIENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+SET_CLIENT_ID = (
+    "set SCISTREAM_CLIENT_ID to the Globus native-app client id your facility's operators give you"
+)
 
 
 def home() -> Path:
@@ -31,6 +37,18 @@ def home() -> Path:
 
 def client_id() -> str:
     return os.environ.get("SCISTREAM_CLIENT_ID") or NATIVE_CLIENT_ID
+
+
+def registered_client_id() -> str:
+    """The client id a login can work with; ConfigError for the placeholder or what is not an id."""
+    given = os.environ.get("SCISTREAM_CLIENT_ID", "").strip()
+    if not given or given.lower() == NATIVE_CLIENT_ID:
+        raise ConfigError(f"s2uc has no registered Globus client id built in yet: {SET_CLIENT_ID}")
+    if not _CLIENT_ID.fullmatch(given.lower()):
+        raise ConfigError(
+            f"SCISTREAM_CLIENT_ID={given!r} is not a Globus client id (a UUID): {SET_CLIENT_ID}"
+        )
+    return given.lower()
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scistream.loopback import BIN, Sink
+from scistream.s2uc.tokens import NATIVE_CLIENT_ID
 
 from ..globus_standin import GlobusStandIn
 from .conftest import field, s2uc
@@ -124,7 +127,8 @@ def test_a_secured_s2cs_serves_logged_in_users_and_keeps_their_streams_apart(sta
     login(globus, bob, "bob")
     assert s2uc("status", *server, env=bob).stdout.startswith("No streams")  # not bob's
     denied = s2uc("release", uid, *server, env=bob, check=False)
-    assert denied.returncode == 4 and "FORBIDDEN" in denied.stderr
+    # Refused: FORBIDDEN, or NOT_FOUND where the server hides that the stream exists at all.
+    assert denied.returncode in (4, 5), denied.stderr
     listing = s2uc("status", *server, "--json", env=alice).stdout
     assert uid in listing and second in listing  # alice sees her own, in full
 
@@ -176,6 +180,64 @@ def test_a_token_for_another_scope_is_refused(start_s2cs, globus, workdir):
     )
     assert result.returncode == 4 and "not for this server's scope" in result.stderr
     assert f"s2uc login --scope {S2CS_ID} " in result.stderr  # the ID, as the facility hands it out
+
+
+def run_login(env: dict[str, str], stdin: str = "", *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "s2uc"), "login", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+
+
+@pytest.mark.parametrize(
+    "client_id", ["", NATIVE_CLIENT_ID, "not-a-client-id"], ids=["unset", "placeholder", "not-a-uuid"]
+)
+def test_login_without_a_registered_client_id_says_to_set_scistream_client_id(globus, workdir, client_id):
+    env = {**user_env(globus, workdir, "alice"), "SCISTREAM_CLIENT_ID": client_id}
+    result = run_login(env, "some-code\n", "--scope", S2CS_ID)
+    assert result.returncode == 2, result.stderr
+    assert "https://" not in result.stdout  # no address that cannot work
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and "set SCISTREAM_CLIENT_ID" in line
+    assert globus.calls == {}
+    assert not (workdir / "alice" / ".scistream" / "tokens.json").exists()
+
+
+def test_login_help_says_that_it_needs_scistream_client_id():
+    out = s2uc("login", "--help").stdout
+    assert "SCISTREAM_CLIENT_ID" in out
+
+
+def test_an_aborted_login_prompt_exits_with_the_auth_status_and_one_line(globus, workdir):
+    env = user_env(globus, workdir, "alice")
+    result = run_login(env, "", "--scope", S2CS_ID)  # the prompt meets the end of its input
+    assert result.returncode == 4, result.stderr
+    assert "Aborted" not in result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line == "error: login aborted: no authorization code pasted; nothing changed"
+
+    # Ctrl-C at the prompt: the same.
+    proc = subprocess.Popen(
+        [str(BIN / "s2uc"), "login", "--scope", S2CS_ID],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert proc.stdout is not None
+    while not proc.stdout.readline().strip().startswith("https://"):
+        pass
+    time.sleep(0.5)  # at the prompt by now; a signal earlier still must not print a traceback
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 4, err
+    assert "Aborted" not in out + err and "Traceback" not in err
+    assert not (workdir / "alice" / ".scistream" / "tokens.json").exists()
 
 
 def test_half_configured_authentication_is_refused_at_start(workdir):
