@@ -76,20 +76,14 @@ def rotated(log: Path, index: int) -> Path:
     return log.with_name(f"{log.name}.{index}")
 
 
-def rotate_log(log: Path, bound: LogBound) -> bool:
-    """Copy a log that reached its bound to LOG.1 and empty it; True if it did.
+def rotate_log(log: Path, bound: LogBound) -> None:
+    """Copy a log to LOG.1 (LOG.1 to LOG.2, ...) and empty it.
 
-    The process goes on writing to the descriptor RealSystem.spawn gave it, which is O_APPEND:
-    after the truncation its next line lands at the start of the emptied file, so no restart is
-    needed (logrotate's copytruncate). Only a line written between the end of the copy and the
-    truncation, microseconds, can be lost. If the copy fails (a full disk) the log is left whole
-    and the OSError raised."""
-    try:
-        size = log.stat().st_size
-    except FileNotFoundError:
-        return False
-    if not bound.due(size):
-        return False
+    The process goes on writing to the descriptor RealSystem.spawn gave it, which must append
+    (System.keep_appending): after the truncation its next line lands at the start of the emptied
+    file, so no restart is needed (logrotate's copytruncate). Only a line written between the end
+    of the copy and the truncation, microseconds, can be lost. If the copy fails (a full disk)
+    the log is left whole and the OSError raised."""
     part = log.with_name(f".{log.name}.rotating")
     try:
         with open(log, "rb") as source, open(part, "wb") as copy:
@@ -103,7 +97,6 @@ def rotate_log(log: Path, bound: LogBound) -> bool:
         if older.exists():
             os.replace(older, newer)
     os.replace(part, rotated(log, 1))
-    return True
 
 
 def _last_lines(path: Path, limit: int) -> list[str]:
@@ -170,7 +163,7 @@ class ProxyProcess:
         self._running_since = 0.0
         self._deadline = 0.0
         self._next_start = 0.0
-        self._rotation_failed = False
+        self._rotation_problem = ""  # why its log could not be rotated at the last tick
         self.lock = threading.RLock()
 
     # --- what s2cs asks for ----------------------------------------------------------------------
@@ -245,14 +238,24 @@ class ProxyProcess:
             self.lock.release()
 
     def _rotate(self, logs: LogBound) -> None:
+        """Rotate its log once it reached its bound; say why not, once, when it cannot be."""
+        problem = ""
         try:
-            rotate_log(self.log_path, logs)
+            if self.handle is not None and logs.due(self.log_path.stat().st_size):
+                if self.system.keep_appending(self.handle):
+                    rotate_log(self.log_path, logs)
+                else:
+                    problem = (
+                        "its descriptor no longer appends, and this s2cs may not give the flag back "
+                        "to a process an earlier one started (pidfd_getfd); rotated after its next start"
+                    )
+        except FileNotFoundError:
+            pass  # no log (its directory was deleted): nothing to rotate
         except OSError as exc:
-            if not self._rotation_failed:  # once, not at every tick
-                log.warning("%s: cannot rotate its log %s: %s", self.name, self.log_path, exc.strerror or exc)
-            self._rotation_failed = True
-        else:
-            self._rotation_failed = False
+            problem = exc.strerror or str(exc)
+        if problem and problem != self._rotation_problem:
+            log.warning("%s: cannot rotate its log %s: %s", self.name, self.log_path, problem)
+        self._rotation_problem = problem
 
     # --- transitions -----------------------------------------------------------------------------
 

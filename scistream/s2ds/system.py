@@ -7,6 +7,8 @@ can drive the supervisor's state machine with a fake one while integration tests
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import os
 import re
 import signal
@@ -16,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import psutil
 
@@ -41,13 +43,18 @@ class ChildHandle:
 
     popen: subprocess.Popen[bytes]
     create_time: float
+    log: BinaryIO | None = None  # our copy of its log's open file, shared with it (keep_appending)
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
     def poll(self) -> int | None:
-        return self.popen.poll()
+        code = self.popen.poll()
+        if code is not None and self.log is not None:
+            self.log.close()
+            self.log = None
+        return code
 
 
 @dataclass
@@ -82,6 +89,10 @@ class System(Protocol):
 
     def listening(self, handle: Handle, endpoints: Sequence[int | str]) -> bool: ...
 
+    def keep_appending(self, handle: Handle) -> bool:
+        """Whether the process's log descriptor appends, after giving O_APPEND back if it was taken."""
+        ...
+
     def now(self) -> float: ...
 
     def sleep(self, seconds: float) -> None: ...
@@ -92,8 +103,11 @@ _HAPROXY_TEMP = re.compile(r"\.\d+\.tmp$")
 
 class RealSystem:
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
-        # Append: a restarted proxy's log keeps the lines that explain why it died.
-        with open(log, "ab") as out:
+        # Append: a restarted proxy's log keeps the lines that explain why it died. And O_APPEND
+        # lets the supervisor empty a full log under the running proxy (rotate_log); our copy
+        # of the open file is kept to give O_APPEND back if the proxy takes it (keep_appending).
+        out = open(log, "ab")  # noqa: SIM115 - it lives as long as the process, in its handle
+        try:
             popen = subprocess.Popen(
                 list(argv),
                 cwd=cwd,
@@ -103,11 +117,38 @@ class RealSystem:
                 start_new_session=True,  # own process group; survives a killed s2cs
                 close_fds=True,
             )
+        except BaseException:
+            out.close()
+            raise
         try:
             create_time = psutil.Process(popen.pid).create_time()
         except psutil.NoSuchProcess:
             create_time = 0.0
-        return ChildHandle(popen, create_time)
+        return ChildHandle(popen, create_time, out)
+
+    def keep_appending(self, handle: Handle) -> bool:
+        """HAProxy makes its log descriptor non-blocking with its first line, with an F_SETFL
+        that clears O_APPEND (on the open file, which it shares with us); emptied then, the log
+        would get its next line at the old offset, after a hole as large. So before a rotation
+        the flag is given back: through our copy of the open file for a process we started,
+        through the process's own descriptor (pidfd_getfd) for one an earlier s2cs started.
+        False when neither can be done and the descriptor does not append."""
+        if isinstance(handle, ChildHandle):
+            if handle.log is None or handle.log.closed:
+                return False
+            return _append(handle.log.fileno())
+        if isinstance(handle, AdoptedHandle) and handle.poll() is None:
+            try:
+                same = abs(handle.process.create_time() - handle.create_time) < 0.05
+            except psutil.NoSuchProcess:
+                return False
+            theirs = _descriptor_of(handle.pid, 1) if same else None  # stdout: the log (spawn)
+            if theirs is not None:
+                try:
+                    return _append(theirs)
+                finally:
+                    os.close(theirs)
+        return False
 
     def adopt(self, pid: int, create_time: float, argv: Sequence[str]) -> Handle | None:
         try:
@@ -169,6 +210,32 @@ def processes_using(directory: Path) -> list[psutil.Process]:
         if any(marker in arg for arg in cmdline):
             found.append(process)
     return found
+
+
+def _append(fd: int) -> bool:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_APPEND:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
+    return True
+
+
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux numbers alike (5.6 and later)
+
+
+def _descriptor_of(pid: int, fd: int) -> int | None:
+    """A copy of descriptor `fd` of process `pid` (pidfd_getfd(2)); None where not allowed (it
+    needs the right to ptrace the process: root, or its owner as ptrace_scope allows)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+    try:
+        copy = int(ctypes.CDLL(None, use_errno=True).syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+    except (AttributeError, OSError):
+        return None
+    finally:
+        os.close(pidfd)
+    return copy if copy >= 0 else None
 
 
 def terminate(system: System, handle: Handle, grace: float) -> None:

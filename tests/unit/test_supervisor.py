@@ -45,6 +45,7 @@ class FakeSystem:
     spawn_error: OSError | None = None
     spawned: list[FakeHandle] = field(default_factory=list)
     signals: list[tuple[int, int, float]] = field(default_factory=list)  # pid, signal, when
+    log_appends: bool = True  # whether the processes' log descriptors append (keep_appending)
 
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> FakeHandle:
         if self.spawn_error is not None:
@@ -61,6 +62,9 @@ class FakeSystem:
         self.signals.append((handle.pid, sig, self.clock))
         if handle.exit_code is None and not (sig == signal.SIGTERM and handle.ignores_sigterm):
             handle.exit_code = -sig
+
+    def keep_appending(self, handle: FakeHandle) -> bool:
+        return self.log_appends
 
     def listening(self, handle: FakeHandle, endpoints: Sequence[int | str]) -> bool:
         after = handle.listens_after
@@ -503,7 +507,7 @@ def test_a_process_writing_to_its_log_goes_on_writing_after_a_rotation(tmp_path)
     log = tmp_path / "proxy.log"
     with open(log, "ab", buffering=0) as proxy:
         proxy.write(b"old line\n" * 200)
-        assert supervisor.rotate_log(log, SMALL)
+        supervisor.rotate_log(log, SMALL)
         proxy.write(b"new line\n")
     assert log.read_bytes() == b"new line\n"
     assert Path(f"{log}.1").read_bytes() == b"old line\n" * 200
@@ -559,3 +563,90 @@ def test_a_restarted_process_appends_to_its_log(tmp_path):
         while handle.poll() is None and real.now() < deadline:
             real.sleep(0.02)
     assert log.read_text() == "run 1: bye\nrun 2: bye\n"
+
+
+def test_a_log_whose_descriptor_no_longer_appends_is_not_emptied_and_that_is_said_once(system, proc, caplog):
+    """Emptied, it would get the process's next line at the old offset, after a hole as large."""
+    proc.start()
+    system.log_appends = False
+    write_log(proc.log_path, "x" * 2000)
+    for _ in range(5):
+        system.sleep(supervisor.TICK)
+        proc.tick(SMALL)
+    assert proc.log_path.stat().st_size == 2001
+    assert not Path(f"{proc.log_path}.1").exists()
+    warnings = [r.getMessage() for r in caplog.records if "cannot rotate" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "no longer appends" in warnings[0]
+
+
+CLEARS_O_APPEND = """
+import fcntl, os, sys, time
+time.sleep(0.3)
+# As HAProxy does with its first log line: F_SETFL takes every other status flag away.
+fcntl.fcntl(1, fcntl.F_SETFL, os.O_NONBLOCK)
+for i in range(400):
+    os.write(1, b"connection %03d " % i + b"x" * 100 + b"\\n")
+    time.sleep(0.005)
+time.sleep(60)
+"""
+
+
+def test_a_log_is_rotated_without_a_hole_when_the_proxy_cleared_o_append(tmp_path):
+    real = RealSystem()
+    proc = ProxyProcess(
+        "inbound 5f0c2a9e proxy", "proxy", [sys.executable, "-c", CLEARS_O_APPEND], tmp_path,
+        tmp_path / "proxy.log", [], real,
+    )  # fmt: skip
+    proc.start()
+    try:
+        deadline = real.now() + 60
+        while b"connection 399" not in _all_parts(proc.log_path) and real.now() < deadline:
+            real.sleep(0.05)
+            proc.tick(SMALL)
+        proc.tick(SMALL)
+    finally:
+        proc.stop()
+    parts = sorted(tmp_path.glob("proxy.log*"))
+    assert [p.name for p in parts] == ["proxy.log", "proxy.log.1", "proxy.log.2", "proxy.log.3"]
+    for part in parts:
+        data = part.read_bytes()
+        assert b"\0" not in data, part.name  # no hole where lines were before the truncation
+        assert len(data) < 2 * SMALL.max_bytes, part.name
+    assert b"connection 399" in _all_parts(proc.log_path)
+
+
+def _all_parts(log: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(log.parent.glob(f"{log.name}*")))
+
+
+def test_the_log_of_an_adopted_process_gets_o_append_back(tmp_path):
+    """After a restart of s2cs: the descriptor is the process's own, taken over with pidfd_getfd."""
+    import os
+    import subprocess
+
+    import psutil
+
+    log = tmp_path / "proxy.log"
+    argv = [sys.executable, "-c", CLEARS_O_APPEND]
+    with open(log, "ab") as out:  # an earlier s2cs started it; its copy is gone
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        real = RealSystem()
+        deadline = real.now() + 30
+        while b"connection" not in log.read_bytes() and real.now() < deadline:
+            real.sleep(0.02)
+
+        def flags() -> int:
+            line = Path(f"/proc/{child.pid}/fdinfo/1").read_text().splitlines()[1]
+            return int(line.split()[1], 8)
+
+        assert not flags() & os.O_APPEND  # cleared, as HAProxy does
+        handle = real.adopt(child.pid, psutil.Process(child.pid).create_time(), argv)
+        assert handle is not None
+        assert real.keep_appending(handle)
+        assert flags() & os.O_APPEND
+        assert flags() & os.O_NONBLOCK  # what the process set is kept
+    finally:
+        child.kill()
+        child.wait()
