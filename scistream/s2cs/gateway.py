@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from .. import __version__
-from ..errors import Forbidden, NotFound, ScistreamError
+from ..errors import ConfigError, Forbidden, NotFound, ScistreamError
 from ..protocol import (
     VERSION,
     InboundRequest,
@@ -104,6 +104,14 @@ class Gateway:
         self.supervisor = Supervisor()
         self._save_lock = threading.Lock()
         if settings.bind_ip:
+            # Behind NAT, --listener-ip is the address peers reach and --bind-ip the one of this
+            # host that it leads to: one a proxy can bind. Checked now, not at the first request.
+            ip = ipaddress.ip_address(settings.bind_ip)
+            if not (ip.is_unspecified or is_local_address(settings.bind_ip)):
+                raise ConfigError(
+                    f"--bind-ip {settings.bind_ip} is not an address of this host; give one of its "
+                    "own (the address peers reach, behind NAT, is --listener-ip)"
+                )
             self.inbound_bind = settings.bind_ip
         elif is_local_address(settings.listener_ip):
             self.inbound_bind = settings.listener_ip

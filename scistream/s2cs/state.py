@@ -24,6 +24,17 @@ STATE_VERSION = 1
 _MAX_STATE_DIR = 107 - len("/sessions/") - 12 - len("/stats.sock")
 
 
+def _make_dir(path: Path, what: str, parents: bool = False) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=parents, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{what} {path} is not a directory") from None
+    except NotADirectoryError:
+        raise ConfigError(f"cannot make {what} {path}: a part of that path is a file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot make {what} {path}: {exc.strerror}") from None
+
+
 class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path.resolve()
@@ -49,11 +60,14 @@ class StateDir:
         the same state dir by mistake changes nothing, and the streams of the first run on.
         """
         # Session keys are the streams' secrets: nobody else may list or read this tree.
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_dir(self.path, "state dir", parents=True)
         self._lock()
-        self.sessions.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.path, 0o700)
-        os.chmod(self.sessions, 0o700)
+        _make_dir(self.sessions, "sessions dir")
+        try:
+            os.chmod(self.path, 0o700)
+            os.chmod(self.sessions, 0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot make {exc.filename} private (mode 0700): {exc.strerror}") from None
 
     def _lock(self) -> None:
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scistream.loopback import S2csProcess, Sink, free_port, proxies_of, send
+from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_range, proxies_of, send
 from scistream.s2ds.haproxy import find_binary
 
 from .conftest import open_stream
@@ -136,6 +136,36 @@ def test_a_busy_control_port_fails_before_any_stream_is_adopted(start_s2cs):
     hpc.start()
     assert _pids(hpc, uid) == pids
     assert hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING"
+
+
+# --- checked at start, said in one line ---------------------------------------------------------
+
+
+def _argv(workdir: Path, *extra: str) -> list[str]:
+    first, last = free_port_range(4)
+    return [
+        str(BIN / "s2cs"),
+        "--listener-ip", "127.0.0.1",
+        "--port", str(free_port()),
+        "--port-range", f"{first}-{last}",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_a_state_dir_that_is_a_file_is_one_error_line(workdir):
+    path = workdir / "state"
+    path.write_text("not a directory\n")
+    status, output = _fails(_argv(workdir, "--state-dir", str(path)))
+    assert status == 2
+    assert output == [f"error: state dir {path} is not a directory"], output
+    assert path.read_text() == "not a directory\n"
+
+
+def test_a_bind_ip_that_is_not_an_address_of_this_host_is_refused_at_start(workdir):
+    status, output = _fails(_argv(workdir, "--state-dir", str(workdir / "s"), "--bind-ip", "192.0.2.7"))
+    assert status == 2
+    assert len(output) == 1, output
+    assert output[0].startswith("error: --bind-ip 192.0.2.7 is not an address of this host"), output
 
 
 # --- SIGTERM while s2cs recovers ----------------------------------------------------------------

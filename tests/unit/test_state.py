@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -51,3 +52,24 @@ def test_the_state_dir_is_free_again_once_its_holder_lets_go(held):
     again = StateDir(held.path)
     again.open()
     again.close()
+
+
+def test_a_state_dir_that_is_a_file_is_refused_in_words(short_dir):
+    path = short_dir / "state"
+    path.write_text("not a directory\n")
+    with pytest.raises(ConfigError, match=f"^state dir {re.escape(str(path))} is not a directory$"):
+        StateDir(path).open()
+    with pytest.raises(
+        ConfigError,
+        match=f"^cannot make state dir {re.escape(str(path))}/below: a part of that path is a file$",
+    ):
+        StateDir(path / "below").open()
+    assert path.read_text() == "not a directory\n"
+
+
+def test_a_sessions_dir_that_is_a_file_is_refused_in_words(short_dir):
+    (short_dir / "sessions").write_text("")
+    state = StateDir(short_dir)
+    with pytest.raises(ConfigError, match=r"^sessions dir \S+ is not a directory$"):
+        state.open()
+    state.close()
