@@ -1,7 +1,9 @@
 """The control-plane certificate: the operator's, or one generated on first start.
 
 A generated certificate is self-signed for the listener IP, the loopback addresses and this host's
-names, and kept in the state dir so users can be given the same file every time.
+names, and kept in the state dir so users can be given the same file every time. An operator's
+pair is checked at start (readable, PEM, the key that of the certificate), so that a wrong file is
+one line of the operator's words, not a TLS traceback.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
+import ssl
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from ..errors import ConfigError
@@ -54,17 +59,60 @@ def server_certificate(
 ) -> tuple[Path, Path, bool]:
     """(certificate, key, generated). Both given, or neither (then generated once in state_dir)."""
     if crt and key:
-        for path in (crt, key):
-            if not path.is_file():
-                raise ConfigError(f"{path} does not exist")
+        check_pair(crt, key)
         return crt, key, False
     if crt or key:
         raise ConfigError("give both --server-crt and --server-key, or neither to use a generated pair")
     crt, key = state_dir / "server.crt", state_dir / "server.key"
-    if not (crt.is_file() and key.is_file()) or not all(_names(crt, ip) for ip in (listener_ip, *more_ips)):
+    if not _usable(crt, key) or not all(_names(crt, ip) for ip in (listener_ip, *more_ips)):
         generate(crt, key, listener_ip, *more_ips)  # also when an address changed: it must name it
         return crt, key, True
     return crt, key, False
+
+
+def check_pair(crt: Path, key: Path) -> None:
+    """A certificate and key the control port can use; ConfigError says what is wrong."""
+    crt_pem, key_pem = _read(crt), _read(key)
+    try:
+        cert = x509.load_pem_x509_certificate(crt_pem)
+    except ValueError:
+        raise ConfigError(f"{crt} is not a PEM certificate (BEGIN CERTIFICATE)") from None
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ConfigError(f"{key} is encrypted; s2cs needs the key without a passphrase") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{key} is not a PEM private key (BEGIN PRIVATE KEY)") from None
+    if _public(cert.public_key()) != _public(private.public_key()):
+        raise ConfigError(f"{key} is not the key of {crt}: give the key the certificate was made for")
+    try:  # as the control port will load them: what the checks above cannot foresee
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(crt, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot use {crt} with {key} for TLS: {exc}") from None
+
+
+def _read(path: Path) -> bytes:
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _public(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _usable(crt: Path, key: Path) -> bool:
+    """The generated pair is still whole (else it is generated again)."""
+    try:
+        check_pair(crt, key)
+    except ConfigError:
+        return False
+    return True
 
 
 def _names(crt: Path, ip: str) -> bool:

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_range, proxies_of, send
+from scistream.s2cs.certs import generate
 from scistream.s2ds.haproxy import find_binary
 
 from .conftest import open_stream
@@ -166,6 +167,46 @@ def test_a_bind_ip_that_is_not_an_address_of_this_host_is_refused_at_start(workd
     assert status == 2
     assert len(output) == 1, output
     assert output[0].startswith("error: --bind-ip 192.0.2.7 is not an address of this host"), output
+
+
+def _broken_pairs(workdir: Path) -> dict[str, tuple[Path, Path, str]]:
+    crt, key = workdir / "s2cs.crt", workdir / "s2cs.key"
+    generate(crt, key, "127.0.0.1")
+    other_crt, other_key = workdir / "other.crt", workdir / "other.key"
+    generate(other_crt, other_key, "127.0.0.1")
+    garbage = workdir / "garbage.pem"
+    garbage.write_text("hello\n")
+    empty = workdir / "empty.pem"
+    empty.write_bytes(b"")
+    der = workdir / "s2cs.der"
+    subprocess.run(["openssl", "x509", "-in", crt, "-outform", "DER", "-out", der], check=True)
+    return {
+        "certificate not PEM": (garbage, key, f"{garbage} is not a PEM certificate"),
+        "certificate in DER": (der, key, f"{der} is not a PEM certificate"),
+        "key empty": (crt, empty, f"{empty} is not a PEM private key"),
+        "key of another certificate": (crt, other_key, f"{other_key} is not the key of {crt}"),
+        "certificate a directory": (workdir, key, f"{workdir} is not a file"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "certificate not PEM",
+        "certificate in DER",
+        "key empty",
+        "key of another certificate",
+        "certificate a directory",
+    ],
+)
+def test_a_bad_operator_certificate_or_key_is_one_error_line(workdir, case):
+    crt, key, expected = _broken_pairs(workdir)[case]
+    status, output = _fails(
+        _argv(workdir, "--state-dir", str(workdir / "s"), "--server-crt", str(crt), "--server-key", str(key))
+    )
+    assert status == 2
+    assert len(output) == 1, output
+    assert output[0].startswith(f"error: {expected}"), output
 
 
 # --- SIGTERM while s2cs recovers ----------------------------------------------------------------
