@@ -7,6 +7,7 @@ returned, files deleted, processes stopped (STYLE.md rule 3).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import secrets
@@ -21,7 +22,7 @@ from typing import Any
 import psutil
 
 from .. import __version__
-from ..errors import ConfigError, Forbidden, NotFound, ScistreamError
+from ..errors import BackendFailed, ConfigError, Forbidden, NotFound, ScistreamError
 from ..protocol import (
     VERSION,
     InboundRequest,
@@ -382,13 +383,19 @@ class Gateway:
             session.procs = [
                 self._process(session, files, launch) for launch in self._prepare(session, files)
             ]
-            self._persist()  # before the spawn: a crash now still leaves a trace of these ports
+            self._persist(strict=True)  # before the spawn: a crash now still leaves a trace of these ports
             for proc in session.procs:  # the shaper first: the proxy connects through it
                 proc.start()
                 self.supervisor.add(proc)
-        except BaseException:
+        except BaseException as exc:
             self.registry.remove(session)
             self._discard(session)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # What the user can act on, not INTERNAL: only this request's files were touched.
+                raise BackendFailed(
+                    f"the disk of the state dir {self.state.path} is full ({exc.strerror}): free space "
+                    "there, then try again; the streams running now are not affected"
+                ) from None
             raise
         log.info(
             "%s: %s -> %s, %d connection(s), %s",
@@ -419,12 +426,16 @@ class Gateway:
         self.pool.release(session.ports)
         self._persist()
 
-    def _persist(self) -> None:
+    def _persist(self, strict: bool = False) -> None:
+        """Save every session in state.json. A request fails when that cannot be done (strict); a
+        change the supervisor noticed is only logged, in one line: its stream runs on."""
         with self._save_lock:
             try:
                 self.state.save([s.to_record() for s in self.registry.all()])
-            except OSError:
-                log.exception("cannot write %s", self.state.file)
+            except OSError as exc:
+                if strict:
+                    raise
+                log.error("cannot write %s: %s", self.state.file, exc.strerror or exc)
 
     def _describe(self, session: Session, full: bool) -> dict[str, Any]:
         entry: dict[str, Any] = {

@@ -1,19 +1,30 @@
-"""What the state dir holds over time: proxy logs within their bound. What each test shows is
-summed up in the operator guide ("Logs and disk space").
+"""What the state dir holds over time: proxy logs within their bound, and a full disk that fails
+a request clearly while the streams already running go on. What each test shows is summed up in
+the operator guide ("Logs and disk space").
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+import random
+import shutil
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from .conftest import BACKENDS, open_stream
+from scistream.errors import BackendFailed
+from scistream.loopback import Sink, send
+
+from .conftest import BACKENDS, open_stream, s2uc
 
 LOG_LIMIT = 4096  # --log-max-bytes of these tests; the default is 10 MiB
 KEEP = 3  # rotated parts kept (supervisor.LOG_KEEP)
@@ -115,3 +126,166 @@ def test_proxy_logs_stay_within_their_bound_through_hundreds_of_connections(star
         assert (entry["state"], entry["restarts"]) == ("RUNNING", 0)
     assert echoed(port, b"still there\n") == b"still there\n"
     echo.close()
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(workdir: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs where the hpc gateway keeps its state dir; unmounted afterwards."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mountpoint = workdir / "hpc"
+    mountpoint.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "scistream-test", str(mountpoint)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        yield mountpoint
+    finally:
+        # The gateways and their proxies are stopped by then: start_s2cs is torn down first.
+        for _ in range(50):
+            if subprocess.run(["umount", str(mountpoint)], timeout=30).returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            subprocess.run(["umount", "-l", str(mountpoint)], timeout=30, check=True)
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until its file system is full."""
+    block = b"\0" * 65536
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    try:  # the last pages, smaller than a block
+        while True:
+            os.write(fd, b"\0" * 512)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+class Sender:
+    """One connection of a running stream that sends random blocks until it is told to stop."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+        self.digest = hashlib.sha256()
+        self.sent = 0
+        self.answer: tuple[int, str] | None = None
+        self.error: OSError | None = None  # the connection was cut
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        rng = random.Random(8)
+        try:
+            with self.sock:
+                while not self._stop.is_set():
+                    block = rng.randbytes(256 * 1024)
+                    self.sock.sendall(block)
+                    self.digest.update(block)
+                    self.sent += len(block)
+                    time.sleep(0.01)
+                self.sock.shutdown(socket.SHUT_WR)
+                words = self.sock.makefile("rb").readline().split()
+                self.answer = (int(words[0]), words[1].decode())
+        except OSError as exc:
+            self.error = exc
+
+    def finish(self) -> tuple[tuple[int, str], tuple[int, str] | OSError | None]:
+        """(what was sent, what the service says it got or how the connection was cut)."""
+        self._stop.set()
+        self._thread.join(120)
+        return (self.sent, self.digest.hexdigest()), self.error or self.answer
+
+
+SHAPER_STATS = (
+    "the shaper of a stunnel session dies when it cannot write its stats file (shaper.py, "
+    "write_stats: an OSError at open or write), and the stream's connections with it"
+)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["haproxy", pytest.param("stunnel", marks=pytest.mark.xfail(strict=True, reason=SHAPER_STATS))],
+)
+def test_a_full_disk_fails_a_request_clearly_and_running_streams_go_on(
+    small_disk, start_s2cs, workdir, backend
+):
+    hpc = start_s2cs("hpc", backend=backend)
+    assert hpc.state_dir == small_disk
+    inst = start_s2cs("instrument", backend=backend)
+    sink = Sink()
+    stream = open_stream(hpc, inst, sink.port, rate=0)
+    sender = Sender(stream.port)  # carries data all along
+    deadline = time.monotonic() + 60
+    while sender.sent < 4 << 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    fill(small_disk / "filler")
+    time.sleep(1.5)  # long enough for the proxies to log, the shaper to count, s2cs to tick
+
+    # A new connection of the running stream still gets through, byte-exact.
+    data = os.urandom(1 << 20)
+    assert send(("127.0.0.1", stream.port), data) == (len(data), hashlib.sha256(data).hexdigest())
+    # A new stream cannot be set up: one clear error, with what to do.
+    other = Sink()
+    with pytest.raises(BackendFailed) as caught:
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[other.port])
+    message = caught.value.message
+    assert message.startswith(f"the disk of the state dir {hpc.state_dir} is full"), message
+    assert "free space there" in message
+    result = s2uc(
+        "inbound_request",
+        *("--s2cs", hpc.address, "--server_cert", str(workdir / "hpc.crt")),
+        *("--remote_ip", "127.0.0.1", "--receiver_ports", str(other.port)),
+        check=False,
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line == f"error: {message} (BACKEND_FAILED from {hpc.address})"
+    # Nothing of the failed requests is left; the running stream is untouched.
+    assert hpc.call("info")["streams"] == 1
+    assert len(list((hpc.state_dir / "sessions").iterdir())) == 1
+    (entry,) = hpc.call("status", uid=stream.uid)["streams"]
+    assert (entry["state"], entry["restarts"]) == ("RUNNING", 0)
+    sent, answer = sender.finish()
+    assert answer == sent
+
+    # Space again: the next request works.
+    (small_disk / "filler").unlink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[other.port])["uid"]
+    for gw in (hpc, inst):
+        gw.call("release", uid=stream.uid)
+    hpc.call("release", uid=uid)
+
+
+def test_a_proxy_whose_session_directory_was_deleted_says_so_in_status(start_s2cs):
+    hpc = start_s2cs("hpc", backend="haproxy")
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
+    session = only_session(hpc.state_dir)
+    (entry,) = hpc.call("status", uid=uid)["streams"]
+    (proxy,) = entry["processes"]
+    shutil.rmtree(session)  # by hand, by mistake
+    psutil.Process(proxy["pid"]).kill()
+    deadline = time.monotonic() + 60
+    while entry["state"] != "FATAL" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        (entry,) = hpc.call("status", uid=uid)["streams"]
+    assert entry["state"] == "FATAL"
+    assert entry["last_error"] == (
+        f"proxy: cannot open its log {session}/proxy.log: the session directory {session} is gone; "
+        "release the stream and request it again"
+    )
+    hpc.call("release", uid=uid)
