@@ -3,6 +3,14 @@
 stunnel has neither a connection limit per service nor a bandwidth limit, so every stunnel
 session runs the shaper (shaper.py) between stunnel and its targets with `--max-conn` and the
 rate. Both limits are therefore enforced, as with HAProxy; byte counts come from the shaper.
+
+Before authentication: an inbound listener cuts a client that stalls its TLS handshake for 10 s
+(TIMEOUTbusy, which stunnel 5.68 applies to the handshake only), as HAProxy's `timeout client`
+does. Only authenticated connections reach the shaper, so only they count against num_conn.
+stunnel cannot cap the connections still in their handshake; what bounds them is the process:
+each session has its own stunnel, which takes at most "Clients allowed" = 125/256 of its
+descriptor limit (inherited from s2cs, which raises its own to the hard limit) connections at
+once and closes any beyond at once, the stream's own included.
 """
 
 from __future__ import annotations
