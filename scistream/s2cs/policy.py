@@ -187,35 +187,42 @@ class Own:
     control_port: int
     port_range: tuple[int, int]
 
-    def refusal(self, ip: IPAddress, port: int, shown: str) -> str | None:
+    def refusal(self, ip: IPAddress, port: int, what: str) -> str | None:
+        """`what`: "target 10.0.1.1:5000", say."""
         if not (ip in self.addresses or ip.is_loopback or ip.is_unspecified):
             return None
         first, last = self.port_range
         if port == self.control_port:
-            return f"target {shown} is this gateway's own control port; no policy allows it"
+            return f"{what} is this gateway's own control port; no policy allows it"
         if first <= port <= last:
-            return f"target {shown} is in this gateway's own port range {first}-{last}; no policy allows it"
+            return f"{what} is in this gateway's own port range {first}-{last}; no policy allows it"
         return None
 
 
 def target_refusal(
-    rules: Sequence[TargetRule], own: Own, ip: str, port: int, whom: str = "", how: str = HOW_TO_ALLOW
+    rules: Sequence[TargetRule],
+    own: Own,
+    ip: str,
+    port: int,
+    whom: str = "",
+    how: str = HOW_TO_ALLOW,
+    noun: str = "target",
 ) -> str | None:
     """None when `rules` allow ip:port, else the one line that says why not and what to do."""
     addr = normalised(ip)
     shown = hostport(str(addr), port)
     if addr.is_unspecified:
-        return f"target {shown} is not the address of a host"
-    refused = own.refusal(addr, port, shown)
+        return f"{noun} {shown} is not the address of a host"
+    refused = own.refusal(addr, port, f"{noun} {shown}")
     if refused:
         return refused
     kind = _kind(addr)
     for rule in rules:
         if rule.covers(addr, port) and (kind is None or rule.special == kind):
             return None
-    where = f"{kind} address" if kind else "target"
+    what = f" ({kind})" if kind else ""
     for_whom = f" for {whom}" if whom else ""
-    return f"{where} {shown} is not allowed{for_whom} on this gateway; {how}"
+    return f"{noun} {shown}{what} is not allowed{for_whom} on this gateway; {how}"
 
 
 # --- identities and what they are granted -------------------------------------------------------
@@ -356,8 +363,7 @@ class Policy:
         if self.peers is None:
             return ALLOWED
         how = "its operator allows remote listeners with --allow-peers CIDR[:PORT[-PORT]]"
-        reason = target_refusal(self.peers, self.own, ip, port, how=how)
-        return _verdict(reason and reason.replace("target", "remote listener", 1))
+        return _verdict(target_refusal(self.peers, self.own, ip, port, how=how, noun="remote listener"))
 
     def describe(self) -> dict[str, Any]:
         """For `info` and the start-up output; names no identity."""

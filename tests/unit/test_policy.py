@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scistream.errors import ConfigError, Forbidden
 from scistream.protocol import Limits
 from scistream.s2cs.policy import (
+    HOW_TO_ALLOW,
     Own,
     Policy,
     PolicyFile,
@@ -170,9 +171,13 @@ def test_the_default_refuses_loopback_and_link_local_and_allows_the_lan():
     assert refusal(policy, "10.0.1.5", 5001) == ""
     assert refusal(policy, "fd00::5", 5001) == ""
     for ip in ("127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"):
-        assert refusal(policy, ip, 5001).startswith("loopback address"), ip
+        assert refusal(policy, ip, 5001).endswith(
+            " (loopback) is not allowed on this gateway; " + HOW_TO_ALLOW
+        ), ip
     for ip in ("169.254.169.254", "fe80::1"):
-        assert refusal(policy, ip, 80).startswith("link-local address"), ip
+        assert refusal(policy, ip, 80).endswith(
+            " (link-local) is not allowed on this gateway; " + HOW_TO_ALLOW
+        ), ip
     reason = refusal(policy, "10.0.2.5", 5001)
     assert reason == (
         "target 10.0.2.5:5001 is not allowed on this gateway; "
@@ -219,9 +224,11 @@ def test_allow_targets_allows_exactly_what_it_names():
 def test_a_broad_network_never_reaches_loopback_or_link_local_unless_named():
     broad = default_policy(allow_targets=["0.0.0.0/0", "::/0"])
     assert refusal(broad, "192.0.2.99", 22) == ""
-    assert refusal(broad, "127.0.0.1", 8080).startswith("loopback address 127.0.0.1:8080 is not allowed")
-    assert refusal(broad, "169.254.169.254", 80).startswith("link-local address")
-    assert refusal(broad, "::1", 8080).startswith("loopback address [::1]:8080")
+    assert refusal(broad, "127.0.0.1", 8080).startswith("target 127.0.0.1:8080 (loopback) is not allowed")
+    assert refusal(broad, "169.254.169.254", 80).endswith(
+        " (link-local) is not allowed on this gateway; " + HOW_TO_ALLOW
+    )
+    assert refusal(broad, "::1", 8080).startswith("target [::1]:8080 (loopback)")
     named = default_policy(allow_targets=["127.0.0.1/32", "::1/128", "169.254.169.254:80"])
     assert refusal(named, "127.0.0.1", 8080) == ""
     assert refusal(named, "::1", 8080) == ""
@@ -238,6 +245,7 @@ def test_peers_are_any_unless_the_operator_names_them():
         "remote listener 198.51.100.1:5100 is not allowed on this gateway; "
         "its operator allows remote listeners with --allow-peers CIDR[:PORT[-PORT]]"
     )
+    assert policy.peer("127.0.0.1", 5100).reason.startswith("remote listener 127.0.0.1:5100 is in this")
 
 
 # --- identities ------------------------------------------------------------------------------------
