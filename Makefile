@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# A second venv with every direct dependency at the floor pyproject.toml declares.
+LOWEST       := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
+CONSTRAINTS  := constraints/lowest.txt
 
-.PHONY: setup demo test lint format bench system-deps bench-deps clean
+.PHONY: setup demo test test-lowest lint format bench system-deps bench-deps clean
 
 setup: $(STAMP)
 
@@ -25,8 +29,22 @@ bench-deps:
 demo: setup
 	$(BIN)/scistream demo
 
-test: setup system-deps lint
+test: setup system-deps lint test-lowest
 	scripts/run-tests $(BIN)
+
+# The unit tests with the lowest versions pyproject.toml allows, so that no floor is a guess. The
+# venv is made anew when pyproject.toml or the constraints change (a leftover package of an earlier
+# install could hide a missing one), else reused.
+test-lowest: $(LOWEST_STAMP)
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider tests/unit
+
+$(LOWEST_STAMP): pyproject.toml $(CONSTRAINTS)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "SciStream needs Python 3.11 or newer")'
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST)/bin/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	@touch $@
 
 lint: setup
 	$(BIN)/ruff check scistream tests
@@ -41,4 +59,4 @@ bench: setup bench-deps
 	scripts/run-isolated $(BIN)/python -m scistream.bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache .ruff_cache .hypothesis
