@@ -2,9 +2,11 @@
 
 It answers the few OAuth2 endpoints SciStream's real client and server code call through
 globus-sdk: the native-app code exchange (with PKCE), refresh, revocation and, for confidential
-clients, introspection. globus-sdk is pointed at it with its own environment variables:
+clients, introspection and dependent tokens; and, as Globus Groups, `my_groups` (the groups a user
+belongs to are in `groups`). globus-sdk is pointed at it with its own environment variables:
 
-    GLOBUS_SDK_SERVICE_URL_AUTH=https://127.0.0.1:PORT/   GLOBUS_SDK_VERIFY_SSL=<its certificate>
+    GLOBUS_SDK_SERVICE_URL_AUTH=https://127.0.0.1:PORT/   GLOBUS_SDK_SERVICE_URL_GROUPS=(the same)
+    GLOBUS_SDK_VERIFY_SSL=<its certificate>
 
 A test plays the user by opening the authorize address (`authorize`), as a browser would, and
 gets the code the user would paste.
@@ -27,6 +29,9 @@ from pathlib import Path
 
 from scistream.s2cs.certs import generate
 
+DEPENDENT_GRANT = "urn:globus:auth:grant_type:dependent_token"
+GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+
 
 @dataclass
 class Grant:
@@ -46,6 +51,10 @@ class GlobusStandIn:
     access: dict[str, Grant] = field(default_factory=dict)
     refresh: dict[str, Grant] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    # (confidential client, token) of every introspection: which server was handed which token.
+    introspected: list[tuple[str, str]] = field(default_factory=list)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # user -> ids of its groups
+    groups_tokens: dict[str, str] = field(default_factory=dict)  # dependent token -> user
 
     def start(self) -> GlobusStandIn:
         self.cert = self.directory / "globus.crt"
@@ -59,6 +68,9 @@ class GlobusStandIn:
             def do_GET(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 standin.count(url.path)
+                if url.path == "/v2/groups/my_groups":
+                    query = dict(urllib.parse.parse_qsl(url.query))
+                    return self.reply(*standin.my_groups(self.headers.get("Authorization", ""), query))
                 if url.path != "/v2/oauth2/authorize":
                     return self.reply(404, {"error": "not_found"})
                 query = dict(urllib.parse.parse_qsl(url.query))
@@ -79,7 +91,7 @@ class GlobusStandIn:
                 status, body = standin.handle(path, form, self.headers.get("Authorization", ""))
                 self.reply(status, body)
 
-            def reply(self, status: int, body: dict) -> None:
+            def reply(self, status: int, body: object) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -101,7 +113,11 @@ class GlobusStandIn:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"GLOBUS_SDK_SERVICE_URL_AUTH": self.url, "GLOBUS_SDK_VERIFY_SSL": str(self.cert)}
+        return {
+            "GLOBUS_SDK_SERVICE_URL_AUTH": self.url,
+            "GLOBUS_SDK_SERVICE_URL_GROUPS": self.url,
+            "GLOBUS_SDK_VERIFY_SSL": str(self.cert),
+        }
 
     def count(self, path: str) -> None:
         self.calls[path] = self.calls.get(path, 0) + 1
@@ -113,9 +129,15 @@ class GlobusStandIn:
         with urllib.request.urlopen(f"{address}&standin_user={user}", context=ctx) as response:  # noqa: S310
             return response.read().decode()
 
+    def issue(self, user: str, scope: str, client_id: str = "native-app") -> str:
+        """An access token, as `s2uc login` would have got it: for tests that need no login."""
+        return str(self._tokens(user, scope, client_id, None)["access_token"])
+
     # --- the endpoints --------------------------------------------------------------------------
 
-    def handle(self, path: str, form: dict[str, str], authorization: str) -> tuple[int, dict]:
+    def handle(self, path: str, form: dict[str, str], authorization: str) -> tuple[int, object]:
+        if path == "/v2/oauth2/token" and form.get("grant_type") == DEPENDENT_GRANT:
+            return self._dependent(form, authorization)
         if path == "/v2/oauth2/token":
             if form.get("grant_type") == "authorization_code":
                 return self._exchange(form)
@@ -130,8 +152,10 @@ class GlobusStandIn:
                     table[form["token"]].revoked = True
             return 200, {"active": False}
         if path == "/v2/oauth2/token/introspect":
-            if not self._confidential(authorization):
+            server = self._confidential(authorization)
+            if server is None:
                 return 401, {"error": "invalid_client"}
+            self.introspected.append((server, form.get("token", "")))
             grant = self.access.get(form.get("token", ""))
             if grant is None or grant.revoked or grant.expires_at < time.time():
                 return 200, {"active": False}
@@ -144,6 +168,40 @@ class GlobusStandIn:
                 "client_id": grant.client_id,
             }
         return 404, {"error": "not_found"}
+
+    def _dependent(self, form: dict[str, str], authorization: str) -> tuple[int, object]:
+        """Dependent tokens: only for a confidential client, and (here) only for Groups."""
+        if not self._confidential(authorization):
+            return 401, {"error": "invalid_client"}
+        grant = self.access.get(form.get("token", ""))
+        if grant is None or grant.revoked or grant.expires_at < time.time():
+            return 400, {"error": "invalid_grant"}
+        token = secrets.token_hex(20)
+        self.groups_tokens[token] = grant.user
+        return 200, [
+            {
+                "access_token": token,
+                "resource_server": "groups.api.globus.org",
+                "scope": GROUPS_SCOPE,
+                "expires_in": 3600,
+                "token_type": "Bearer",
+            }
+        ]
+
+    def my_groups(self, authorization: str, query: dict[str, str]) -> tuple[int, object]:
+        user = self.groups_tokens.get(authorization.removeprefix("Bearer "))
+        if user is None:
+            return 401, {"error": "unauthorized"}
+        if query.get("statuses", "active") != "active":
+            return 400, {"error": "the stand-in answers statuses=active only"}
+        return 200, [
+            {
+                "id": group,
+                "name": f"group {group[:8]}",
+                "my_memberships": [{"status": "active", "role": "member"}],
+            }
+            for group in self.groups.get(user, [])
+        ]
 
     def _exchange(self, form: dict[str, str]) -> tuple[int, dict]:
         request = self.codes.pop(form.get("code", ""), None)
@@ -173,8 +231,9 @@ class GlobusStandIn:
             "other_tokens": [],
         }
 
-    def _confidential(self, authorization: str) -> bool:
+    def _confidential(self, authorization: str) -> str | None:
+        """The confidential client the request authenticates as, None if it does not."""
         if not authorization.startswith("Basic "):
-            return False
+            return None
         client_id, _, secret = base64.b64decode(authorization[6:]).decode().partition(":")
-        return self.confidential.get(client_id) == secret
+        return client_id if self.confidential.get(client_id) == secret else None

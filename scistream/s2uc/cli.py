@@ -7,6 +7,7 @@ reply itself with --json. Failures print one line and exit with the status of er
 from __future__ import annotations
 
 import json
+import shlex
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from .. import __version__
-from ..errors import ExitStatus, ScistreamError, Unauthenticated
+from ..errors import ConfigError, ExitStatus, ScistreamError, Unauthenticated
 from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
-from .client import Connection, Server, parse_server, tls_context
-from .tokens import TokenStore, registered_client_id
+from .client import Connection, Server, advertised_auth, parse_server, tls_context
+from .servers import ServerScopes
+from .tokens import TokenStore, home, registered_client_id
 
 app = typer.Typer(
     add_completion=False,
@@ -113,7 +115,7 @@ def _run(server_text: str, server_cert: Path, scope: str | None, body: Callable[
     try:
         named = _expand(scope) if scope is not None else None
         server = parse_server(server_text)
-        body(Connection(server, tls_context(server_cert), named))
+        body(Connection(server, tls_context(server_cert), named, server_cert))
     except ScistreamError as exc:
         _fail(exc, server)
 
@@ -325,6 +327,13 @@ def info(
             typer.echo(f"  {name:10} {state}")
         auth = reply["auth"]
         typer.echo(f"  auth       {'on, scope ' + str(auth['scope']) if auth['enabled'] else 'off'}")
+        if auth["enabled"] and isinstance(auth.get("scope"), str):
+            from .scopes import login_form
+
+            here = f"s2uc login --s2cs {conn.server}"
+            if server_cert != Path("server.crt"):
+                here += f" --server_cert {shlex.quote(str(server_cert))}"
+            typer.echo(f"  login      {here} (or --scope {login_form(auth['scope'])})")
         typer.echo(
             f"  ports      {reply['port_range']} ({reply['free_ports']} free), {reply['streams']} stream(s)"
         )
@@ -334,11 +343,20 @@ def info(
 
 def login(
     scope: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--scope", help="Scope ID of the S2CS, from its operators, or the full scope `s2uc info` shows."
         ),
-    ],
+    ] = None,
+    s2cs: Annotated[
+        str | None,
+        typer.Option(
+            "--s2cs",
+            help="Log in for the scope this S2CS (HOST:PORT) advertises; its token then goes to it "
+            "without --scope.",
+        ),
+    ] = None,
+    server_cert: ServerCert = Path("server.crt"),
 ) -> None:
     """Log in with Globus for a secured S2CS; the tokens are kept in ~/.scistream/tokens.json.
 
@@ -356,15 +374,33 @@ def login(
             raise Unauthenticated("login aborted: no authorization code pasted; nothing changed") from None
         return code
 
+    server: Server | None = None
     try:
         registered_client_id()
-        scope = _expand(scope)
-        store = TokenStore()
-        found = store.login(scope, ask)
+        named = _expand(scope) if scope is not None else None
+        if s2cs is not None:
+            server = parse_server(s2cs)
+            named = _scope_of(server, server_cert, named)
+            typer.echo(f"{server} asks for a Globus login for {named}.")
+        if named is None:
+            raise ConfigError(
+                "say what to log in for: --s2cs HOST:PORT (the S2CS tells its scope) or --scope SCOPE_ID"
+            )
+        found = TokenStore().login(named, ask)
+        if server is not None:
+            ServerScopes(home()).bind(server, named)
     except ScistreamError as exc:
-        _fail(exc)
+        _fail(exc, server)
     who = f" as {found.identity}" if found.identity else ""
-    typer.echo(f"Logged in{who} for {scope}; the token is valid until {found.until}, then refreshed.")
+    typer.echo(f"Logged in{who} for {named}; the token is valid until {found.until}, then refreshed.")
+    if server is not None:
+        typer.echo(f"s2uc sends this token to {server} without --scope, and to no other S2CS.")
+
+
+def _scope_of(server: Server, server_cert: Path, named: str | None) -> str:
+    from .scopes import to_bind
+
+    return to_bind(advertised_auth(server, tls_context(server_cert)), named, str(server))
 
 
 def check_auth(
@@ -398,10 +434,13 @@ def logout(
         scope = _expand(scope) if scope is not None else None
         store = TokenStore()
         gone = store.logout(scope)
+        servers = ServerScopes(home()).forget(scope)
     except ScistreamError as exc:
         _fail(exc)
     what = f"for {scope}" if scope else "for every scope"
     typer.echo(f"Logged out {what}: {gone} login(s) revoked and deleted from {store.path}.")
+    if servers:
+        typer.echo(f"No token goes to the {servers} S2CS you had logged in at any more.")
 
 
 # The user guide spells commands with underscores; dashes are accepted too.

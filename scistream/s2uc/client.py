@@ -6,13 +6,14 @@ hands out), and checks that it names the host it connects to.
 
 from __future__ import annotations
 
+import shlex
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRequest, ConfigError, Unauthenticated, Unreachable
+from ..errors import BadRequest, ConfigError, ScistreamError, Unauthenticated, Unreachable
 from ..protocol import DEFAULT_PORT, MAX_MESSAGE, check_reply, decode, encode, hostport, request
 
 CONNECT_TIMEOUT = 15.0
@@ -114,21 +115,30 @@ def call(
 
 
 class Connection:
-    """Requests to one S2CS, with a Globus token when it asks for one.
+    """Requests to one S2CS, with a Globus token only where the user said it may go.
 
-    With --scope the token of that scope goes with every request. Without it, a request goes
-    without one; if the server answers UNAUTHENTICATED, the client asks it which scope it wants
-    (the `info` op) and tries once more with a stored token of that scope, if there is one.
+    With --scope, the token of that scope goes with every request. Without it, a token goes only
+    to a server the user logged in at (`s2uc login --s2cs`), the token of the scope that server
+    advertised then (servers.py). Else a request goes without one; if the server answers
+    UNAUTHENTICATED, the user is told how to log in there, and no token is sent.
     """
 
-    def __init__(self, server: Server, context: ssl.SSLContext, scope: str | None = None) -> None:
+    def __init__(
+        self,
+        server: Server,
+        context: ssl.SSLContext,
+        scope: str | None = None,
+        server_cert: Path | None = None,
+    ) -> None:
         self.server = server
         self.context = context
         self.scope = scope
+        self.server_cert = server_cert  # for the login hint
 
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        from .tokens import token_for
+        from .tokens import home, token_for
 
+        token = None
         if self.scope:
             from .scopes import login_form
 
@@ -136,15 +146,35 @@ class Connection:
             if token is None:
                 hint = f"s2uc login --scope {login_form(self.scope)}"
                 raise Unauthenticated(f"not logged in for {self.scope}: {hint}")
-            return call(self.server, self.context, op, token, **fields)
+        else:
+            from .servers import ServerScopes
+
+            bound = ServerScopes(home()).scope_of(self.server)
+            token = token_for(bound) if bound else None  # logged out since: as if never bound
         try:
-            return call(self.server, self.context, op, None, **fields)
-        except Unauthenticated:
-            scope = call(self.server, self.context, "info")["auth"]["scope"]
-            token = token_for(scope) if scope else None
-            if token is None:
-                raise
             return call(self.server, self.context, op, token, **fields)
+        except Unauthenticated as exc:
+            if token is not None:
+                raise  # the server's own words: expired, revoked, not its scope
+            raise self._login_needed(exc) from None
+
+    def _login_needed(self, refused: Unauthenticated) -> Unauthenticated:
+        """What to do when the server wants a token s2uc may not send it: log in there."""
+        from .scopes import login_form
+
+        try:
+            scope = call(self.server, self.context, "info")["auth"]["scope"]
+        except (ScistreamError, KeyError, TypeError):
+            return refused
+        if not isinstance(scope, str) or not scope:
+            return refused
+        here = f"s2uc login --s2cs {self.server}"
+        if self.server_cert is not None and self.server_cert != Path("server.crt"):
+            here += f" --server_cert {shlex.quote(str(self.server_cert))}"
+        return Unauthenticated(
+            f"{self.server} requires a Globus login: run {here} once "
+            f"(or pass --scope {login_form(scope)} if you are logged in for it)"
+        )
 
 
 def _read_line(sock: ssl.SSLSocket) -> bytes:
@@ -159,3 +189,8 @@ def _read_line(sock: ssl.SSLSocket) -> bytes:
         if chunk.endswith(b"\n"):
             break
     return b"".join(chunks)
+
+
+def advertised_auth(server: Server, context: ssl.SSLContext) -> Any:
+    """The `auth` part of a server's `info`: whether it wants tokens, and of which scope."""
+    return call(server, context, "info").get("auth")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from functools import cached_property
+from typing import Any
 
 from globus_sdk.scopes import DynamicScopeCollection, Scope, ScopeParseError
 
@@ -69,4 +70,31 @@ def login_form(scope: str) -> str:
     candidate = parts[-2] if len(parts) >= 2 else ""
     if _ID.fullmatch(candidate) and candidate == candidate.lower() and scistream_scope(candidate) == scope:
         return candidate
+    return scope
+
+
+def to_bind(auth: Any, named: str | None, server: str) -> str:
+    """The scope `s2uc login --s2cs` logs in for and binds to `server`, from the `auth` of its info.
+
+    Only an S2CS's own kind of scope (.../scopes/ID/scistream): a server may advertise anything,
+    and a token for, say, Globus Transfer should go to it only when the user names that scope.
+    """
+    if not isinstance(auth, dict) or not auth.get("enabled"):
+        raise ConfigError(f"{server} has authentication off: it needs no login")
+    advertised = auth.get("scope")
+    try:
+        scope = expand(advertised) if isinstance(advertised, str) else None
+    except ConfigError:
+        scope = None
+    if scope is None or scope != advertised:
+        raise ConfigError(
+            f"{server} advertises no usable scope ({str(advertised)[:80]!r}); tell its operators"
+        )
+    if named is not None and named != scope:
+        raise ConfigError(f"{server} asks for {scope}, not {named}: leave out --scope, or check --s2cs")
+    if named is None and login_form(scope) == scope:
+        raise ConfigError(
+            f"{server} asks for {scope}, which is not the scope of an S2CS (.../scopes/ID/scistream); "
+            f"only if its operators told you to log in for it: s2uc login --s2cs {server} --scope {scope}"
+        )
     return scope

@@ -20,13 +20,16 @@ from .conftest import field, s2uc
 
 S2CS_ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
 S2CS_SECRET = "s2cs-secret-for-tests"
+# Another facility's S2CS, with Globus credentials of its own.
+OTHER_ID = "9c8b7a6d-5e4f-4321-8fed-cba987654321"
+OTHER_SECRET = "other-secret-for-tests"
 SCOPE = f"https://auth.globus.org/scopes/{S2CS_ID}/scistream"
 NATIVE_ID = "7d9e0f1a-2b3c-4d5e-8f60-718293a4b5c6"
 
 
 @pytest.fixture
 def globus(workdir: Path) -> Iterator[GlobusStandIn]:
-    standin = GlobusStandIn(workdir, confidential={S2CS_ID: S2CS_SECRET}).start()
+    standin = GlobusStandIn(workdir, confidential={S2CS_ID: S2CS_SECRET, OTHER_ID: OTHER_SECRET}).start()
     yield standin
     standin.stop()
 
@@ -39,10 +42,11 @@ def user_env(globus: GlobusStandIn, workdir: Path, user: str) -> dict[str, str]:
     }
 
 
-def login(globus: GlobusStandIn, env: dict[str, str], user: str, scope: str = SCOPE) -> str:
-    """`s2uc login --scope`, as the user guide has it: open the address, paste the code."""
+def login(globus: GlobusStandIn, env: dict[str, str], user: str, scope: str = SCOPE, *args: str) -> str:
+    """`s2uc login --scope`, as the user guide has it: open the address, paste the code.
+    With scope "", the login is `s2uc login ARGS` (--s2cs HOST:PORT ...)."""
     proc = subprocess.Popen(
-        [str(BIN / "s2uc"), "login", "--scope", scope],
+        [str(BIN / "s2uc"), "login", *(("--scope", scope) if scope else ()), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -50,23 +54,34 @@ def login(globus: GlobusStandIn, env: dict[str, str], user: str, scope: str = SC
         env={**os.environ, **env},
     )
     assert proc.stdout is not None and proc.stdin is not None
-    address = ""
+    address, before = "", ""
     while not address:
         line = proc.stdout.readline()
         assert line, f"s2uc login printed no address: {proc.stderr.read() if proc.stderr else ''}"
+        before += line
         if line.strip().startswith("https://"):
             address = line.strip()
     proc.stdin.write(globus.authorize(address, user) + "\n")
     proc.stdin.flush()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    return out
+    return before + out
 
 
 def secured_s2cs(start_s2cs, globus: GlobusStandIn):
     return start_s2cs(
         "hpc", "--client-id", S2CS_ID, env={**globus.env, "SCISTREAM_CLIENT_SECRET": S2CS_SECRET}
     )
+
+
+def other_s2cs(start_s2cs, globus: GlobusStandIn, scope: str = SCOPE, name: str = "other"):
+    """Another facility's S2CS, which advertises `scope`: by default the hpc facility's."""
+    env = {**globus.env, "SCISTREAM_CLIENT_SECRET": OTHER_SECRET}
+    return start_s2cs(name, "--client-id", OTHER_ID, "--auth-scope", scope, env=env)
+
+
+def at(gw) -> list[str]:
+    return ["--s2cs", gw.address, "--server_cert", str(gw.cert)]
 
 
 def test_login_stores_a_private_token_that_check_auth_sees(globus, workdir):
@@ -117,14 +132,16 @@ def test_a_secured_s2cs_serves_logged_in_users_and_keeps_their_streams_apart(sta
 
     refused = s2uc(*request, env=alice, check=False)
     assert refused.returncode == 4
-    assert f"s2uc login --scope {S2CS_ID}" in refused.stderr  # tells the user what to do, as the guide does
+    # Tells the user what to do: log in there, or name the scope ID, as the guide does.
+    assert f"s2uc login --s2cs {hpc.address}" in refused.stderr and f"--scope {S2CS_ID}" in refused.stderr
 
     login(globus, alice, "alice")
     uid = field(s2uc(*request, "--scope", SCOPE, env=alice).stdout, "UID")
-    # Without --scope too: the client asks the server which scope it wants.
+    # Without --scope too, once alice logged in at this server: it told her client its scope.
+    login(globus, alice, "alice", "", *server)
     second = field(s2uc(*request, env=alice).stdout, "UID")
 
-    login(globus, bob, "bob")
+    login(globus, bob, "bob", "", *server)
     assert s2uc("status", *server, env=bob).stdout.startswith("No streams")  # not bob's
     denied = s2uc("release", uid, *server, env=bob, check=False)
     # Refused: FORBIDDEN, or NOT_FOUND where the server hides that the stream exists at all.
@@ -158,6 +175,71 @@ def test_login_with_the_scope_id_of_the_user_guide_serves_requests(start_s2cs, g
     # The full scope string names the same login.
     assert s2uc("check-auth", "--scope", SCOPE, env=env).returncode == 0
     assert "1 login(s) revoked" in s2uc("logout", "--scope", S2CS_ID, env=env).stdout
+
+
+def test_no_token_goes_to_a_server_that_advertises_a_scope_the_user_did_not_name(start_s2cs, globus, workdir):
+    hpc = secured_s2cs(start_s2cs, globus)
+    other = other_s2cs(start_s2cs, globus)  # asks for the hpc facility's scope
+    assert other.call("info")["auth"]["scope"] == SCOPE
+    env = user_env(globus, workdir, "alice")
+    sink = Sink()
+    service = ["--remote_ip", "127.0.0.1", "--receiver_ports", str(sink.port)]
+
+    login(globus, env, "alice", S2CS_ID)  # for the hpc facility, at no server in particular
+    for args in (["status", *at(other)], ["inbound_request", *at(other), *service], ["status", *at(hpc)]):
+        refused = s2uc(*args, env=env, check=False)
+        assert refused.returncode == 4, refused.stderr
+        server = args[2]
+        (line,) = refused.stderr.splitlines()
+        assert f"--scope {S2CS_ID}" in line and f"s2uc login --s2cs {server}" in line  # what to do
+    assert globus.introspected == []  # neither server saw the token
+
+    # Logged in at the hpc S2CS: it gets the token without --scope; the other one still gets none.
+    out = login(globus, env, "alice", "", *at(hpc))
+    assert f"{hpc.address} asks for a Globus login for {SCOPE}" in out
+    assert s2uc("status", *at(hpc), env=env).stdout.startswith("No streams")
+    refused = s2uc("inbound_request", *at(other), *service, env=env, check=False)
+    assert refused.returncode == 4
+    assert {server for server, _ in globus.introspected} == {S2CS_ID}
+    # Named with --scope, the token goes where the user sends it: that is her call.
+    named = s2uc("status", *at(other), "--scope", S2CS_ID, env=env, check=False)
+    assert "not for this server's scope" not in named.stderr
+    assert OTHER_ID in {server for server, _ in globus.introspected}
+
+    servers = workdir / "alice" / ".scistream" / "servers.json"
+    assert stat.S_IMODE(servers.stat().st_mode) == 0o600
+    assert hpc.address in servers.read_text() and other.address not in servers.read_text()
+    s2uc("logout", env=env)
+    assert hpc.address not in servers.read_text()  # logged out: no server gets a token any more
+
+
+def test_login_at_an_s2cs_takes_only_a_scistream_scope_unless_the_user_names_it(start_s2cs, globus, workdir):
+    env = user_env(globus, workdir, "alice")
+    plain = start_s2cs("plain")
+    result = run_login(env, "", *at(plain))
+    assert result.returncode == 2 and "authentication off" in result.stderr
+    transfer = "urn:globus:auth:scope:transfer.api.globus.org:all"
+    odd = other_s2cs(start_s2cs, globus, scope=transfer, name="odd")
+    result = run_login(env, "", *at(odd))
+    assert result.returncode == 2 and "https://" not in result.stdout  # no Globus address shown
+    assert f"--scope {transfer}" in result.stderr  # only if its operators say so
+    result = run_login(env, "", *at(odd), "--scope", S2CS_ID)
+    assert result.returncode == 2 and f"asks for {transfer}, not {SCOPE}" in result.stderr
+    # Named, it is the user's choice.
+    login(globus, env, "alice", transfer, *at(odd))
+    assert s2uc("status", *at(odd), env=env).returncode == 0
+    assert result.stderr.count("\n") == 1
+    missing = run_login(env, "")
+    assert missing.returncode == 2 and "--s2cs" in missing.stderr and "--scope" in missing.stderr
+
+
+def test_info_says_how_to_log_in(start_s2cs, globus):
+    hpc = secured_s2cs(start_s2cs, globus)
+    out = s2uc("info", *at(hpc)).stdout
+    assert f"auth       on, scope {SCOPE}" in out
+    assert (
+        f"login      s2uc login --s2cs {hpc.address} --server_cert {hpc.cert} (or --scope {S2CS_ID})" in out
+    )
 
 
 def test_a_token_for_another_scope_is_refused(start_s2cs, globus, workdir):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scistream.errors import ConfigError
-from scistream.s2uc.scopes import expand, login_form, scistream_scope
+from scistream.s2uc.scopes import expand, login_form, scistream_scope, to_bind
 
 ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
 FULL = f"https://auth.globus.org/scopes/{ID}/scistream"
@@ -76,3 +76,33 @@ def test_the_server_advertises_the_same_scope_and_its_login_hint_names_the_id():
     with pytest.raises(Unauthenticated) as caught:
         GlobusAuth(ID, "secret").identify(None)
     assert caught.value.message.endswith(f"s2uc login --scope {ID}")
+
+
+# --- the scope `s2uc login --s2cs` takes from a server's info -------------------------------------
+
+
+def test_login_at_a_server_takes_the_scistream_scope_it_advertises():
+    assert to_bind({"enabled": True, "scope": FULL}, None, "hpc:5000") == FULL
+    assert to_bind({"enabled": True, "scope": FULL}, FULL, "hpc:5000") == FULL
+
+
+@pytest.mark.parametrize(
+    ("auth", "named", "says"),
+    [
+        ({"enabled": False, "scope": None}, None, "hpc:5000 has authentication off"),
+        (None, None, "hpc:5000 has authentication off"),
+        ({"enabled": True, "scope": None}, None, "advertises no usable scope"),
+        ({"enabled": True, "scope": ID}, None, "advertises no usable scope"),  # an ID is not a scope
+        ({"enabled": True, "scope": f"{FULL} openid"}, None, "advertises no usable scope"),
+        ({"enabled": True, "scope": FULL}, "https://auth.globus.org/scopes/x/y", f"asks for {FULL}, not"),
+        (
+            {"enabled": True, "scope": "urn:globus:auth:scope:transfer.api.globus.org:all"},
+            None,
+            "--scope urn:globus:auth:scope:transfer.api.globus.org:all",
+        ),
+    ],
+)
+def test_login_at_a_server_refuses_what_it_should_not_bind(auth, named, says):
+    with pytest.raises(ConfigError) as caught:
+        to_bind(auth, named, "hpc:5000")
+    assert says in caught.value.message
