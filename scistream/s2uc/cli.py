@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
 from .client import Connection, Server, advertised_auth, parse_server, tls_context
 from .servers import ServerScopes
 from .tokens import TokenStore, home, registered_client_id
+from .uids import UidFile, normalize_uid, read_uid
 
 app = typer.Typer(
     add_completion=False,
@@ -77,6 +79,32 @@ Rate = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print the server's reply as JSON, for scripts.")]
+UidFileIn = Annotated[
+    Path | None,
+    typer.Option(
+        "--uid-file",
+        "--uid_file",
+        help="Read the stream's UID from this file (- for stdin), not from the command line, where "
+        "other users can see it.",
+    ),
+]
+
+
+def _uid(given: str | None, uid_file: Path | None) -> str:
+    """The stream's UID, from the command line or from --uid-file (exactly one of them)."""
+    if given is not None and uid_file is not None:
+        raise ConfigError("give the UID as an argument or with --uid-file, not both")
+    if uid_file is not None:
+        return read_uid(uid_file, sys.stdin)
+    if given is None:
+        raise ConfigError("which stream? --uid-file FILE (the file inbound_request wrote), or the UID")
+    return normalize_uid(given)
+
+
+def _named(uid: str, uid_file: Path | None) -> str:
+    """How output names a stream: in full as the user typed it; by its prefix when it came from a
+    file, so that output kept in a log does not give the secret away."""
+    return uid if uid_file is None else f"{uid[:8]} (UID in {uid_file})"
 
 
 def _ports(text: str | None) -> list[int] | None:
@@ -154,17 +182,42 @@ def inbound_request(
     server_cert: ServerCert = Path("server.crt"),
     scope: Scope = None,
     as_json: Json = False,
+    uid_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--uid-file",
+            "--uid_file",
+            help="Write the UID to this file (mode 0600) instead of printing it, to hand over privately.",
+        ),
+    ] = None,
 ) -> None:
     """Create the inbound proxy in front of a service at this facility; prints the UID and listeners."""
     ports = _ports(receiver_ports)
 
     def body(conn: Connection) -> None:
-        reply = conn.call("inbound", remote_ip=remote_ip, receiver_ports=ports, num_conn=num_conn, rate=rate)
+        target = UidFile.prepare(uid_file) if uid_file is not None else None
+        try:
+            reply = conn.call(
+                "inbound", remote_ip=remote_ip, receiver_ports=ports, num_conn=num_conn, rate=rate
+            )
+        except BaseException:
+            if target is not None:
+                target.discard()
+            raise
+        uid, listeners = reply["uid"], reply["listeners"]
+        if target is not None:
+            try:
+                target.write(uid)
+            except ConfigError as exc:  # the stream exists: its owner must learn its UID somehow
+                exc.message += f"; the stream's UID is {uid}: release it with s2uc release --uid-file -"
+                raise
         if as_json:
             return _print_json(reply)
         _warn_unenforced(reply)
-        uid, listeners = reply["uid"], reply["listeners"]
-        typer.echo(f"UID: {uid}")
+        if uid_file is None:
+            typer.echo(f"UID: {uid}")
+        else:
+            typer.echo(f"UID file: {uid_file} (readable by you only; hand it over privately)")
         typer.echo(f"Listeners: {','.join(listeners)}")
         pairs = ", ".join(f"{lst} -> {remote_ip}:{p}" for lst, p in zip(listeners, ports or [], strict=True))
         typer.echo(f"Inbound proxy on {conn.server}: {pairs}; {_limits_line(reply)}.")
@@ -176,20 +229,32 @@ def inbound_request(
             )
             if value != default
         )
+        handed = uid if uid_file is None else f"--uid-file {shlex.quote(str(uid_file))}"
         typer.echo("On the instrument side, run:")
-        typer.echo(f"  s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000{extra} {uid} {','.join(listeners)}")
+        typer.echo(
+            f"  s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000{extra} {handed} {','.join(listeners)}"
+        )
 
     _run(s2cs, server_cert, scope, body)
 
 
 def outbound_request(
-    uid: Annotated[str, typer.Argument(help="UID of the stream, from the inbound side.")],
-    remote_listeners: Annotated[
-        str,
+    uid: Annotated[
+        str | None,
         typer.Argument(
-            metavar="HPC_LISTENER", help="Listener address(es) from the inbound side, comma separated."
+            metavar="UID",
+            help="UID of the stream, from the inbound side (or --uid-file).",
+            show_default=False,
         ),
-    ],
+    ] = None,
+    remote_listeners: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="HPC_LISTENER",
+            help="Listener address(es) from the inbound side, comma separated.",
+            show_default=False,
+        ),
+    ] = None,
     remote_ip: Annotated[
         str | None,
         typer.Option(
@@ -210,12 +275,15 @@ def outbound_request(
     server_cert: ServerCert = Path("server.crt"),
     scope: Scope = None,
     as_json: Json = False,
+    uid_file: UidFileIn = None,
 ) -> None:
     """Create the outbound proxy that carries an instrument's data to the inbound listener(s)."""
     ports = _ports(receiver_ports)
-    listeners = [a.strip() for a in remote_listeners.split(",") if a.strip()]
+    given, addresses = _outbound_arguments(uid, remote_listeners, uid_file)
+    listeners = [a.strip() for a in addresses.split(",") if a.strip()]
 
     def body(conn: Connection) -> None:
+        uid = _uid(given, uid_file)
         reply = conn.call(
             "outbound",
             uid=uid,
@@ -229,7 +297,10 @@ def outbound_request(
             return _print_json(reply)
         _warn_unenforced(reply)
         local = reply["listeners"]
-        typer.echo(f"UID: {reply['uid']}")
+        if uid_file is None:
+            typer.echo(f"UID: {reply['uid']}")
+        else:
+            typer.echo(f"Stream: {_named(uid, uid_file)}")
         typer.echo(f"Listeners: {','.join(local)}")
         pairs = ", ".join(f"{a} -> {b}" for a, b in zip(local, listeners, strict=True))
         typer.echo(f"Outbound proxy on {conn.server}: {pairs} (TLS); {_limits_line(reply)}.")
@@ -239,20 +310,42 @@ def outbound_request(
     _run(s2cs, server_cert, scope, body)
 
 
+def _outbound_arguments(
+    first: str | None, second: str | None, uid_file: Path | None
+) -> tuple[str | None, str]:
+    """(UID or None, listeners) of `[UID] HPC_LISTENER`: with --uid-file, the one argument is the
+    listeners."""
+    if uid_file is not None and second is None and first is not None:
+        return None, first
+    if uid_file is None and second is not None:
+        return first, second
+    if uid_file is not None and second is not None:
+        raise typer.BadParameter("give the UID as an argument or with --uid-file, not both")
+    raise typer.BadParameter("give UID HPC_LISTENER, or --uid-file FILE HPC_LISTENER")
+
+
 def release(
-    uid: Annotated[str, typer.Argument(help="UID of the stream to release.")],
+    uid: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="UID", help="UID of the stream to release (or --uid-file).", show_default=False
+        ),
+    ] = None,
     s2cs: S2cs = "localhost:5000",
     server_cert: ServerCert = Path("server.crt"),
     scope: Scope = None,
     as_json: Json = False,
+    uid_file: UidFileIn = None,
 ) -> None:
     """Stop this server's proxy (or proxies) of a stream and free its ports."""
 
     def body(conn: Connection) -> None:
-        reply = conn.call("release", uid=uid)
+        stream = _uid(uid, uid_file)
+        reply = conn.call("release", uid=stream)
         if as_json:
             return _print_json(reply)
-        typer.echo(f"Released {' and '.join(reply['released'])} proxy of stream {uid} on {conn.server}.")
+        released = " and ".join(reply["released"])
+        typer.echo(f"Released {released} proxy of stream {_named(stream, uid_file)} on {conn.server}.")
 
     _run(s2cs, server_cert, scope, body)
 
@@ -280,7 +373,7 @@ def status(
     """Show streams on a server: state, listeners, limits, connections, bytes, restarts."""
 
     def body(conn: Connection) -> None:
-        reply = conn.call("status", uid=uid)
+        reply = conn.call("status", uid=None if uid is None else normalize_uid(uid))
         if as_json:
             return _print_json(reply)
         streams = reply["streams"]
