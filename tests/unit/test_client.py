@@ -5,7 +5,7 @@ import ssl
 import pytest
 
 from scistream.credentials import stream_credentials
-from scistream.errors import ConfigError
+from scistream.errors import ConfigError, ScistreamError
 from scistream.s2uc.client import Server, parse_server, tls_context
 
 
@@ -154,3 +154,67 @@ def test_s2uc_says_what_is_wrong_with_the_certificate_in_one_line(tmp_path, make
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: {cert} is ")
+
+
+# --- which token goes to which server ------------------------------------------------------------
+
+HPC_SCOPE = "https://auth.globus.org/scopes/3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d/scistream"
+
+
+class _Gateway:
+    """Stands in for `client.call`: an S2CS with authentication on that advertises `scope`."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        self.tokens: list[str | None] = []
+
+    def __call__(self, server, context, op, token=None, **fields):
+        from scistream.errors import Unauthenticated
+
+        if op == "info":
+            return {"auth": {"enabled": True, "scope": self.scope}}
+        self.tokens.append(token)
+        if token is None:
+            raise Unauthenticated("this server requires a Globus login")
+        return {"streams": []}
+
+
+@pytest.fixture
+def gateway(monkeypatch, tmp_path):
+    import scistream.s2uc.client as client
+    import scistream.s2uc.tokens as tokens
+
+    monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path))
+    stored = {HPC_SCOPE: "hpc-token"}  # the user is logged in for the hpc facility's scope
+    monkeypatch.setattr(tokens, "token_for", stored.get)
+    fake = _Gateway(HPC_SCOPE)
+    monkeypatch.setattr(client, "call", fake)
+    return fake
+
+
+def test_no_token_goes_to_a_server_the_user_did_not_name_whatever_it_advertises(gateway, tmp_path):
+    from scistream.errors import Unauthenticated
+    from scistream.s2uc.client import Connection
+
+    other = Server("other.facility.org", 5000)
+    with pytest.raises(Unauthenticated) as caught:
+        Connection(other, ssl.create_default_context(), None, tmp_path / "other.crt").call("status")
+    assert gateway.tokens == [None]
+    message = caught.value.message
+    assert message.startswith("other.facility.org:5000 requires a Globus login: run s2uc login --s2cs ")
+    assert "--server_cert" in message and "--scope 3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d" in message
+
+
+def test_the_token_goes_where_the_user_named_its_scope_or_logged_in(gateway, tmp_path):
+    from scistream.s2uc.client import Connection
+    from scistream.s2uc.servers import ServerScopes
+
+    hpc = Server("hpc.facility.org", 5000)
+    Connection(hpc, ssl.create_default_context(), HPC_SCOPE).call("status")
+    assert gateway.tokens == ["hpc-token"]
+    ServerScopes(tmp_path).bind(hpc, HPC_SCOPE)
+    Connection(Server("HPC.facility.org", 5000), ssl.create_default_context()).call("status")
+    assert gateway.tokens == ["hpc-token", "hpc-token"]
+    with pytest.raises(ScistreamError):
+        Connection(Server("hpc.facility.org", 5001), ssl.create_default_context()).call("status")
+    assert gateway.tokens[-1] is None  # another port is another server
