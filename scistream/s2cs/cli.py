@@ -176,7 +176,7 @@ def run(
         )
         gateway = Gateway(settings, backend, auth)
         gateway.supervisor.limit_logs(log_max_bytes)
-        gateway.state.open()  # before anything else touches the state dir
+        gateway.open()  # before anything else touches the state dir
         addresses = [ip for ip in (bind, control) if ip and not ipaddress.ip_address(ip).is_unspecified]
         crt, key, generated = server_certificate(
             server_crt, server_key, gateway.state.path, listener_ip, *addresses

@@ -39,7 +39,7 @@ from ..s2ds.supervisor import ProxyProcess, State, Supervisor
 from ..s2ds.system import RealSystem, System, processes_using, terminate
 from .auth import Authenticator, Identity
 from .ports import PortPool
-from .sessions import Session, SessionRegistry, short
+from .sessions import RecordedProcess, Session, SessionRegistry, parse_record, short
 from .state import StateDir
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class Gateway:
         self.pool = PortPool(*settings.port_range, is_free=port_is_free)
         self.supervisor = Supervisor()
         self._save_lock = threading.Lock()
+        self._found: list[tuple[Session, list[RecordedProcess]]] = []  # what state.json records
         if settings.bind_ip:
             # Behind NAT, --listener-ip is the address peers reach and --bind-ip the one of this
             # host that it leads to: one a proxy can bind. Checked now, not at the first request.
@@ -121,8 +122,14 @@ class Gateway:
 
     # --- life of the server ----------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Hold the state dir and read what it records, acting on nothing yet: a second s2cs, or
+        a damaged state.json, fails here and changes nothing."""
+        self.state.open()
+        self._found = self._recorded()
+
     def start(self) -> None:
-        """Recover the streams of the state dir and supervise them; `state.open()` came first."""
+        """Recover the streams of the state dir and supervise them; `open()` came first."""
         self.recover()
         self.supervisor.start()
 
@@ -143,27 +150,26 @@ class Gateway:
     def recover(self) -> None:
         """Re-adopt the processes of a previous s2cs that still run; restart the others.
 
-        Never refuses to start: a session whose processes cannot be started again (neither from
-        the current templates nor from their last config) is FATAL with the reason, and its ports
-        stay reserved.
+        Refuses to start only when state.json cannot be used (StateDir.damaged says why), and
+        then before it touches anything. A session whose processes cannot be started again
+        (neither from the current templates nor from their last config) is FATAL with the
+        reason, and its ports stay reserved.
         """
         adopted: set[int] = set()
-        for record in self.state.load():
-            session = Session.from_record(record)
+        for session, recorded in self._found:
             self.registry.add(session)
             self.pool.take(session.ports)
             files = SessionFiles(self.state.session_dir(session.sid))
             files.directory.mkdir(mode=0o700, exist_ok=True)
             spec = self._spec(session)
             gone = []
-            for before in record.get("processes", []):
-                kind = before["name"]
-                launch = Launch(kind, tuple(before["argv"]), self.backend.ready(spec, files, kind))
+            for before in recorded:
+                launch = Launch(before.kind, before.argv, self.backend.ready(spec, files, before.kind))
                 proc = self._process(session, files, launch)
-                proc.restarts = int(before.get("restarts", 0))
+                proc.restarts = before.restarts
                 handle = None
-                if before.get("pid") and before.get("create_time"):
-                    handle = self.system.adopt(before["pid"], before["create_time"], before["argv"])
+                if before.pid and before.create_time:
+                    handle = self.system.adopt(before.pid, before.create_time, before.argv)
                 if handle is not None:
                     proc.adopt(handle)
                     adopted.add(handle.pid)
@@ -177,6 +183,22 @@ class Gateway:
         self._persist()
         if len(self.registry):
             log.info("recovered %d stream(s) from %s", len(self.registry), self.state.file)
+
+    def _recorded(self) -> list[tuple[Session, list[RecordedProcess]]]:
+        """Every session of state.json with its processes, all checked before any is acted on."""
+        found = []
+        seen: set[object] = set()
+        for i, record in enumerate(self.state.load(), 1):
+            try:
+                session, processes = parse_record(record)
+            except ValueError as exc:
+                raise self.state.damaged(f"session {i}: {exc}") from None
+            for key in (session.sid, (session.uid, session.role)):
+                if key in seen:
+                    raise self.state.damaged(f"session {i} is recorded twice")
+                seen.add(key)
+            found.append((session, processes))
+        return found
 
     def _restart_gone(self, session: Session, files: SessionFiles, gone: list[ProxyProcess]) -> None:
         """Schedule the processes that did not survive, with their files written again from the

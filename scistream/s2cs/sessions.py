@@ -8,6 +8,7 @@ half-made sessions.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from ..errors import Conflict
 from ..protocol import Limits
 from ..s2ds.render import ListenerSpec, Role
 from ..s2ds.supervisor import ProxyProcess, State
+
+_SID = re.compile(r"[0-9a-f]{12}")
 
 
 def short(uid: str) -> str:
@@ -93,6 +96,47 @@ class Session:
             limits=Limits(num_conn=int(rec["num_conn"]), rate=int(rec["rate"])),
             created=float(rec["created"]),
         )
+
+
+@dataclass(frozen=True)
+class RecordedProcess:
+    """A process as state.json records it: what finds it again (pid, start time, command line)."""
+
+    kind: str
+    argv: tuple[str, ...]
+    pid: int | None
+    create_time: float | None
+    restarts: int
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> RecordedProcess:
+        argv = rec["argv"]
+        if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv):
+            raise ValueError("a command line is not a list of strings")
+        return cls(
+            kind=str(rec["name"]),
+            argv=tuple(argv),
+            pid=int(rec["pid"]) if rec.get("pid") else None,
+            create_time=float(rec["create_time"]) if rec.get("create_time") else None,
+            restarts=int(rec.get("restarts", 0)),
+        )
+
+
+def parse_record(rec: dict[str, Any]) -> tuple[Session, list[RecordedProcess]]:
+    """A session of state.json and its processes; ValueError says what is wrong with it."""
+    try:
+        session = Session.from_record(rec)
+        processes = [RecordedProcess.from_record(p) for p in rec.get("processes", [])]
+    except KeyError as exc:
+        raise ValueError(f"it has no {exc.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"a field is malformed: {exc}") from None
+    # The sid names a directory that release deletes: nothing but what _session makes.
+    if not isinstance(session.sid, str) or not _SID.fullmatch(session.sid):
+        raise ValueError(f"its sid {session.sid!r} is not a session id")
+    if session.role not in ("inbound", "outbound") or not isinstance(session.uid, str):
+        raise ValueError("its role or UID is malformed")
+    return session, processes
 
 
 class SessionRegistry:

@@ -3,6 +3,7 @@
 Layout of `--state-dir` (mode 0700):
     s2cs.lock             held (flock) by the one s2cs that uses this state dir; names its pid
     state.json            every session, with its proxy's pid, start time and command line
+    state.json.prev       state.json as it was before the last change (only while streams exist)
     server.crt/.key       the control-plane certificate, when s2cs generated it
     sessions/<sid>/       one directory per session: config, stream key and certificate, log, socket
 """
@@ -50,6 +51,7 @@ class StateDir:
             )
         self.sessions = self.path / "sessions"
         self.file = self.path / "state.json"
+        self.previous = self.path / "state.json.prev"
         self.lock_file = self.path / "s2cs.lock"
         self._lock_fd: int | None = None
 
@@ -104,23 +106,42 @@ class StateDir:
         return self.sessions / sid
 
     def load(self) -> list[dict[str, Any]]:
+        """The session records of state.json; none when there is none yet."""
         try:
-            data = json.loads(self.file.read_text())
+            data = self.file.read_bytes()
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read {self.file}: {exc}; move it aside to start afresh") from exc
-        if data.get("version") != STATE_VERSION:
-            raise ConfigError(
-                f"{self.file} has state version {data.get('version')}, expected {STATE_VERSION}"
+        except OSError as exc:
+            raise ConfigError(f"cannot read {self.file}: {exc.strerror}") from None
+        try:
+            return decode(data)
+        except UnknownVersion as exc:
+            raise ConfigError(f"{self.file} has {exc}; use the s2cs that wrote it") from None
+        except ValueError as exc:
+            raise self.damaged(str(exc)) from None
+
+    def damaged(self, reason: str) -> ConfigError:
+        """What an operator is told when state.json cannot be used. s2cs does not start then:
+        starting without it would leave the streams it records running unmanaged, and starting
+        from the previous copy could bring back a stream released since."""
+        if self.previous.is_file():
+            advice = (
+                f"its previous copy is {self.previous}: check it and move it into place to manage "
+                "them again, or move both aside to start afresh"
             )
-        sessions = data.get("sessions", [])
-        if not isinstance(sessions, list):
-            raise ConfigError(f"{self.file} is damaged (no list of sessions); move it aside to start afresh")
-        return sessions
+        else:
+            advice = "repair it, or move it aside to start afresh (leaving their proxies unmanaged)"
+        return ConfigError(
+            f"{self.file} is damaged ({reason}); the streams it records may still run, so s2cs "
+            f"does not start without it; {advice}"
+        )
 
     def save(self, sessions: list[dict[str, Any]]) -> None:
         data = json.dumps({"version": STATE_VERSION, "sessions": sessions}, indent=1).encode()
+        if sessions:
+            self._keep_previous()
+        else:  # no stream to lose: and no UID of a released stream left in an old copy
+            self.previous.unlink(missing_ok=True)
         write_private(self.file, data)
         # The rename itself must reach the disk too, or a crash could bring back the old file.
         fd = os.open(self.path, os.O_RDONLY)
@@ -128,3 +149,49 @@ class StateDir:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _keep_previous(self) -> None:
+        """state.json as it is (this s2cs loaded or wrote it: a good one) becomes state.json.prev."""
+        link = self.path / f".{self.previous.name}.new"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(self.file, link)  # the same file, mode 0600; no copy to get wrong
+        except FileNotFoundError:
+            return
+        os.replace(link, self.previous)
+
+
+class UnknownVersion(ValueError):
+    pass
+
+
+def decode(data: bytes) -> list[dict[str, Any]]:
+    """The session records of a state file; ValueError says what is wrong with it. Pure."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:  # bytes that are not UTF-8 included
+        raise ValueError("empty" if not data.strip() else f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{_kind(doc)}, not a JSON object")
+    version = doc.get("version")
+    if version != STATE_VERSION:
+        raise UnknownVersion(f"state version {version!r}, not {STATE_VERSION}")
+    sessions = doc.get("sessions")
+    if not isinstance(sessions, list):
+        raise ValueError(f'"sessions" is {_kind(sessions)}, not a list')
+    for i, record in enumerate(sessions):
+        if not isinstance(record, dict):
+            raise ValueError(f"session {i + 1} is {_kind(record)}, not an object")
+    return sessions
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null or missing"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"

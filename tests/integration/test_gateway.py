@@ -209,6 +209,38 @@ def test_a_bad_operator_certificate_or_key_is_one_error_line(workdir, case):
     assert output[0].startswith(f"error: {expected}"), output
 
 
+# --- a damaged state.json -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["[]", '"x"', "", '{"version": 1, "sessions": {}}'])
+def test_a_damaged_state_file_is_refused_in_one_line_and_its_good_copy_brings_the_streams_back(
+    start_s2cs, damage
+):
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit")
+    inst = start_s2cs("instrument")
+    sink = Sink()
+    uid, _, data_port = astuple(open_stream(hpc, inst, sink.port))
+    pids = _pids(hpc, uid)
+    assert hpc.stop(signal.SIGTERM) == 0
+    state = hpc.state_dir / "state.json"
+    state.write_text(damage)
+
+    status, output = _fails(hpc.argv())
+
+    assert status == 2
+    assert len(output) == 1, output
+    line = output[0]
+    assert line.startswith(f"error: {state} is damaged"), line
+    assert f"{state}.prev" in line  # the good copy, named
+    assert all(_alive(pid) for pid in pids.values()), "a refused start stopped running streams"
+    # The operator does what the line says: the good copy goes back, the streams come back.
+    os.replace(f"{state}.prev", state)
+    hpc.start()
+    _wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="recovery")
+    data = os.urandom(1 << 20)
+    assert send(("127.0.0.1", data_port), data) == (len(data), hashlib.sha256(data).hexdigest())
+
+
 # --- SIGTERM while s2cs recovers ----------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from scistream.errors import ConfigError
-from scistream.s2cs.state import StateDir
+from scistream.s2cs.sessions import parse_record
+from scistream.s2cs.state import StateDir, UnknownVersion, decode
 
 
 @pytest.fixture
@@ -73,3 +74,123 @@ def test_a_sessions_dir_that_is_a_file_is_refused_in_words(short_dir):
     with pytest.raises(ConfigError, match=r"^sessions dir \S+ is not a directory$"):
         state.open()
     state.close()
+
+
+# --- state.json ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"[]", "a list, not a JSON object"),
+        (b'"x"', "a string, not a JSON object"),
+        (b"3", "a number, not a JSON object"),
+        (b'{"version": 1}', '"sessions" is null or missing, not a list'),
+        (b'{"version": 1, "sessions": {}}', '"sessions" is an object, not a list'),
+        (b'{"version": 1, "sessions": [[]]}', "session 1 is a list, not an object"),
+        (b'{"version": 1, "sess', "not JSON: "),
+        (b"\xff\xfe", "not JSON: "),
+    ],
+)
+def test_a_damaged_state_file_is_told_apart_from_a_good_one(data, reason):
+    with pytest.raises(ValueError, match=f"^{re.escape(reason)}"):
+        decode(data)
+
+
+def test_a_good_state_file_gives_its_records():
+    assert decode(b'{"version": 1, "sessions": [{"uid": "u"}]}') == [{"uid": "u"}]
+    assert decode(b'{"version": 1, "sessions": []}') == []
+    with pytest.raises(UnknownVersion, match="state version 2, not 1"):
+        decode(b'{"version": 2, "sessions": []}')
+
+
+def test_a_damaged_state_file_is_refused_naming_it_and_its_previous_copy(held):
+    held.save([{"n": 1}])
+    held.save([{"n": 2}])
+    held.file.write_text("[]")
+    with pytest.raises(ConfigError) as caught:
+        held.load()
+    message = caught.value.message
+    assert message.startswith(f"{held.file} is damaged (a list, not a JSON object); ")
+    assert f"its previous copy is {held.previous}: check it and move it into place" in message
+    assert "\n" not in message
+    os.replace(held.previous, held.file)
+    assert held.load() == [{"n": 1}]
+
+
+def test_without_a_previous_copy_the_refusal_says_what_else_to_do(held):
+    held.file.write_text('"x"')
+    with pytest.raises(ConfigError, match="repair it, or move it aside to start afresh"):
+        held.load()
+
+
+def test_save_keeps_the_previous_good_copy_while_there_are_streams(held):
+    held.save([{"n": 1}])
+    assert not held.previous.exists()
+    held.save([{"n": 1}, {"n": 2}])
+    assert decode(held.previous.read_bytes()) == [{"n": 1}]
+    assert held.previous.stat().st_mode & 0o777 == 0o600  # it holds UIDs, as state.json does
+    held.save([{"n": 2}])
+    assert decode(held.previous.read_bytes()) == [{"n": 1}, {"n": 2}]
+    held.save([])  # the last stream released: no old copy keeps its UID
+    assert not held.previous.exists()
+    assert held.load() == []
+    assert sorted(p.name for p in held.path.iterdir()) == ["s2cs.lock", "sessions", "state.json"]
+
+
+def _record(**changes: object) -> dict[str, object]:
+    record: dict[str, object] = {
+        "uid": "0e6c3f4e-6a0c-4d7e-9d55-9a4b8f5e2b10",
+        "sid": "a1b2c3d4e5f6",
+        "role": "inbound",
+        "owner": None,
+        "listeners": [["127.0.0.1", 5100, "10.0.0.5", 5001]],
+        "advertised": ["127.0.0.1:5100"],
+        "num_conn": 5,
+        "rate": 10000,
+        "created": 1.5,
+        "processes": [{"name": "proxy", "argv": ["haproxy", "-db"], "pid": 42, "create_time": 7.25}],
+    }
+    record.update(changes)
+    return record
+
+
+def test_a_session_record_comes_back_as_it_was_written():
+    session, (proc,) = parse_record(_record())
+    assert (session.uid, session.sid, session.role, session.ports) == (
+        "0e6c3f4e-6a0c-4d7e-9d55-9a4b8f5e2b10",
+        "a1b2c3d4e5f6",
+        "inbound",
+        (5100,),
+    )
+    assert (proc.kind, proc.argv, proc.pid, proc.create_time, proc.restarts) == (
+        "proxy",
+        ("haproxy", "-db"),
+        42,
+        7.25,
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"uid": None, "sid": "a1b2c3d4e5f6"}, "its role or UID is malformed"),
+        ({"sid": "../../etc"}, "its sid '../../etc' is not a session id"),
+        ({"role": "sideways"}, "its role or UID is malformed"),
+        ({"listeners": [["127.0.0.1", 5100]]}, "a field is malformed"),
+        ({"num_conn": "many"}, "a field is malformed"),
+        ({"processes": [{"name": "proxy", "argv": "haproxy -db"}]}, "a command line is not a list"),
+    ],
+)
+def test_a_malformed_session_record_says_what_is_wrong(changes, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        parse_record(_record(**changes))
+
+
+def test_a_session_record_without_a_field_names_it():
+    record = _record()
+    del record["listeners"]
+    with pytest.raises(ValueError, match="it has no 'listeners'"):
+        parse_record(record)
