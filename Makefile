@@ -32,10 +32,16 @@ demo: setup
 test: setup system-deps lint test-lowest
 	scripts/run-tests $(BIN)
 
-# The unit tests with the lowest versions pyproject.toml allows, so that no floor is a guess. The
-# venv is made anew when pyproject.toml or the constraints change (a leftover package of an earlier
-# install could hide a missing one), else reused.
+# Lint and the unit tests with the lowest versions pyproject.toml allows, so that no floor is a
+# guess. A failure here only: raise that floor in pyproject.toml and constraints/lowest.txt, or do
+# without what only a newer version has. The venv is made anew when pyproject.toml or the
+# constraints change (a leftover package of an earlier install could hide a missing one), else
+# reused; mypy keeps its cache there, as one of another version would be rebuilt every run.
 test-lowest: $(LOWEST_STAMP)
+	@echo "== lint and unit tests with every dependency at its floor ($(CONSTRAINTS))"
+	$(LOWEST)/bin/ruff check scistream tests
+	$(LOWEST)/bin/ruff format --check scistream tests
+	$(LOWEST)/bin/mypy --cache-dir $(LOWEST)/.mypy_cache
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
 $(LOWEST_STAMP): pyproject.toml $(CONSTRAINTS)
