@@ -533,7 +533,7 @@ def logout(
     what = f"for {scope}" if scope else "for every scope"
     typer.echo(f"Logged out {what}: {gone} login(s) revoked and deleted from {store.path}.")
     if servers:
-        typer.echo(f"No token goes to the {servers} S2CS you had logged in at any more.")
+        typer.echo(f"Forgot the {servers} S2CS you had logged in at with --s2cs: none gets a token now.")
 
 
 # The user guide spells commands with underscores; dashes are accepted too.
