@@ -238,11 +238,18 @@ class ProxyProcess:
             self.lock.release()
 
     def _rotate(self, logs: LogBound) -> None:
-        """Rotate its log once it reached its bound; say why not, once, when it cannot be."""
+        """Rotate its log once it reached its bound; say why not, once, when it cannot be.
+
+        Whether its descriptor appends is seen to at every tick, not only when the log is full:
+        a proxy may take O_APPEND away with its first line, and an s2cs restarted before the first
+        rotation may not be allowed to give it back."""
+        if self.handle is None:
+            return
         problem = ""
         try:
-            if self.handle is not None and logs.due(self.log_path.stat().st_size):
-                if self.system.keep_appending(self.handle):
+            appends = self.system.keep_appending(self.handle)
+            if logs.due(self.log_path.stat().st_size):
+                if appends:
                     rotate_log(self.log_path, logs)
                 else:
                     problem = (

@@ -129,26 +129,28 @@ class RealSystem:
     def keep_appending(self, handle: Handle) -> bool:
         """HAProxy makes its log descriptor non-blocking with its first line, with an F_SETFL
         that clears O_APPEND (on the open file, which it shares with us); emptied then, the log
-        would get its next line at the old offset, after a hole as large. So before a rotation
-        the flag is given back: through our copy of the open file for a process we started,
-        through the process's own descriptor (pidfd_getfd) for one an earlier s2cs started.
-        False when neither can be done and the descriptor does not append."""
+        would get its next line at the old offset, after a hole as large. So the flag is given
+        back (once given back it stays): through our copy of the open file for a process we
+        started; for one an earlier s2cs started, which most often got it back from that s2cs,
+        through the process's own descriptor (pidfd_getfd) if it is missing.
+        False when the descriptor does not append and cannot be made to."""
         if isinstance(handle, ChildHandle):
-            if handle.log is None or handle.log.closed:
-                return False
-            return _append(handle.log.fileno())
-        if isinstance(handle, AdoptedHandle) and handle.poll() is None:
-            try:
-                same = abs(handle.process.create_time() - handle.create_time) < 0.05
-            except psutil.NoSuchProcess:
-                return False
-            theirs = _descriptor_of(handle.pid, 1) if same else None  # stdout: the log (spawn)
-            if theirs is not None:
-                try:
-                    return _append(theirs)
-                finally:
-                    os.close(theirs)
-        return False
+            return handle.log is not None and _append(handle.log.fileno())
+        if not isinstance(handle, AdoptedHandle) or handle.poll() is not None:
+            return False
+        if _flags_of(handle.pid, 1) & os.O_APPEND:  # stdout: the log (spawn)
+            return True
+        try:
+            same = abs(handle.process.create_time() - handle.create_time) < 0.05
+        except psutil.NoSuchProcess:
+            return False
+        theirs = _descriptor_of(handle.pid, 1) if same else None
+        if theirs is None:
+            return False
+        try:
+            return _append(theirs)
+        finally:
+            os.close(theirs)
 
     def adopt(self, pid: int, create_time: float, argv: Sequence[str]) -> Handle | None:
         try:
@@ -217,6 +219,17 @@ def _append(fd: int) -> bool:
     if not flags & os.O_APPEND:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
     return True
+
+
+def _flags_of(pid: int, fd: int) -> int:
+    """The status flags of descriptor `fd` of process `pid`, as /proc shows them (0 if it cannot)."""
+    try:
+        for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux numbers alike (5.6 and later)

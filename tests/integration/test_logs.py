@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -94,11 +95,41 @@ def test_proxy_logs_stay_within_their_bound_through_hundreds_of_connections(star
     inst = start_s2cs("instrument", "--log-max-bytes", str(LOG_LIMIT), backend=backend)
     echo = Echo()
     port = open_stream(hpc, inst, echo.port, rate=0, num_conn=2).port
-    first, last = os.urandom(424242), os.urandom(535353)  # sizes no other line can contain
+    first = os.urandom(424242)  # a size no other line can contain
     assert echoed(port, first) == first
+    _many_connections_stay_within_the_bound(hpc, inst, port, first)
+    echo.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logs_of_re_adopted_proxies_stay_within_their_bound(start_s2cs, backend):
+    """After a restart of s2cs, the proxies it takes over are rotated as well, without a hole
+    (HAProxy took O_APPEND away with its first line, before the restart)."""
+    hpc = start_s2cs("hpc", "--log-max-bytes", str(LOG_LIMIT), backend=backend)
+    inst = start_s2cs("instrument", "--log-max-bytes", str(LOG_LIMIT), backend=backend)
+    echo = Echo()
+    stream = open_stream(hpc, inst, echo.port, rate=0, num_conn=2)
+    first = os.urandom(424242)
+    assert echoed(stream.port, first) == first
+    before = [_pids(gw, stream.uid) for gw in (hpc, inst)]
+    for gw in (hpc, inst):
+        gw.stop(signal.SIGKILL)
+        gw.start()
+    assert [_pids(gw, stream.uid) for gw in (hpc, inst)] == before  # taken over, not started again
+    _many_connections_stay_within_the_bound(hpc, inst, stream.port, first)
+    echo.close()
+
+
+def _pids(gw, uid: str) -> list[int]:
+    (entry,) = gw.call("status", uid=uid)["streams"]
+    return [p["pid"] for p in entry["processes"]]
+
+
+def _many_connections_stay_within_the_bound(hpc, inst, port: int, first: bytes) -> None:
     for i in range(600):
         data = f"short connection {i}\n".encode()
         assert echoed(port, data) == data
+    last = os.urandom(535353)
     assert echoed(port, last) == last
 
     sessions = [only_session(gw.state_dir) for gw in (hpc, inst)]
@@ -113,7 +144,9 @@ def test_proxy_logs_stay_within_their_bound_through_hundreds_of_connections(star
         assert list(parts) == ["proxy.log", *(f"proxy.log.{i}" for i in range(1, KEEP + 1))], parts
         assert parts["proxy.log"] < LOG_LIMIT, parts
         assert all(size < LOG_LIMIT + SLACK for size in parts.values()), parts
-        text = {name: (session / name).read_text(errors="replace") for name in parts}
+        data = {name: (session / name).read_bytes() for name in parts}
+        assert not any(b"\0" in d for d in data.values())  # no hole where earlier lines were
+        text = {name: d.decode(errors="replace") for name, d in data.items()}
         # What is kept is the newest: the last connection is there, the first one gone.
         assert any(str(len(last)) in text[name] for name in ("proxy.log", "proxy.log.1")), text
         assert not any(str(len(first)) in t for t in text.values())
@@ -125,7 +158,6 @@ def test_proxy_logs_stay_within_their_bound_through_hundreds_of_connections(star
         (entry,) = gw.call("status")["streams"]
         assert (entry["state"], entry["restarts"]) == ("RUNNING", 0)
     assert echoed(port, b"still there\n") == b"still there\n"
-    echo.close()
 
 
 # --- a full disk ---------------------------------------------------------------------------------

@@ -650,3 +650,64 @@ def test_the_log_of_an_adopted_process_gets_o_append_back(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def _flags(pid: int) -> int:
+    """The status flags of descriptor 1 (its log) of process `pid`."""
+    line = Path(f"/proc/{pid}/fdinfo/1").read_text().splitlines()[1]
+    return int(line.split()[1], 8)
+
+
+def test_o_append_is_given_back_at_the_next_tick_not_only_when_the_log_is_full(tmp_path):
+    """So that an s2cs restarted before the first rotation, which may not be allowed to take the
+    descriptor of a process it did not start, still finds a log it can empty."""
+    import os
+
+    real = RealSystem()
+    proc = ProxyProcess(
+        "inbound 5f0c2a9e proxy", "proxy", [sys.executable, "-c", CLEARS_O_APPEND], tmp_path,
+        tmp_path / "proxy.log", [], real,
+    )  # fmt: skip
+    proc.start()
+    try:
+        deadline = real.now() + 30
+        while b"connection" not in proc.log_path.read_bytes() and real.now() < deadline:
+            real.sleep(0.02)
+        assert proc.pid is not None
+        assert not _flags(proc.pid) & os.O_APPEND  # the "proxy" took it
+        proc.tick()  # the default bound, 10 MiB: nothing to rotate yet
+        assert _flags(proc.pid) & os.O_APPEND
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("code", "appends"),
+    [("import time; print('hello', flush=True); time.sleep(60)", True), (CLEARS_O_APPEND, False)],
+    ids=["kept-o-append", "cleared-o-append"],
+)
+def test_without_the_right_to_its_descriptor_an_adopted_log_is_emptied_only_if_it_appends(
+    tmp_path, monkeypatch, code, appends
+):
+    import subprocess
+
+    import psutil
+
+    from scistream.s2ds import system as system_module
+
+    monkeypatch.setattr(system_module, "_descriptor_of", lambda pid, fd: None)  # pidfd_getfd refused
+    log = tmp_path / "proxy.log"
+    argv = [sys.executable, "-c", code]
+    with open(log, "ab") as out:  # as an earlier s2cs started it
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        real = RealSystem()
+        deadline = real.now() + 30
+        while not log.read_bytes().strip() and real.now() < deadline:
+            real.sleep(0.02)
+        handle = real.adopt(child.pid, psutil.Process(child.pid).create_time(), argv)
+        assert handle is not None
+        assert real.keep_appending(handle) is appends
+    finally:
+        child.kill()
+        child.wait()
