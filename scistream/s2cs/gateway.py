@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from .. import __version__
-from ..errors import BackendFailed, ConfigError, Forbidden, NotFound, ScistreamError
+from ..errors import BackendFailed, ConfigError, Conflict, Forbidden, NotFound, ScistreamError
 from ..protocol import (
     VERSION,
     InboundRequest,
@@ -39,7 +39,7 @@ from ..s2ds.supervisor import ProxyProcess, State, Supervisor
 from ..s2ds.system import RealSystem, System, processes_using, terminate
 from .auth import Authenticator, Identity
 from .ports import PortPool
-from .sessions import RecordedProcess, Session, SessionRegistry, parse_record, short
+from .sessions import Phase, RecordedProcess, Session, SessionRegistry, parse_record, short
 from .state import StateDir
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Gateway:
         adopted: set[int] = set()
         for session, recorded in self._found:
             self.registry.add(session)
-            self.pool.take(session.ports)
+            self.pool.take(session.ports, owner=session.sid)
             files = SessionFiles(self.state.session_dir(session.sid))
             files.directory.mkdir(mode=0o700, exist_ok=True)
             spec = self._spec(session)
@@ -261,13 +261,14 @@ class Gateway:
 
     def inbound(self, req: InboundRequest, who: Identity | None) -> dict[str, Any]:
         uid = str(uuid.uuid4())  # random from os.urandom: the stream's secret
-        ports = self.pool.reserve(len(req.receiver_ports))
+        sid = secrets.token_hex(6)  # the session's local name, and the owner of its ports
+        ports = self.pool.reserve(len(req.receiver_ports), owner=sid)
         listeners = tuple(
             ListenerSpec(self.inbound_bind, port, req.remote_ip, target)
             for port, target in zip(ports, req.receiver_ports, strict=True)
         )
         advertised = tuple(hostport(self.settings.listener_ip, port) for port in ports)
-        session = self._session(uid, "inbound", who, listeners, advertised, req.limits)
+        session = self._session(uid, sid, "inbound", who, listeners, advertised, req.limits)
         self._launch(session)
         return ok(uid=uid, role="inbound", listeners=list(advertised), **self._limits(req.limits))
 
@@ -280,14 +281,15 @@ class Gateway:
         else:
             bind = any_address(req.bind_ip)
             note = f"{req.bind_ip} is not an address of this host; listening on all interfaces"
-        ports = self.pool.reserve(len(req.remote_listeners), req.receiver_ports)
+        sid = secrets.token_hex(6)
+        ports = self.pool.reserve(len(req.remote_listeners), req.receiver_ports, owner=sid)
         listeners = tuple(
             ListenerSpec(bind, port, remote.ip, remote.port)
             for port, remote in zip(ports, req.remote_listeners, strict=True)
         )
         shown = self.settings.listener_ip if ipaddress.ip_address(bind).is_unspecified else bind
         advertised = tuple(hostport(shown, port) for port in ports)
-        session = self._session(req.uid, "outbound", who, listeners, advertised, req.limits)
+        session = self._session(req.uid, sid, "outbound", who, listeners, advertised, req.limits)
         self._launch(session)
         reply = ok(
             uid=req.uid, role="outbound", listeners=list(advertised), bind=bind, **self._limits(req.limits)
@@ -303,8 +305,17 @@ class Gateway:
                 raise NotFound(f"no stream {short(uid)} on this server (already released?)")
             for session in sessions:
                 self._check_owner(session, who)
+            # A session still starting is its request's: releasing it now would free its ports
+            # under it (maybe twice, once they are another stream's) or delete its directory
+            # while it spawns there. The request answers within START_TIMEOUT or so.
+            starting = [s for s in sessions if s.phase == Phase.STARTING]
+            if starting:
+                raise Conflict(
+                    f"stream {short(uid)} is still starting its {starting[0].role} proxy here; "
+                    "release it once that request has answered"
+                )
             for session in sessions:
-                self.registry.remove(session)  # a second release now finds nothing
+                session.phase = Phase.RELEASING  # a second release now finds nothing
         for session in sessions:
             self._discard(session)
             log.info("%s: released", session.label)
@@ -330,6 +341,7 @@ class Gateway:
     def _session(
         self,
         uid: str,
+        sid: str,
         role: Role,
         who: Identity | None,
         listeners: tuple[ListenerSpec, ...],
@@ -338,12 +350,13 @@ class Gateway:
     ) -> Session:
         return Session(
             uid=uid,
-            sid=secrets.token_hex(6),
+            sid=sid,
             role=role,
             owner=who.id if who else None,
             listeners=listeners,
             advertised=advertised,
             limits=limits,
+            phase=Phase.STARTING,
         )
 
     def _limits(self, limits: Limits) -> dict[str, Any]:
@@ -397,7 +410,7 @@ class Gateway:
         try:
             self.registry.add(session)
         except ScistreamError:
-            self.pool.release(session.ports)
+            self.pool.release(session.ports, owner=session.sid)
             raise
         try:
             files = SessionFiles(self.state.session_dir(session.sid))
@@ -419,6 +432,8 @@ class Gateway:
                     "there, then try again; the streams running now are not affected"
                 ) from None
             raise
+        with self.registry.lock:
+            session.phase = Phase.ACTIVE  # from now on a release may end it
         log.info(
             "%s: %s -> %s, %d connection(s), %s",
             session.label,
@@ -445,7 +460,7 @@ class Gateway:
             )
         shutil.rmtree(files.directory, ignore_errors=True)
         self.registry.remove(session)
-        self.pool.release(session.ports)
+        self.pool.release(session.ports, owner=session.sid)
         self._persist()
 
     def _persist(self, strict: bool = False) -> None:

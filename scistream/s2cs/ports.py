@@ -1,7 +1,9 @@
 """The pool of listener ports an S2CS may hand out (`--port-range`).
 
-A port is either free or reserved by exactly one session. Reservation is all-or-nothing, and a
-port another program holds on this host is skipped (the `is_free` probe), never handed out.
+A port is either free or reserved by exactly one session, its owner; only the owner can free it,
+so a session freed twice never frees a port that has gone to another one meanwhile. Reservation
+is all-or-nothing, and a port another program holds on this host is skipped (the `is_free`
+probe), never handed out.
 Pure apart from the probe, which the caller supplies.
 """
 
@@ -28,7 +30,7 @@ class PortPool:
         self.first = first
         self.last = last
         self.is_free = is_free
-        self._reserved: set[int] = set()
+        self._owners: dict[int, str] = {}  # reserved port -> the session holding it
         self._lock = threading.Lock()
 
     @property
@@ -42,15 +44,16 @@ class PortPool:
     @property
     def reserved(self) -> frozenset[int]:
         with self._lock:
-            return frozenset(self._reserved)
+            return frozenset(self._owners)
 
     def available(self) -> int:
         with self._lock:
             # Sessions recovered from an earlier, different range may hold ports outside this one.
-            return self.size - sum(1 for p in self._reserved if self.first <= p <= self.last)
+            return self.size - sum(1 for p in self._owners if self.first <= p <= self.last)
 
-    def reserve(self, count: int, requested: Sequence[int] = ()) -> list[int]:
-        """`requested` ports exactly (each inside the range and free), else `count` free ones."""
+    def reserve(self, count: int, requested: Sequence[int] = (), owner: str = "") -> list[int]:
+        """`requested` ports exactly (each inside the range and free), else `count` free ones,
+        for `owner`."""
         with self._lock:
             if requested:
                 if len(set(requested)) != len(requested):
@@ -58,7 +61,7 @@ class PortPool:
                 for port in requested:
                     if not self.first <= port <= self.last:
                         raise BadRequest(f"port {port} is outside this server's port range {self.label}")
-                    if port in self._reserved:
+                    if port in self._owners:
                         raise Conflict(f"port {port} is already used by another stream")
                     if not self.is_free(port):
                         raise Conflict(f"port {port} is held by another program on this host")
@@ -68,21 +71,24 @@ class PortPool:
                 for port in range(self.first, self.last + 1):
                     if len(chosen) == count:
                         break
-                    if port not in self._reserved and self.is_free(port):
+                    if port not in self._owners and self.is_free(port):
                         chosen.append(port)
                 if len(chosen) < count:
                     raise NoPorts(
                         f"no free port in {self.label}: {count} needed, "
-                        f"{self.size - len(self._reserved)} not reserved by a stream"
+                        f"{self.size - len(self._owners)} not reserved by a stream"
                     )
-            self._reserved.update(chosen)
+            self._owners.update(dict.fromkeys(chosen, owner))
             return chosen
 
-    def take(self, ports: Iterable[int]) -> None:
+    def take(self, ports: Iterable[int], owner: str = "") -> None:
         """Mark ports reserved without probing (sessions re-loaded from the state dir own them)."""
         with self._lock:
-            self._reserved.update(ports)
+            self._owners.update(dict.fromkeys(ports, owner))
 
-    def release(self, ports: Iterable[int]) -> None:
+    def release(self, ports: Iterable[int], owner: str = "") -> None:
+        """Free those of `ports` that `owner` holds; a port another session holds now stays."""
         with self._lock:
-            self._reserved.difference_update(ports)
+            for port in ports:
+                if self._owners.get(port) == owner:
+                    del self._owners[port]

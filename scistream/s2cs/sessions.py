@@ -8,6 +8,7 @@ half-made sessions.
 
 from __future__ import annotations
 
+import enum
 import re
 import threading
 import time
@@ -27,6 +28,14 @@ def short(uid: str) -> str:
     return uid[:8]
 
 
+class Phase(enum.StrEnum):
+    """Where a session is in its life here; its processes have states of their own."""
+
+    STARTING = "STARTING"  # a request is starting it: nothing else may release it meanwhile
+    ACTIVE = "ACTIVE"
+    RELEASING = "RELEASING"  # being stopped: no request finds it any more
+
+
 @dataclass
 class Session:
     uid: str
@@ -38,6 +47,7 @@ class Session:
     limits: Limits
     created: float = field(default_factory=time.time)
     procs: list[ProxyProcess] = field(default_factory=list)
+    phase: Phase = Phase.ACTIVE
 
     @property
     def label(self) -> str:
@@ -156,8 +166,9 @@ class SessionRegistry:
             self._by_sid.pop(session.sid, None)
 
     def of_uid(self, uid: str) -> list[Session]:
+        """The sessions of a stream that requests may find: not those being released."""
         with self.lock:
-            return [s for s in self._by_sid.values() if s.uid == uid]
+            return [s for s in self._by_sid.values() if s.uid == uid and s.phase != Phase.RELEASING]
 
     def all(self) -> list[Session]:
         with self.lock:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import astuple
 from pathlib import Path
@@ -14,11 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from scistream.errors import Conflict, NoPorts, NotFound
 from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_range, proxies_of, send
 from scistream.s2cs.certs import generate
 from scistream.s2ds.haproxy import find_binary
 
-from .conftest import open_stream
+from .conftest import open_stream, port_of
 
 
 def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
@@ -277,3 +279,53 @@ def test_sigterm_during_recovery_still_ends_in_a_clean_stop(start_s2cs, slow_hap
         assert list((hpc.state_dir / "sessions").iterdir()) == []  # no key, no config left
         assert state["sessions"] == []
         assert not (hpc.state_dir / "state.json.prev").exists()  # nor a UID in an old copy
+
+
+# --- release while the same stream is still starting --------------------------------------------
+
+
+@pytest.mark.parametrize("step", ["check", "run"], ids=["checking its config", "starting its proxy"])
+def test_a_release_while_the_outbound_starts_is_refused_and_the_stream_stays_whole(
+    start_s2cs, slow_haproxy, step
+):
+    hpc = start_s2cs("hpc")
+    inst = start_s2cs("instrument", "--haproxy-bin", str(slow_haproxy.path), ports=2)
+    sink = Sink()
+    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])
+    uid = inbound["uid"]
+    slow_haproxy.slow(step)
+    replies: list[object] = []
+
+    def outbound() -> None:
+        try:
+            replies.append(inst.call("outbound", uid=uid, remote_listeners=inbound["listeners"]))
+        except Exception as exc:
+            replies.append(exc)
+
+    thread = threading.Thread(target=outbound)
+    thread.start()
+    _wait_for(lambda: slow_haproxy.waiting(step), what=f"the outbound proxy {step}")
+
+    with pytest.raises(Conflict, match="still starting"):
+        inst.call("release", uid=uid)
+    thread.join(120)
+
+    (reply,) = replies
+    assert isinstance(reply, dict), reply
+    slow_haproxy.fast(step)
+    assert inst.call("status", uid=uid)["streams"][0]["state"] == "RUNNING"
+    data = os.urandom(1 << 20)
+    address = ("127.0.0.1", port_of(reply["listeners"][0]))
+    assert send(address, data) == (len(data), hashlib.sha256(data).hexdigest())
+    inst.call("release", uid=uid)
+    with pytest.raises(NotFound):
+        inst.call("release", uid=uid)
+    assert inst.call("info")["free_ports"] == 2
+    # Each port goes to one new stream: none was freed a second time while another stream held it.
+    listeners = [
+        inst.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["listeners"][0]
+        for _ in range(2)
+    ]
+    assert len(set(listeners)) == 2
+    with pytest.raises(NoPorts):
+        inst.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)

@@ -193,3 +193,26 @@ def test_parse_range_explains_what_a_range_looks_like(text, complaint):
 def test_parse_range_refuses_unicode_digits_with_a_config_error():
     with pytest.raises(ConfigError, match="must look like 5100-5200"):
         parse_range("5100-52²")
+
+
+def test_a_port_is_freed_only_by_the_session_that_holds_it():
+    pool = PortPool(5100, 5101)
+    first = pool.reserve(1, owner="a1")
+    pool.release(first, owner="a1")
+    assert pool.reserve(1, owner="b2") == first  # the port goes to the next session
+    pool.release(first, owner="a1")  # the first session freed a second time: changes nothing
+    assert pool.reserved == set(first)
+    assert pool.reserve(1, owner="c3") == [5101]
+    with pytest.raises(NoPorts):
+        pool.reserve(1, owner="d4")
+    pool.release(first, owner="b2")
+    assert pool.reserved == {5101}
+
+
+def test_ports_taken_back_at_recovery_belong_to_their_session():
+    pool = PortPool(5100, 5105)
+    pool.take([5101, 5103], owner="a1")
+    pool.release([5101, 5103], owner="b2")
+    assert pool.reserved == {5101, 5103}
+    pool.release([5101, 5103], owner="a1")
+    assert pool.reserved == frozenset()
