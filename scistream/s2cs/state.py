@@ -3,7 +3,7 @@
 Layout of `--state-dir` (mode 0700):
     s2cs.lock             held (flock) by the one s2cs that uses this state dir; names its pid
     state.json            every session, with its proxy's pid, start time and command line
-    state.json.prev       state.json as it was before the last change (only while streams exist)
+    state.json.bak        a second copy of state.json, written after it every time
     server.crt/.key       the control-plane certificate, when s2cs generated it
     sessions/<sid>/       one directory per session: config, stream key and certificate, log, socket
 """
@@ -51,7 +51,7 @@ class StateDir:
             )
         self.sessions = self.path / "sessions"
         self.file = self.path / "state.json"
-        self.previous = self.path / "state.json.prev"
+        self.copy = self.path / "state.json.bak"
         self.lock_file = self.path / "s2cs.lock"
         self._lock_fd: int | None = None
 
@@ -122,12 +122,12 @@ class StateDir:
 
     def damaged(self, reason: str) -> ConfigError:
         """What an operator is told when state.json cannot be used. s2cs does not start then:
-        starting without it would leave the streams it records running unmanaged, and starting
-        from the previous copy could bring back a stream released since."""
-        if self.previous.is_file():
+        starting without it would leave the streams it records running unmanaged, and the copy
+        is the operator's to check (damage that reached state.json may have reached it too)."""
+        if self.copy.is_file():
             advice = (
-                f"its previous copy is {self.previous}: check it and move it into place to manage "
-                "them again, or move both aside to start afresh"
+                f"its copy {self.copy} is as s2cs last wrote it: check it and move it into place to "
+                "manage them again, or move both aside to start afresh"
             )
         else:
             advice = "repair it, or move it aside to start afresh (leaving their proxies unmanaged)"
@@ -138,27 +138,18 @@ class StateDir:
 
     def save(self, sessions: list[dict[str, Any]]) -> None:
         data = json.dumps({"version": STATE_VERSION, "sessions": sessions}, indent=1).encode()
-        if sessions:
-            self._keep_previous()
-        else:  # no stream to lose: and no UID of a released stream left in an old copy
-            self.previous.unlink(missing_ok=True)
         write_private(self.file, data)
+        # A copy, not a link or an older version: what damages one file (an edit gone wrong, a
+        # bad block) leaves the other whole, and it is the state as it is now. An older one would
+        # be one change behind, and restoring it could end a stream just made, or bring back
+        # one just released.
+        write_private(self.copy, data)
         # The rename itself must reach the disk too, or a crash could bring back the old file.
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def _keep_previous(self) -> None:
-        """state.json as it is (this s2cs loaded or wrote it: a good one) becomes state.json.prev."""
-        link = self.path / f".{self.previous.name}.new"
-        link.unlink(missing_ok=True)
-        try:
-            os.link(self.file, link)  # the same file, mode 0600; no copy to get wrong
-        except FileNotFoundError:
-            return
-        os.replace(link, self.previous)
 
 
 class UnknownVersion(ValueError):

@@ -233,12 +233,12 @@ def test_a_damaged_state_file_is_refused_in_one_line_and_its_good_copy_brings_th
     assert len(output) == 1, output
     line = output[0]
     assert line.startswith(f"error: {state} is damaged"), line
-    assert f"{state}.prev" in line  # the good copy, named
+    assert f"{state}.bak" in line  # the good copy, named
     assert all(_alive(pid) for pid in pids.values()), "a refused start stopped running streams"
     # The operator does what the line says: the good copy goes back, the streams come back.
-    os.replace(f"{state}.prev", state)
+    os.replace(f"{state}.bak", state)
     hpc.start()
-    _wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="recovery")
+    assert _pids(hpc, uid) == pids  # the very processes: the copy is one change behind, no more
     data = os.urandom(1 << 20)
     assert send(("127.0.0.1", data_port), data) == (len(data), hashlib.sha256(data).hexdigest())
 
@@ -278,7 +278,7 @@ def test_sigterm_during_recovery_still_ends_in_a_clean_stop(start_s2cs, slow_hap
         assert proxies_of(hpc.state_dir) == []
         assert list((hpc.state_dir / "sessions").iterdir()) == []  # no key, no config left
         assert state["sessions"] == []
-        assert not (hpc.state_dir / "state.json.prev").exists()  # nor a UID in an old copy
+        assert json.loads((hpc.state_dir / "state.json.bak").read_text())["sessions"] == []
 
 
 # --- release while the same stream is still starting --------------------------------------------

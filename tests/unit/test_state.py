@@ -105,7 +105,7 @@ def test_a_good_state_file_gives_its_records():
         decode(b'{"version": 2, "sessions": []}')
 
 
-def test_a_damaged_state_file_is_refused_naming_it_and_its_previous_copy(held):
+def test_a_damaged_state_file_is_refused_naming_it_and_its_copy(held):
     held.save([{"n": 1}])
     held.save([{"n": 2}])
     held.file.write_text("[]")
@@ -113,30 +113,30 @@ def test_a_damaged_state_file_is_refused_naming_it_and_its_previous_copy(held):
         held.load()
     message = caught.value.message
     assert message.startswith(f"{held.file} is damaged (a list, not a JSON object); ")
-    assert f"its previous copy is {held.previous}: check it and move it into place" in message
+    assert f"its copy {held.copy} is as s2cs last wrote it: check it and move it into place" in message
     assert "\n" not in message
-    os.replace(held.previous, held.file)
-    assert held.load() == [{"n": 1}]
+    os.replace(held.copy, held.file)
+    assert held.load() == [{"n": 2}]
 
 
-def test_without_a_previous_copy_the_refusal_says_what_else_to_do(held):
+def test_without_a_copy_the_refusal_says_what_else_to_do(held):
     held.file.write_text('"x"')
     with pytest.raises(ConfigError, match="repair it, or move it aside to start afresh"):
         held.load()
 
 
-def test_save_keeps_the_previous_good_copy_while_there_are_streams(held):
-    held.save([{"n": 1}])
-    assert not held.previous.exists()
-    held.save([{"n": 1}, {"n": 2}])
-    assert decode(held.previous.read_bytes()) == [{"n": 1}]
-    assert held.previous.stat().st_mode & 0o777 == 0o600  # it holds UIDs, as state.json does
-    held.save([{"n": 2}])
-    assert decode(held.previous.read_bytes()) == [{"n": 1}, {"n": 2}]
-    held.save([])  # the last stream released: no old copy keeps its UID
-    assert not held.previous.exists()
-    assert held.load() == []
-    assert sorted(p.name for p in held.path.iterdir()) == ["s2cs.lock", "sessions", "state.json"]
+def test_every_save_writes_a_copy_of_its_own(held):
+    for sessions in ([{"n": 1}], [{"n": 1}, {"n": 2}], []):
+        held.save(sessions)
+        assert decode(held.copy.read_bytes()) == sessions
+    assert held.copy.stat().st_mode & 0o777 == 0o600  # it holds UIDs, as state.json does
+    assert held.copy.stat().st_ino != held.file.stat().st_ino  # damage to one spares the other
+    assert sorted(p.name for p in held.path.iterdir()) == [
+        "s2cs.lock",
+        "sessions",
+        "state.json",
+        "state.json.bak",
+    ]
 
 
 def _record(**changes: object) -> dict[str, object]:
