@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .errors import ScistreamError
 from .protocol import hostport
 from .s2cs.gateway import port_is_free
-from .s2ds.system import processes_using
 from .s2uc.client import call, parse_server, tls_context
 
 BIN = Path(sys.executable).parent
@@ -217,5 +218,13 @@ class S2csProcess:
 
 
 def proxies_of(state_dir: Path) -> list[int]:
-    """Pids of the proxies and shapers that run from `state_dir`."""
-    return [p.pid for p in processes_using(state_dir.resolve())]
+    """Pids of the processes whose command line names a file below `state_dir`: its proxies and
+    shapers, and whatever else does (a `tail -f` of a log). For tests, to find and stop what a
+    test left behind; s2cs itself never picks processes this way, only by what it recorded."""
+    marker = str(state_dir.resolve()) + "/"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if any(marker in arg for arg in cmdline):
+            found.append(int(process.pid))
+    return found

@@ -15,11 +15,10 @@ import shutil
 import socket
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import Any, cast
 
 from .. import __version__
 from ..errors import BackendFailed, ConfigError, Conflict, Forbidden, NotFound, ScistreamError
@@ -35,8 +34,8 @@ from ..protocol import (
 )
 from ..s2ds.backend import Backend, Launch
 from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles
-from ..s2ds.supervisor import ProxyProcess, State, Supervisor
-from ..s2ds.system import RealSystem, System, processes_using, terminate
+from ..s2ds.supervisor import STOP_GRACE, ProxyProcess, State, Supervisor
+from ..s2ds.system import Handle, RealSystem, System, terminate
 from .auth import Authenticator, Identity
 from .ports import PortPool
 from .sessions import Phase, RecordedProcess, Session, SessionRegistry, parse_record, short
@@ -85,6 +84,24 @@ def port_is_free(port: int) -> bool:
             except OSError:
                 return False
     return True
+
+
+class _Recording:
+    """The System a session's processes get: each spawn is written to state.json at once, before
+    anything waits for the process. An s2cs that dies while a proxy starts so leaves it recorded,
+    and the next one finds it by what was recorded, never by its command line."""
+
+    def __init__(self, system: System, spawned: Callable[[Handle], None]) -> None:
+        self._system = system
+        self._spawned = spawned
+
+    def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
+        handle = self._system.spawn(argv, cwd, log)
+        self._spawned(handle)
+        return handle
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._system, name)  # all else as the System it wraps
 
 
 class Gateway:
@@ -155,8 +172,10 @@ class Gateway:
         (neither from the current templates nor from their last config) is FATAL with the
         reason, and its ports stay reserved.
         """
-        adopted: set[int] = set()
         for session, recorded in self._found:
+            if session.phase != Phase.ACTIVE:
+                self._end_unfinished(session, recorded)
+                continue
             self.registry.add(session)
             self.pool.take(session.ports, owner=session.sid)
             files = SessionFiles(self.state.session_dir(session.sid))
@@ -172,14 +191,13 @@ class Gateway:
                     handle = self.system.adopt(before.pid, before.create_time, before.argv)
                 if handle is not None:
                     proc.adopt(handle)
-                    adopted.add(handle.pid)
                 else:
                     gone.append(proc)
                 session.procs.append(proc)
                 self.supervisor.add(proc)
             if gone:
                 self._restart_gone(session, files, gone)
-        self._sweep(adopted)
+        self._sweep()
         self._persist()
         if len(self.registry):
             log.info("recovered %d stream(s) from %s", len(self.registry), self.state.file)
@@ -222,19 +240,28 @@ class Gateway:
             proc.restart_later("it was not running when s2cs started")
             log.warning("%s: was gone after the restart of s2cs; starting it again", proc.name)
 
-    def _sweep(self, adopted: set[int]) -> None:
-        """Stop proxies that run from our state dir but belong to no session; delete stray files."""
-        for process in processes_using(self.state.sessions):
-            if process.pid in adopted:
+    def _end_unfinished(self, session: Session, recorded: list[RecordedProcess]) -> None:
+        """End a session the previous s2cs had not finished: one it was releasing, or one it was
+        still starting (its request never answered, so nobody holds its UID). These are the
+        strays: processes recorded in state.json for no session that is kept. Each is stopped
+        only if it is still the process recorded (pid, start time and command line); its ports
+        are not taken, its files go with the sweep."""
+        why = "was being released" if session.phase == Phase.RELEASING else "had not started yet"
+        for before in reversed(recorded):  # the proxy first, then what it connects through
+            if not (before.pid and before.create_time):
                 continue
-            try:
-                cmdline = process.cmdline()
-                handle = self.system.adopt(process.pid, process.create_time(), cmdline)
-            except psutil.Error:
-                continue
-            log.warning("stopping stray process pid %d (%s)", process.pid, " ".join(cmdline))
+            handle = self.system.adopt(before.pid, before.create_time, before.argv)
             if handle is not None:
-                terminate(self.system, handle, 5.0)
+                log.warning("%s: stopping its %s, pid %d: it %s", session.label, before.kind, handle.pid, why)
+                terminate(self.system, handle, STOP_GRACE)
+        log.info("%s: ended, as it %s when the previous s2cs stopped", session.label, why)
+
+    def _sweep(self) -> None:
+        """Delete the directories of sessions that are not kept.
+
+        It stops no process: s2cs knows its processes by what it recorded (state.json, above),
+        never by a command line that names the state dir, which an operator's `tail -f` of a
+        proxy log does too."""
         known = self.registry.sids()
         for path in self.state.sessions.iterdir():
             if path.name not in known:
@@ -395,16 +422,21 @@ class Gateway:
         return self.backend.prepare(session.uid, self._spec(session), files)
 
     def _process(self, session: Session, files: SessionFiles, launch: Launch) -> ProxyProcess:
-        return ProxyProcess(
+        def spawned(handle: Handle) -> None:
+            proc.handle = handle  # as the process will hold it once spawn returns: record it now
+            self._persist()
+
+        proc = ProxyProcess(
             f"{session.label} {launch.name}",
             launch.name,
             launch.argv,
             files.directory,
             files.directory / f"{launch.name}.log",
             launch.ready,
-            self.system,
+            cast(System, _Recording(self.system, spawned)),
             on_change=lambda proc: self._persist(),
         )
+        return proc
 
     def _launch(self, session: Session) -> None:
         try:
@@ -434,6 +466,7 @@ class Gateway:
             raise
         with self.registry.lock:
             session.phase = Phase.ACTIVE  # from now on a release may end it
+        self._persist()  # and a restarted s2cs keeps it: its request is answered
         log.info(
             "%s: %s -> %s, %d connection(s), %s",
             session.label,
@@ -445,6 +478,8 @@ class Gateway:
 
     def _discard(self, session: Session) -> None:
         """Stop the processes, delete the session's files (its key among them), free its ports."""
+        session.phase = Phase.RELEASING
+        self._persist()  # first: should s2cs die meanwhile, the next one finishes the release
         files = SessionFiles(self.state.session_dir(session.sid))
         stats = self.backend.stats(files) if session.procs else None
         for proc in reversed(session.procs):  # the proxy first, then what it connects through

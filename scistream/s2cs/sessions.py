@@ -81,6 +81,7 @@ class Session:
             "num_conn": self.limits.num_conn,
             "rate": self.limits.rate,
             "created": self.created,
+            "phase": str(self.phase),
             "processes": [
                 {
                     "name": p.kind,
@@ -105,6 +106,8 @@ class Session:
             advertised=tuple(rec["advertised"]),
             limits=Limits(num_conn=int(rec["num_conn"]), rate=int(rec["rate"])),
             created=float(rec["created"]),
+            # Written since s2cs kept the phase: a session recorded before is an active one.
+            phase=Phase(rec.get("phase", Phase.ACTIVE)),
         )
 
 

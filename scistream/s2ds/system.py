@@ -202,18 +202,6 @@ class RealSystem:
         time.sleep(seconds)
 
 
-def processes_using(directory: Path) -> list[psutil.Process]:
-    """Processes whose command line names a file below `directory`: the proxies and shapers of a
-    state dir, found without trusting any pid file."""
-    marker = str(directory) + "/"
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info.get("cmdline") or []
-        if any(marker in arg for arg in cmdline):
-            found.append(process)
-    return found
-
-
 def _append(fd: int) -> bool:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if not flags & os.O_APPEND:

@@ -329,3 +329,43 @@ def test_a_release_while_the_outbound_starts_is_refused_and_the_stream_stays_who
     assert len(set(listeners)) == 2
     with pytest.raises(NoPorts):
         inst.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+
+
+# --- s2cs killed while a request starts a proxy -------------------------------------------------
+
+
+def test_a_proxy_starting_when_s2cs_is_killed_is_stopped_by_the_next_one(start_s2cs, slow_haproxy):
+    hpc = start_s2cs("hpc", "--haproxy-bin", str(slow_haproxy.path), ports=2)
+    sink = Sink()
+    slow_haproxy.slow("run")
+    replies: list[object] = []
+
+    def inbound() -> None:
+        try:
+            replies.append(hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0))
+        except Exception as exc:
+            replies.append(exc)
+
+    thread = threading.Thread(target=inbound)
+    thread.start()
+    _wait_for(lambda: slow_haproxy.waiting("run"), what="the proxy starting")
+    hpc.stop(signal.SIGKILL)
+    thread.join(120)
+    assert not isinstance(replies[0], dict), "the request answered before s2cs was killed"
+
+    # The proxy goes on starting without its s2cs, and is soon an HAProxy like any other.
+    def orphaned() -> list[int]:
+        wrapper = str(slow_haproxy.path)
+        return [p for p in proxies_of(hpc.state_dir) if psutil.Process(p).cmdline()[0] == wrapper]
+
+    orphan = _wait_for(orphaned, what="the orphaned proxy running")
+    slow_haproxy.fast("run")
+
+    hpc.start()
+
+    # Its user never got an answer, so no stream exists: nothing of it may keep a port.
+    assert hpc.call("status")["streams"] == []
+    assert not any(_alive(pid) for pid in orphan)
+    assert proxies_of(hpc.state_dir) == []
+    assert list((hpc.state_dir / "sessions").iterdir()) == []
+    assert hpc.call("info")["free_ports"] == 2

@@ -265,3 +265,51 @@ def test_sigterm_during_requests_leaves_nothing_behind(start_s2cs):
     assert len(results) == 10
     assert proxies_of(hpc.state_dir) == []
     assert list((hpc.state_dir / "sessions").iterdir()) == []
+
+
+def test_a_restart_leaves_an_operators_tail_of_a_proxy_log_alone(start_s2cs):
+    hpc = start_s2cs("hpc")
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
+    pids = _pids(hpc, uid)
+    (log,) = (hpc.state_dir / "sessions").glob("*/proxy.log")
+    # As from an operator's shell: a job of its own, in its own process group.
+    tail = subprocess.Popen(["tail", "-f", str(log)], stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        hpc.stop(signal.SIGKILL)
+        hpc.start()
+        assert _pids(hpc, uid) == pids
+        assert tail.poll() is None, "the restarted s2cs killed the operator's tail -f"
+        hpc.call("release", uid=uid)
+        assert tail.poll() is None, "releasing the stream killed the operator's tail -f"
+    finally:
+        tail.kill()
+        tail.wait()
+
+
+def test_a_stream_being_released_when_s2cs_died_is_ended_by_the_next_one(start_s2cs):
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit", ports=4)
+    sink = Sink()
+    kept, released = (
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"] for _ in range(2)
+    )
+    kept_pids, released_pids = _pids(hpc, kept), _pids(hpc, released)
+    assert hpc.stop(signal.SIGTERM) == 0
+    # s2cs died while it released the second stream: its record says so, its processes still run.
+    path = hpc.state_dir / "state.json"
+    state = json.loads(path.read_text())
+    (record,) = (s for s in state["sessions"] if s["uid"] == released)
+    record["phase"] = "RELEASING"
+    path.write_text(json.dumps(state))
+
+    hpc.start()
+
+    assert [s["uid"] for s in hpc.call("status")["streams"]] == [kept[:8]]  # a listing shows prefixes
+    assert _pids(hpc, kept) == kept_pids
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in released_pids.values()
+    )
+    assert len(list((hpc.state_dir / "sessions").iterdir())) == 1  # its key and config are gone
+    assert hpc.call("info")["free_ports"] == 3  # the kept stream holds one port, the other none
+    hpc.call("release", uid=kept)
+    assert proxies_of(hpc.state_dir) == []
