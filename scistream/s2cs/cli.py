@@ -214,7 +214,7 @@ def run(
 
     try:
         asyncio.run(server.serve(ready, keep_streams_on_exit))
-    except ScistreamError as exc:  # the control port is taken, or state.json cannot be used
+    except ScistreamError as exc:  # the control port is taken, or recovery failed
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exc.exit_status) from None
 

@@ -242,7 +242,7 @@ class Gateway:
 
     def _end_unfinished(self, session: Session, recorded: list[RecordedProcess]) -> None:
         """End a session the previous s2cs had not finished: one it was releasing, or one it was
-        still starting (its request never answered, so nobody holds its UID). These are the
+        still starting (its request never answered: no user has it as a stream). These are the
         strays: processes recorded in state.json for no session that is kept. Each is stopped
         only if it is still the process recorded (pid, start time and command line); its ports
         are not taken, its files go with the sweep."""
