@@ -136,6 +136,9 @@ def run() -> int:
                 f"rate limits {'enforced' if caps['rate']['enforced'] else 'NOT enforced'}"
             )
         print(f"  service (checks SHA-256 of what arrives) on 127.0.0.1:{sink.port}")
+        targets = ",".join(hpc.call("info")["policy"]["targets"])
+        print(f"  both started with --allow-targets {targets}: their default policy (the networks")
+        print("  of their interfaces) never opens a proxy to loopback, where this service listens")
 
         step(f"A stream at the guide's default rate, {DEFAULT_RATE} kb/s = {format_rate(DEFAULT_RATE)}")
         uid, port = session(hpc, inst, sink, DEFAULT_RATE, workdir)

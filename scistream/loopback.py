@@ -29,6 +29,7 @@ from .s2cs.gateway import port_is_free
 from .s2uc.client import call, parse_server, tls_context
 
 BIN = Path(sys.executable).parent
+LOOPBACK_TARGETS = "127.0.0.1/32,::1/128"  # every service of the demo, the tests and the bench
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -169,8 +170,16 @@ class S2csProcess:
             "--port", str(self.port),
             "--port-range", f"{first}-{last}",
             "--state-dir", str(self.state_dir),
+            *self.policy(),
             *self.extra,
         ]  # fmt: skip
+
+    def policy(self) -> list[str]:
+        """Services here listen on loopback, which the default policy refuses: allow it, unless
+        the caller brings a policy of its own."""
+        if any(arg.split("=")[0] in ("--allow-targets", "--policy") for arg in self.extra):
+            return []
+        return ["--allow-targets", LOOPBACK_TARGETS]
 
     def start(self, timeout: float = 30.0) -> S2csProcess:
         self.launch()

@@ -19,11 +19,13 @@ from ..s2ds.backend import Backend
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
 from ..s2ds.stunnel import StunnelBackend
+from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import server_certificate
-from .gateway import Gateway, Settings
+from .gateway import Gateway, Settings, interfaces, own_addresses
+from .policy import Own, Policy, PolicyFile, build_policy, parse_policy
 from .ports import parse_range
-from .server import ControlServer, server_context
+from .server import MAX_PER_ADDRESS, ControlServer, server_context
 
 log = logging.getLogger("s2cs")
 
@@ -48,6 +50,63 @@ def make_backend(kind: str, templates: Path | None, haproxy_bin: str | None) -> 
     if kind == "stunnel":
         return StunnelBackend(env)
     return HaproxyBackend(env, haproxy_bin)
+
+
+def make_policy(
+    own: Own,
+    auth: bool,
+    policy_path: Path | None,
+    allow_targets: list[str],
+    allow_peers: list[str],
+    allow_users: list[str],
+    allow_groups: list[str],
+) -> Policy:
+    """The operator's policy from the options and the policy file; ConfigError when it is wrong."""
+    file = PolicyFile()
+    if policy_path is not None:
+        try:
+            text = policy_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"--policy: cannot read {policy_path}: {reason}") from None
+        file = parse_policy(text, str(policy_path))
+    policy = build_policy(own, interfaces(), allow_targets, allow_peers, allow_users, allow_groups, file)
+    if policy.restricts_identities and not auth:
+        named = "--allow-users" if allow_users else "--allow-groups" if allow_groups else str(policy_path)
+        raise ConfigError(
+            f"{named} names users or groups, which needs authentication: "
+            "pass --client-id and --client-secret too"
+        )
+    return policy
+
+
+def policy_lines(policy: Policy, policy_path: Path | None, audit_log: Path | None) -> list[str]:
+    """What the start-up output says of the policy."""
+    described = policy.describe()
+    targets = ", ".join(described["targets"]) or "none"
+    if policy.default_targets:
+        targets += " (the networks of this gateway's interfaces; --allow-targets to choose others)"
+    first, last = policy.own.port_range
+    lines = [
+        f"  inbound proxies open to: {targets}",
+        f"  never to this gateway's control port {policy.own.control_port} or ports {first}-{last}, "
+        "on any of its addresses",
+    ]
+    if policy.peers is None:
+        lines.append("  outbound proxies connect to any remote listener (--allow-peers to restrict)")
+    else:
+        lines.append(f"  outbound proxies connect to: {', '.join(described['peers']) or 'none'}")
+    if policy.restricts_identities:
+        lines.append(
+            f"  identities allowed: {len(policy.users)} user(s), {len(policy.groups)} group(s)"
+            + (f", {len(policy.allows)} [[allow]] entr(ies) of {policy_path}" if policy.allows else "")
+        )
+    if described["quota"]:
+        quota = ", ".join(f"{k} {v}" for k, v in described["quota"].items())
+        lines.append(f"  per identity at most: {quota}")
+    if audit_log:
+        lines.append(f"  audit log {audit_log}")
+    return lines
 
 
 def _version(value: bool) -> None:
@@ -135,6 +194,57 @@ def run(
             help="Scope tokens must carry. [default: https://auth.globus.org/scopes/CLIENT_ID/scistream]",
         ),
     ] = None,
+    allow_targets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-targets",
+            metavar="CIDR[:PORT[-PORT]][,...]",
+            help="Targets inbound proxies may open to; IPv6 with ports as [fd00::/64]:5001. Repeatable. "
+            "[default: the networks of this host's interfaces, never loopback or link-local]",
+        ),
+    ] = None,
+    allow_peers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-peers",
+            metavar="CIDR[:PORT[-PORT]][,...]",
+            help="Remote listeners outbound proxies may connect to. Repeatable. [default: any]",
+        ),
+    ] = None,
+    allow_users: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-users",
+            metavar="ID_OR_USERNAME[,...]",
+            help="With authentication: the Globus identities that may use this server. Repeatable.",
+        ),
+    ] = None,
+    allow_groups: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-groups",
+            metavar="GROUP_ID[,...]",
+            help="With authentication: Globus groups whose members may use this server. Repeatable.",
+        ),
+    ] = None,
+    policy_path: Annotated[
+        Path | None,
+        typer.Option("--policy", metavar="FILE", help="TOML file: targets and quotas per identity or group."),
+    ] = None,
+    audit_log: Annotated[
+        Path | None,
+        typer.Option(
+            "--audit-log", metavar="FILE", help="Append a JSON line per stream created, refused or released."
+        ),
+    ] = None,
+    max_clients_per_address: Annotated[
+        int,
+        typer.Option(
+            "--max-clients-per-address",
+            min=1,
+            help="Control connections at once from one address; its oldest idle one makes room.",
+        ),
+    ] = MAX_PER_ADDRESS,
     keep_streams_on_exit: Annotated[
         bool,
         typer.Option("--keep-streams-on-exit", help="On SIGTERM leave the proxies running, for an upgrade."),
@@ -171,10 +281,23 @@ def run(
         backend = make_backend(kind, templates, haproxy_bin)
         if bool(client_id) != bool(client_secret):
             raise ConfigError("authentication needs both --client-id and --client-secret")
+        own = Own(own_addresses(listener_ip, bind, control), port, settings.port_range)
+        policy = make_policy(
+            own,
+            bool(client_id and client_secret),
+            policy_path,
+            allow_targets or [],
+            allow_peers or [],
+            allow_users or [],
+            allow_groups or [],
+        )
+        audit = AuditLog(audit_log) if audit_log else None
         auth: Authenticator = (
             GlobusAuth(client_id, client_secret, auth_scope) if client_id and client_secret else NoAuth()
         )
-        gateway = Gateway(settings, backend, auth)
+        if isinstance(auth, GlobusAuth):
+            auth.lookup_groups = policy.needs_groups
+        gateway = Gateway(settings, backend, auth, policy=policy)
         gateway.supervisor.limit_logs(log_max_bytes)
         gateway.open()  # before anything else touches the state dir
         addresses = [ip for ip in (bind, control) if ip and not ipaddress.ip_address(ip).is_unspecified]
@@ -199,6 +322,8 @@ def run(
         f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",
         err=True,
     )
+    for line in policy_lines(policy, policy_path, audit_log):
+        typer.echo(line, err=True)
     if gateway.auth.enabled:
         typer.echo(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}", err=True)
     else:
@@ -207,7 +332,7 @@ def run(
             "streams. Pass --client-id and --client-secret to require Globus tokens.",
             err=True,
         )
-    server = ControlServer(gateway, context, host, port)
+    server = ControlServer(gateway, context, host, port, audit, max_clients_per_address)
 
     def ready() -> None:
         typer.echo(f"s2cs ready on {shown}", err=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
+
 from .. import __version__
 from ..errors import BackendFailed, ConfigError, Conflict, Forbidden, NotFound, ScistreamError
 from ..protocol import (
@@ -37,6 +39,7 @@ from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles
 from ..s2ds.supervisor import STOP_GRACE, ProxyProcess, State, Supervisor
 from ..s2ds.system import Handle, RealSystem, System, terminate
 from .auth import Authenticator, Identity
+from .policy import Grant, Own, Policy, build_policy, limits_verdict, streams_verdict
 from .ports import PortPool
 from .sessions import Phase, RecordedProcess, Session, SessionRegistry, parse_record, short
 from .state import StateDir
@@ -65,6 +68,23 @@ def is_local_address(ip: str) -> bool:
 
 def any_address(ip: str) -> str:
     return "::" if ipaddress.ip_address(ip).version == 6 else "0.0.0.0"
+
+
+def interfaces() -> list[tuple[str, str | None]]:
+    """(address, netmask) of every IP address of this host's interfaces, loopback included."""
+    return [
+        (addr.address, addr.netmask)
+        for addrs in psutil.net_if_addrs().values()
+        for addr in addrs
+        if addr.family in (socket.AF_INET, socket.AF_INET6)
+    ]
+
+
+def own_addresses(*extra: str | None) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address that reaches this gateway: its interfaces' and those it was told are its own
+    (an advertised address behind NAT, say)."""
+    found = [address.split("%")[0] for address, _ in interfaces()] + [ip for ip in extra if ip]
+    return frozenset(ipaddress.ip_address(ip) for ip in found)
 
 
 def port_is_free(port: int) -> bool:
@@ -111,10 +131,14 @@ class Gateway:
         backend: Backend,
         auth: Authenticator,
         system: System | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.auth = auth
+        # Without a policy of the caller's: the default one, and no stream to this gateway's ports.
+        own = Own(own_addresses(settings.listener_ip, settings.bind_ip), 0, settings.port_range)
+        self.policy = policy or build_policy(own, interfaces())
         self.system = system or RealSystem()
         self.state = StateDir(settings.state_dir)
         self.registry = SessionRegistry()
@@ -284,9 +308,14 @@ class Gateway:
             port_range=self.pool.label,
             free_ports=self.pool.available(),
             streams=len(self.registry),
+            policy=self.policy.describe(),
         )
 
     def inbound(self, req: InboundRequest, who: Identity | None) -> dict[str, Any]:
+        grant = self.policy.grant(who)
+        for target in req.receiver_ports:  # before anything is taken: a refusal changes nothing
+            self.policy.target(grant, req.remote_ip, target).enforce()
+        limits_verdict(grant, req.limits).enforce()
         uid = str(uuid.uuid4())  # random from os.urandom: the stream's secret
         sid = secrets.token_hex(6)  # the session's local name, and the owner of its ports
         ports = self.pool.reserve(len(req.receiver_ports), owner=sid)
@@ -296,10 +325,14 @@ class Gateway:
         )
         advertised = tuple(hostport(self.settings.listener_ip, port) for port in ports)
         session = self._session(uid, sid, "inbound", who, listeners, advertised, req.limits)
-        self._launch(session)
+        self._launch(session, grant)
         return ok(uid=uid, role="inbound", listeners=list(advertised), **self._limits(req.limits))
 
     def outbound(self, req: OutboundRequest, who: Identity | None) -> dict[str, Any]:
+        grant = self.policy.grant(who)
+        for remote in req.remote_listeners:
+            self.policy.peer(remote.ip, remote.port).enforce()
+        limits_verdict(grant, req.limits).enforce()
         note = ""
         if req.bind_ip is None:
             bind = "0.0.0.0"
@@ -317,7 +350,7 @@ class Gateway:
         shown = self.settings.listener_ip if ipaddress.ip_address(bind).is_unspecified else bind
         advertised = tuple(hostport(shown, port) for port in ports)
         session = self._session(req.uid, sid, "outbound", who, listeners, advertised, req.limits)
-        self._launch(session)
+        self._launch(session, grant)
         reply = ok(
             uid=req.uid, role="outbound", listeners=list(advertised), bind=bind, **self._limits(req.limits)
         )
@@ -327,11 +360,9 @@ class Gateway:
 
     def release(self, uid: str, who: Identity | None) -> dict[str, Any]:
         with self.registry.lock:
-            sessions = self.registry.of_uid(uid)
+            sessions = self._visible(self.registry.of_uid(uid), who)
             if not sessions:
                 raise NotFound(f"no stream {short(uid)} on this server (already released?)")
-            for session in sessions:
-                self._check_owner(session, who)
             # A session still starting is its request's: releasing it now would free its ports
             # under it (maybe twice, once they are another stream's) or delete its directory
             # while it spawns there. The request answers within START_TIMEOUT or so.
@@ -350,14 +381,13 @@ class Gateway:
 
     def status(self, uid: str | None, who: Identity | None) -> dict[str, Any]:
         if uid is not None:
-            sessions = self.registry.of_uid(uid)
+            sessions = self._visible(self.registry.of_uid(uid), who)
             if not sessions:
                 raise NotFound(f"no stream {short(uid)} on this server")
-            for session in sessions:
-                self._check_owner(session, who)
             return ok(streams=[self._describe(s, full=True) for s in sessions])
         if self.auth.enabled:
-            mine = [s for s in self.registry.all() if who is not None and s.owner == who.id]
+            everyone = self._admin(who)
+            mine = [s for s in self.registry.all() if everyone or (who is not None and s.owner == who.id)]
             return ok(streams=[self._describe(s, full=True) for s in mine])
         # Without authentication everybody is anonymous: holding the UID is the only proof of
         # ownership, so a listing must not hand UIDs out.
@@ -400,10 +430,19 @@ class Gateway:
             }
         }
 
-    def _check_owner(self, session: Session, who: Identity | None) -> None:
+    def _visible(self, sessions: list[Session], who: Identity | None) -> list[Session]:
+        """The sessions `who` may see and release: its own, or all for an admin of the policy.
+        Others' are not there at all (NOT_FOUND), so nobody learns what another user runs."""
+        if not self.auth.enabled or self._admin(who):
+            return sessions
         # A stream made while authentication was off has no owner: as then, its UID suffices.
-        if self.auth.enabled and session.owner is not None and (who is None or session.owner != who.id):
-            raise Forbidden(f"stream {short(session.uid)} belongs to another user")
+        return [s for s in sessions if s.owner is None or (who is not None and s.owner == who.id)]
+
+    def _admin(self, who: Identity | None) -> bool:
+        try:
+            return who is not None and self.policy.grant(who).admin
+        except Forbidden:
+            return False  # not allowed to make streams; still allowed to see and end its own
 
     def _spec(self, session: Session) -> ProxySpec:
         rate_bytes = rate_bytes_per_second(session.limits.rate)
@@ -438,9 +477,12 @@ class Gateway:
         )
         return proc
 
-    def _launch(self, session: Session) -> None:
+    def _launch(self, session: Session, grant: Grant) -> None:
         try:
-            self.registry.add(session)
+            with self.registry.lock:  # counted and added at once: two requests cannot both pass
+                owned = sum(1 for s in self.registry.all() if s.owner == session.owner)
+                streams_verdict(grant, owned).enforce()
+                self.registry.add(session)
         except ScistreamError:
             self.pool.release(session.ports, owner=session.sid)
             raise

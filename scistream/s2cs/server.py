@@ -3,6 +3,10 @@
 asyncio carries the connections, so hundreds of idle or slow clients cost a few kilobytes each and
 never hold a worker; only a complete, framed request reaches the bounded pool of worker threads
 that run the gateway's operations. Every read and write has a deadline.
+
+One client address holds at most `max_per_address` connections: when it opens one more, its
+oldest idle connection is closed to make room, and when none of them is idle the new request is
+refused. So one host cannot take every connection, while its newest request is still served.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import functools
 import logging
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import BadRequest, Internal, ScistreamError
+from ..errors import BadRequest, Conflict, Internal, ScistreamError
 from ..protocol import (
     MAX_MESSAGE,
     InboundRequest,
@@ -29,6 +34,8 @@ from ..protocol import (
     error,
     hostport,
 )
+from .audit import AuditLog, Event, entry
+from .auth import Identity
 from .gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,7 @@ HANDSHAKE_TIMEOUT = 10.0
 READ_TIMEOUT = 10.0
 WRITE_TIMEOUT = 10.0
 MAX_CLIENTS = 1000  # connections at once; more are closed at once
+MAX_PER_ADDRESS = 128  # connections at once from one client address (--max-clients-per-address)
 WORKERS = 8
 
 
@@ -47,18 +55,37 @@ def server_context(crt: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+class _Connection:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.busy = False  # its request has come: it is no longer idle
+
+
 class ControlServer:
-    def __init__(self, gateway: Gateway, context: ssl.SSLContext, host: str | None, port: int) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        context: ssl.SSLContext,
+        host: str | None,
+        port: int,
+        audit: AuditLog | None = None,
+        max_per_address: int = MAX_PER_ADDRESS,
+    ) -> None:
         self.gateway = gateway
         self.context = context
         self.host = host
         self.port = port
+        self.audit = audit
+        self.max_per_address = max_per_address
         self.workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="request")
         self._clients = 0
+        self._by_address: dict[str, list[_Connection]] = {}  # only touched by the event loop
 
-    def dispatch(self, line: bytes, peer: str) -> dict[str, Any]:
-        """One framed request -> one reply; runs in a worker thread."""
+    def dispatch(self, line: bytes, peer: str, address: str = "") -> dict[str, Any]:
+        """One framed request from `peer` (ADDRESS:PORT) -> one reply; runs in a worker thread."""
         op = "?"
+        body: object = None
+        who: Identity | None = None
         try:
             req = decode_request(line)
             op = req.op
@@ -66,7 +93,7 @@ class ControlServer:
             if isinstance(body, InfoRequest):
                 reply = self.gateway.info()
             else:
-                who = self.gateway.auth.identify(req.token)
+                who = self.gateway.auth.identify(req.token, address)
                 if isinstance(body, InboundRequest):
                     reply = self.gateway.inbound(body, who)
                 elif isinstance(body, OutboundRequest):
@@ -79,23 +106,71 @@ class ControlServer:
                     raise Internal(f"no handler for {op}")
         except ScistreamError as exc:
             log.info("%s %s -> %s: %s", peer, op, exc.code, exc.message)
+            self._audit(op, body, who, address or peer, None, exc)
             return error(exc)
         except Exception:
             log.exception("%s %s -> INTERNAL", peer, op)
-            return error(Internal("internal error in s2cs; the operator finds the details in its log"))
+            failed = Internal("internal error in s2cs; the operator finds the details in its log")
+            self._audit(op, body, who, address or peer, None, failed)
+            return error(failed)
         log.info("%s %s -> ok", peer, op)
+        self._audit(op, body, who, address or peer, reply, None)
         return reply
+
+    def _audit(
+        self,
+        op: str,
+        body: object,
+        who: Identity | None,
+        client: str,
+        reply: dict[str, Any] | None,
+        exc: ScistreamError | None,
+    ) -> None:
+        """A line for every stream created, refused or released, and every refused identity."""
+        if self.audit is None:
+            return
+        event: Event
+        if isinstance(body, InboundRequest | OutboundRequest | ReleaseRequest):
+            event = "refuse" if exc else "release" if isinstance(body, ReleaseRequest) else "create"
+        elif exc is not None and exc.code in ("UNAUTHENTICATED", "FORBIDDEN"):
+            event = "refuse"
+        else:
+            return
+        if isinstance(body, InboundRequest):
+            targets = [hostport(body.remote_ip, port) for port in body.receiver_ports]
+        elif isinstance(body, OutboundRequest):
+            targets = [str(remote) for remote in body.remote_listeners]
+        else:
+            targets = []
+        uid = (reply or {}).get("uid") or getattr(body, "uid", None)
+        self.audit.write(
+            entry(
+                event,
+                when=time.time(),
+                op=op,
+                identity=(who.id, who.name) if who else None,
+                client=client,
+                targets=targets,
+                uid=uid,
+                result=exc.code if exc else "ok",
+                reason=exc.message if exc else "",
+            )
+        )
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        peer = hostport(peername[0], peername[1]) if peername else "?"
+        address = str(peername[0]) if peername else "?"
         self._clients += 1
+        conn = _Connection(writer)
+        refused = self._admit(address, conn)
         try:
             if self._clients > MAX_CLIENTS:
                 log.warning("%s: closed, %d clients connected already", peer, MAX_CLIENTS)
                 return
             try:
                 line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+                conn.busy = True
             except TimeoutError:
                 log.info("%s: no request within %.0fs, closed", peer, READ_TIMEOUT)
                 return
@@ -106,15 +181,44 @@ class ControlServer:
             else:
                 if not line.strip():
                     return
-                loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(self.workers, self.dispatch, line, peer)
+                if refused:
+                    reply = error(refused)
+                else:
+                    loop = asyncio.get_running_loop()
+                    reply = await loop.run_in_executor(self.workers, self.dispatch, line, peer, address)
             writer.write(encode(reply))
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
         except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
             pass
         finally:
             self._clients -= 1
+            self._leave(address, conn)
             writer.close()
+
+    def _admit(self, address: str, conn: _Connection) -> ScistreamError | None:
+        """Count `conn` for its address; make room by closing that address's oldest idle
+        connection, or say why its request is refused when all of them are busy."""
+        mine = self._by_address.setdefault(address, [])
+        if len(mine) >= self.max_per_address:
+            idle = next((c for c in mine if not c.busy), None)
+            if idle is None:
+                log.warning("%s: %d requests under way from it already; refused", address, len(mine))
+                return Conflict(
+                    f"{len(mine)} requests from {address} are under way already, the most this server "
+                    "takes from one address; try again when they are answered"
+                )
+            log.info("%s: closed its oldest idle connection, it has %d", address, len(mine))
+            mine.remove(idle)
+            idle.writer.transport.abort()
+        mine.append(conn)
+        return None
+
+    def _leave(self, address: str, conn: _Connection) -> None:
+        mine = self._by_address.get(address, [])
+        if conn in mine:
+            mine.remove(conn)
+        if not mine:
+            self._by_address.pop(address, None)
 
     @property
     def where(self) -> str:

@@ -1,0 +1,370 @@
+"""Who may open a tunnel to what: the target policy, authorization, owners, audit, control limits.
+
+Each test is one claim of the open-relay threat in docs/security.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scistream.errors import Forbidden, NotFound, Unauthenticated
+from scistream.loopback import BIN, S2csProcess, Sink, free_port_range, send
+
+from ..globus_standin import GlobusStandIn
+from .conftest import open_stream, s2uc
+
+S2CS_ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
+S2CS_SECRET = "s2cs-secret-for-tests"
+SCOPE = f"https://auth.globus.org/scopes/{S2CS_ID}/scistream"
+BEAMLINE = "6f9a1c52-7b4e-4d1f-9a3e-2c8b5d7e0f11"
+
+
+def forbidden(gw: S2csProcess, op: str, token: str | None = None, **fields) -> str:
+    with pytest.raises(Forbidden) as refused:
+        gw.call(op, token, **fields)
+    return refused.value.message
+
+
+def nothing_taken(gw: S2csProcess) -> None:
+    info = gw.call("info")
+    assert info["streams"] == 0
+    assert info["free_ports"] == gw.port_range[1] - gw.port_range[0] + 1
+
+
+# --- the target policy, authentication off -----------------------------------------------------------
+
+
+def test_the_default_policy_refuses_loopback_link_local_and_the_gateways_own_ports(start_s2cs, workdir):
+    empty = workdir / "policy.toml"
+    empty.write_text("# the defaults\n")
+    hpc = start_s2cs("hpc", "--policy", str(empty))  # a policy of its own: no loopback for the tests
+    sink = Sink()
+    policy = hpc.call("info")["policy"]
+    assert policy["targets_default"] is True
+    assert "127.0.0.1/32" not in policy["targets"]
+    assert policy["never"] == [f"control port {hpc.port}", f"ports {hpc.port_range[0]}-{hpc.port_range[1]}"]
+
+    assert forbidden(hpc, "inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port]) == (
+        f"target 127.0.0.1:{sink.port} (loopback) is not allowed on this gateway; "
+        "its operator allows targets with --allow-targets CIDR[:PORT[-PORT]]"
+    )
+    assert forbidden(hpc, "inbound", remote_ip="::1", receiver_ports=[sink.port]).startswith(
+        f"target [::1]:{sink.port} (loopback) is not allowed"
+    )
+    assert forbidden(hpc, "inbound", remote_ip="169.254.169.254", receiver_ports=[80]).startswith(
+        "target 169.254.169.254:80 (link-local) is not allowed"
+    )
+    assert forbidden(hpc, "inbound", remote_ip="fe80::1", receiver_ports=[80]).startswith(
+        "target [fe80::1]:80 (link-local) is not allowed"
+    )
+    assert forbidden(hpc, "inbound", remote_ip="127.0.0.1", receiver_ports=[hpc.port]) == (
+        f"target 127.0.0.1:{hpc.port} is this gateway's own control port; no policy allows it"
+    )
+    nothing_taken(hpc)
+    # What the operator reads at start.
+    log = hpc.log.read_text()
+    assert "inbound proxies open to: " in log and "--allow-targets to choose others" in log
+    assert f"never to this gateway's control port {hpc.port} or ports {hpc.port_range[0]}-" in log
+
+
+def test_allow_targets_allows_exactly_what_it_names(start_s2cs, workdir):
+    sink = Sink()
+    hpc = start_s2cs("hpc", "--allow-targets", f"127.0.0.1/32:{sink.port}")
+    inst = start_s2cs("inst")
+    stream = open_stream(hpc, inst, sink.port, rate=0)
+    data = os.urandom(1 << 20)
+    assert send(("127.0.0.1", stream.port), data)[0] == len(data)  # the named target is reached
+
+    for port in (sink.port - 1, sink.port + 1):  # its neighbours are not
+        assert forbidden(hpc, "inbound", remote_ip="127.0.0.1", receiver_ports=[port]) == (
+            f"target 127.0.0.1:{port} (loopback) is not allowed on this gateway; "
+            "its operator allows targets with --allow-targets CIDR[:PORT[-PORT]]"
+        )
+    # One refused port of several refuses the request and takes nothing.
+    forbidden(hpc, "inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port, sink.port + 1])
+    assert hpc.call("info")["streams"] == 1
+
+    # What the user sees: one line, the FORBIDDEN code, the exit status of "not allowed".
+    refused = s2uc(
+        "inbound_request", "--s2cs", hpc.address, "--server_cert", str(hpc.cert),
+        "--remote_ip", "127.0.0.1", "--receiver_ports", str(sink.port + 1), check=False,
+    )  # fmt: skip
+    assert refused.returncode == 4
+    assert refused.stderr.strip().count("\n") == 0
+    assert f"127.0.0.1:{sink.port + 1} (loopback) is not allowed" in refused.stderr
+    assert "--allow-targets" in refused.stderr
+    hpc.call("release", uid=stream.uid)
+    inst.call("release", uid=stream.uid)
+
+
+def test_the_own_control_port_and_port_range_are_refused_inside_an_allowed_network(start_s2cs):
+    hpc = start_s2cs("hpc", "--allow-targets", "127.0.0.0/8,0.0.0.0/0", "--allow-targets", "::/0,::1/128")
+    first, last = hpc.port_range
+    for ip in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"):
+        assert forbidden(hpc, "inbound", remote_ip=ip, receiver_ports=[hpc.port]).endswith(
+            "is this gateway's own control port; no policy allows it"
+        ), ip
+        for port in (first, last):
+            assert forbidden(hpc, "inbound", remote_ip=ip, receiver_ports=[port]).endswith(
+                f"is in this gateway's own port range {first}-{last}; no policy allows it"
+            ), ip
+    assert forbidden(hpc, "inbound", remote_ip="0.0.0.0", receiver_ports=[8080]) == (
+        "target 0.0.0.0:8080 is not the address of a host"
+    )
+    nothing_taken(hpc)
+
+
+def test_ipv6_targets_in_brackets_with_their_ports(start_s2cs, workdir):
+    service = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    port = service.getsockname()[1]
+    try:
+        gw = S2csProcess(
+            "hpc6",
+            workdir / "hpc6",
+            free_port_range(4),
+            ("--allow-targets", f"[::1/128]:{port}"),
+            listener_ip="::1",
+        )
+        gw.start()
+        try:
+            assert gw.call("info")["policy"]["targets"] == [f"[::1/128]:{port}"]
+            reply = gw.call("inbound", remote_ip="::1", receiver_ports=[port], rate=0)
+            assert reply["listeners"][0].startswith("[::1]:")
+            assert forbidden(gw, "inbound", remote_ip="::1", receiver_ports=[port + 1]).startswith(
+                f"target [::1]:{port + 1} (loopback) is not allowed"
+            )
+            assert forbidden(gw, "inbound", remote_ip="127.0.0.1", receiver_ports=[port]).startswith(
+                f"target 127.0.0.1:{port} (loopback) is not allowed"  # IPv4 is another network
+            )
+            assert forbidden(gw, "inbound", remote_ip="::1", receiver_ports=[gw.port]).endswith(
+                "own control port; no policy allows it"
+            )
+            gw.call("release", uid=reply["uid"])
+        finally:
+            gw.stop()
+    finally:
+        service.close()
+
+
+def test_allow_peers_restricts_the_remote_listeners_of_outbound_proxies(start_s2cs):
+    sink = Sink()
+    hpc = start_s2cs("hpc")
+    first, last = hpc.port_range
+    inst = start_s2cs("inst", "--allow-peers", f"127.0.0.1/32:{first}-{last}")
+    assert inst.call("info")["policy"]["peers"] == [f"127.0.0.1/32:{first}-{last}"]
+    stream = open_stream(hpc, inst, sink.port, rate=0)  # the peer it names: allowed
+    uid = stream.uid
+    assert forbidden(inst, "outbound", uid=uid, remote_listeners=[f"127.0.0.1:{last + 1}"]) == (
+        f"remote listener 127.0.0.1:{last + 1} (loopback) is not allowed on this gateway; "
+        "its operator allows remote listeners with --allow-peers CIDR[:PORT[-PORT]]"
+    )
+    # Without --allow-peers an outbound proxy connects anywhere: the peer proves itself with the
+    # stream's certificate.
+    assert hpc.call("info")["policy"]["peers"] is None
+    for gw in (inst, hpc):
+        gw.call("release", uid=uid)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--allow-targets", "10.0.0.0/8:99999"], "error: --allow-targets: '10.0.0.0/8:99999': ports go"),
+        (["--allow-targets", "fd00::/64:5001"], "IPv6 with ports goes in brackets: [fd00::/64]:5001"),
+        (["--allow-users", "alice@example.org"], "--allow-users names users or groups, which needs auth"),
+        (["--policy", "{missing}"], "error: --policy: cannot read {missing}: No such file or directory"),
+        (["--policy", "{bad}"], "error: {bad}:3: max_streams must be a whole number of at least 1, not -1"),
+        (["--audit-log", "{missing_dir}/a.jsonl"], "error: --audit-log: cannot write {missing_dir}/a.jsonl"),
+    ],
+)  # fmt: skip
+def test_a_bad_policy_stops_s2cs_with_the_file_line_and_reason(workdir, args, error):
+    bad = workdir / "bad.toml"
+    bad.write_text('[[allow]]\nusers = ["alice@example.org"]\nmax_streams = -1\n')
+    paths = {"missing": workdir / "none.toml", "bad": bad, "missing_dir": workdir / "nodir"}
+    args = [a.format(**paths) for a in args]
+    result = subprocess.run(
+        [str(BIN / "s2cs"), "--state-dir", str(workdir / "x"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert error.format(**paths) in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_the_audit_log_has_a_line_per_create_refusal_and_release(start_s2cs, workdir):
+    sink = Sink()
+    audit = workdir / "audit.jsonl"
+    hpc = start_s2cs("hpc", "--audit-log", str(audit))
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    forbidden(hpc, "inbound", remote_ip="169.254.169.254", receiver_ports=[80])
+    hpc.call("release", uid=uid)
+    with pytest.raises(NotFound):
+        hpc.call("release", uid=uid)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(x["event"], x["op"], x["result"]) for x in lines] == [
+        ("create", "inbound", "ok"),
+        ("refuse", "inbound", "FORBIDDEN"),
+        ("release", "release", "ok"),
+        ("refuse", "release", "NOT_FOUND"),
+    ]
+    assert lines[0]["targets"] == [f"127.0.0.1:{sink.port}"] and lines[0]["uid"] == uid[:8]
+    assert lines[0]["client"] == "127.0.0.1" and lines[0]["identity"] is None
+    assert lines[1]["reason"].startswith("target 169.254.169.254:80 (link-local) is not allowed")
+    assert uid not in audit.read_text()  # the UID is the stream's secret
+
+
+# --- control-plane limits ------------------------------------------------------------------------------
+
+
+def _idle_from(gw: S2csProcess, source: str) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=str(gw.cert))
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=30, source_address=(source, 0))
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def _info_from(gw: S2csProcess, source: str) -> dict:
+    with _idle_from(gw, source) as tls:
+        tls.sendall(b'{"v": 1, "op": "info"}\n')
+        return json.loads(tls.makefile("rb").readline())
+
+
+def test_one_address_cannot_take_every_control_connection(start_s2cs):
+    hpc = start_s2cs("hpc", "--max-clients-per-address", "3")
+    idle = [_idle_from(hpc, "127.0.0.2") for _ in range(3)]
+    try:
+        assert _info_from(hpc, "127.0.0.3")["ok"]  # another address is not affected
+        assert _info_from(hpc, "127.0.0.2")["ok"]  # its own newest request is served ...
+        idle[0].settimeout(10)
+        assert idle[0].recv(100) == b""  # ... in place of its oldest idle connection
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+# --- authorization with the Globus stand-in ------------------------------------------------------------
+
+
+@pytest.fixture
+def globus(workdir: Path) -> Iterator[GlobusStandIn]:
+    standin = GlobusStandIn(workdir, confidential={S2CS_ID: S2CS_SECRET}).start()
+    yield standin
+    standin.stop()
+
+
+def secured(start_s2cs, globus: GlobusStandIn, *extra: str, name: str = "hpc") -> S2csProcess:
+    env = {**globus.env, "SCISTREAM_CLIENT_SECRET": S2CS_SECRET}
+    return start_s2cs(name, "--client-id", S2CS_ID, *extra, env=env)
+
+
+def test_allow_users_serves_the_named_and_refuses_the_others_by_name(start_s2cs, globus):
+    sink = Sink()
+    hpc = secured(start_s2cs, globus, "--allow-users", "alice@example.org")
+    alice, bob = globus.issue("alice", SCOPE), globus.issue("bob", SCOPE)
+    uid = hpc.call("inbound", alice, remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    assert forbidden(hpc, "inbound", bob, remote_ip="127.0.0.1", receiver_ports=[sink.port]) == (
+        "bob@example.org (bob-0000-identity) may not use this gateway: "
+        "not in --allow-users, --allow-groups or the policy file"
+    )
+    hpc.call("release", alice, uid=uid)
+    assert "/v2/groups/my_groups" not in globus.calls  # no group named: none looked up
+
+
+def test_allow_groups_serves_members_looked_up_with_a_dependent_token(start_s2cs, globus):
+    sink = Sink()
+    globus.groups = {"carol": [BEAMLINE], "bob": ["0c4d1e2f-0000-4000-8000-000000000000"]}
+    hpc = secured(start_s2cs, globus, "--allow-groups", BEAMLINE)
+    carol, bob = globus.issue("carol", SCOPE), globus.issue("bob", SCOPE)
+    uid = hpc.call("inbound", carol, remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    assert "bob@example.org (bob-0000-identity) may not use this gateway" in forbidden(
+        hpc, "inbound", bob, remote_ip="127.0.0.1", receiver_ports=[sink.port]
+    )
+    hpc.call("release", carol, uid=uid)
+    assert globus.calls["/v2/groups/my_groups"] == 2  # once per token: cached with the identity
+
+
+def test_a_policy_file_gives_a_group_its_subnet_and_quota(start_s2cs, globus, workdir):
+    sink, other = Sink(), Sink()
+    globus.groups = {"mona": [BEAMLINE]}
+    policy = workdir / "policy.toml"
+    policy.write_text(
+        f'[[allow]]\ngroups = ["{BEAMLINE}"]\ntargets = ["127.0.0.1/32:{sink.port}"]\n'
+        "max_streams = 1\nmax_rate = 20000\n\n"
+        '[[allow]]\nusers = ["ops@example.org"]\nadmin = true\n'
+    )
+    hpc = secured(start_s2cs, globus, "--policy", str(policy))
+    mona, ops = globus.issue("mona", SCOPE), globus.issue("ops", SCOPE)
+    assert forbidden(hpc, "inbound", mona, remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0) == (
+        "rate 0 (unlimited) is above the 20000 kb/s (20 Mbit/s) mona@example.org may use on this gateway; "
+        "ask for --rate 20000 or less"
+    )
+    first = hpc.call("inbound", mona, remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    assert forbidden(hpc, "inbound", mona, remote_ip="127.0.0.1", receiver_ports=[sink.port]) == (
+        "mona@example.org may have at most 1 stream(s) at once on this gateway and has 1; "
+        "release one first (s2uc release UID)"
+    )
+    # The subnet is the group's own: its admin, with no targets of its own, cannot reach it.
+    assert "not allowed for ops@example.org" in forbidden(
+        hpc, "inbound", ops, remote_ip="127.0.0.1", receiver_ports=[sink.port]
+    )
+    assert f"127.0.0.1:{other.port} (loopback) is not allowed for mona" in forbidden(
+        hpc, "inbound", mona, remote_ip="127.0.0.1", receiver_ports=[other.port]
+    )
+    # An admin sees and ends every stream.
+    assert [s["uid"] for s in hpc.call("status", ops)["streams"]] == [first]
+    hpc.call("release", ops, uid=first)
+    second = hpc.call("inbound", mona, remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    hpc.call("release", mona, uid=second)
+
+
+def test_a_non_owner_can_neither_see_nor_release_another_users_stream(start_s2cs, globus, workdir):
+    sink = Sink()
+    audit = workdir / "audit.jsonl"
+    hpc = secured(start_s2cs, globus, "--audit-log", str(audit))
+    alice, bob = globus.issue("alice", SCOPE), globus.issue("bob", SCOPE)
+    uid = hpc.call("inbound", alice, remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    unknown = "9f8e7d6c-5b4a-4c3d-8e2f-1a0b9c8d7e6f"
+    for op in ("status", "release"):
+        with pytest.raises(NotFound) as theirs:
+            hpc.call(op, bob, uid=uid)
+        with pytest.raises(NotFound) as nobodys:
+            hpc.call(op, bob, uid=unknown)
+        # The same answer as for a stream that does not exist: nothing to learn from it.
+        assert theirs.value.message == nobodys.value.message.replace(unknown[:8], uid[:8])
+    assert hpc.call("status", bob)["streams"] == []
+    assert uid[:8] not in json.dumps(hpc.call("status", bob))
+    assert [s["uid"] for s in hpc.call("status", alice)["streams"]] == [uid]  # still there
+    hpc.call("release", alice, uid=uid)
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(e["event"], e["identity"]["name"], e["result"]) for e in events] == [
+        ("create", "alice@example.org", "ok"),
+        ("refuse", "bob@example.org", "NOT_FOUND"),
+        ("refuse", "bob@example.org", "NOT_FOUND"),
+        ("release", "alice@example.org", "ok"),
+    ]
+
+
+def test_bogus_tokens_are_refused_without_asking_globus_again_and_again(start_s2cs, globus):
+    hpc = secured(start_s2cs, globus)
+    for _ in range(3):
+        with pytest.raises(Unauthenticated, match="expired or revoked"):
+            hpc.call("status", "bogus-token")
+    assert globus.calls["/v2/oauth2/token/introspect"] == 1  # the refusal is remembered
+
+    for i in range(19):  # 20 refused tokens from one address in a minute ...
+        with pytest.raises(Unauthenticated):
+            hpc.call("status", f"bogus-{i}")
+    asked = globus.calls["/v2/oauth2/token/introspect"]
+    with pytest.raises(
+        Unauthenticated, match=r"too many refused tokens from 127\.0\.0\.1 in the last minute"
+    ):
+        hpc.call("status", "bogus-one-more")
+    assert globus.calls["/v2/oauth2/token/introspect"] == asked  # ... and Globus is not asked
