@@ -144,8 +144,8 @@ def test_a_secured_s2cs_serves_logged_in_users_and_keeps_their_streams_apart(sta
     login(globus, bob, "bob", "", *server)
     assert s2uc("status", *server, env=bob).stdout.startswith("No streams")  # not bob's
     denied = s2uc("release", uid, *server, env=bob, check=False)
-    # Refused: FORBIDDEN, or NOT_FOUND where the server hides that the stream exists at all.
-    assert denied.returncode in (4, 5), denied.stderr
+    # Refused as if the stream did not exist: bob learns nothing of what alice runs.
+    assert denied.returncode == 5 and "NOT_FOUND" in denied.stderr, denied.stderr
     listing = s2uc("status", *server, "--json", env=alice).stdout
     assert uid in listing and second in listing  # alice sees her own, in full
 
@@ -162,6 +162,8 @@ def test_a_secured_s2cs_serves_logged_in_users_and_keeps_their_streams_apart(sta
 def test_login_with_the_scope_id_of_the_user_guide_serves_requests(start_s2cs, globus, workdir):
     """5.6 as written: `s2uc login --scope YOUR_SCOPE_ID`, the ID a facility hands out."""
     hpc = secured_s2cs(start_s2cs, globus)
+    # The operator sees at start what to tell users: the ID form of the guide.
+    assert f"users log in with: s2uc login --scope {S2CS_ID}\n" in hpc.log.read_text()
     env = user_env(globus, workdir, "alice")
     sink = Sink()
     server = ["--s2cs", hpc.address, "--server_cert", str(hpc.cert)]
