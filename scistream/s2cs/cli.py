@@ -328,7 +328,8 @@ def run(
         from ..s2uc.scopes import login_form  # loads globus-sdk, as authentication does
 
         typer.echo(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}", err=True)
-        typer.echo(f"  users log in with: s2uc login --scope {login_form(gateway.auth.scope)}", err=True)
+        if gateway.auth.scope is not None:
+            typer.echo(f"  users log in with: s2uc login --scope {login_form(gateway.auth.scope)}", err=True)
     else:
         typer.echo(
             "  WARNING: authentication is OFF: anyone who can reach this port can create and release "
