@@ -163,13 +163,15 @@ class Backend(ABC):
         return [proxy, shaper] if spec.front else [shaper, proxy]
 
     def shaper_launch(self, spec: ProxySpec, files: SessionFiles) -> Launch:
-        routes = []
+        # `--route LISTEN TARGET`: two arguments, never one to split, since a state dir may
+        # hold any character ("=" included: `--route=PATH=ADDR` once cut such paths in two).
+        routes: list[str] = []
         for i, lst in enumerate(spec.listeners):
             socket_path = str(files.shaper_socket(i))
             if spec.front:
-                routes.append(f"--route={hostport(lst.bind_ip, lst.port)}={socket_path}")
+                routes += ["--route", hostport(lst.bind_ip, lst.port), socket_path]
             else:
-                routes.append(f"--route={socket_path}={hostport(lst.target_ip, lst.target_port)}")
+                routes += ["--route", socket_path, hostport(lst.target_ip, lst.target_port)]
         options = self.shaper_options(spec, files)
         argv = (sys.executable, "-m", "scistream.s2ds.shaper", f"--rate={spec.rate_bytes}", *options, *routes)
         return Launch("shaper", argv, self.ready(spec, files, "shaper"))

@@ -31,10 +31,13 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -321,11 +324,20 @@ Endpoint = str | tuple[str, int]  # a Unix socket path, or (host, port)
 
 
 def endpoint(text: str) -> Endpoint:
-    """`/path/to/socket`, `1.2.3.4:5` or `[::1]:5`."""
+    """`/path/to/socket` (any characters after the first `/`), `1.2.3.4:5` or `[::1]:5`."""
     if text.startswith("/"):
         return text
-    host, _, port = text.rpartition(":")
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is neither an absolute Unix socket path nor HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def _text(where: Endpoint) -> str:
+    if isinstance(where, str):
+        return where
+    host, port = where
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _socket(where: Endpoint) -> socket.socket:
@@ -339,8 +351,11 @@ def _socket(where: Endpoint) -> socket.socket:
 def _listen(where: Endpoint) -> socket.socket:
     sock = _socket(where)
     if isinstance(where, str):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(where)
+        try:
+            if stat.S_ISSOCK(os.lstat(where).st_mode):
+                os.unlink(where)  # a socket left by an earlier shaper; anything else: bind fails
+        except FileNotFoundError:
+            pass
         old = os.umask(0o077)  # only the proxy's user may connect
         try:
             sock.bind(where)
@@ -354,24 +369,42 @@ def _listen(where: Endpoint) -> socket.socket:
     return sock
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Options:
+    rate: int  # bytes/s, each direction; 0: no limit
+    max_conn: int  # 0: no limit
+    stats: str | None
+    routes: tuple[tuple[Endpoint, Endpoint], ...]
+
+
+def options(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m scistream.s2ds.shaper", description=__doc__)
     parser.add_argument("--rate", type=int, required=True, help="bytes/s, each direction; 0: no limit")
     parser.add_argument("--max-conn", type=int, default=0, help="most connections at once; 0: no limit")
     parser.add_argument("--stats", help="file to keep connection and byte counts in (JSON)")
     parser.add_argument(
-        "--route", action="append", required=True, metavar="LISTEN=TARGET",
-        help="listen on LISTEN, relay to TARGET; each a Unix socket path or HOST:PORT",
+        "--route", action="append", nargs=2, required=True, metavar=("LISTEN", "TARGET"),
+        help="listen on LISTEN, relay to TARGET; each an absolute Unix socket path or HOST:PORT "
+        "(two arguments, so that a path may hold any character)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    routes = [
-        (endpoint(where), endpoint(target)) for where, _, target in (r.partition("=") for r in args.route)
-    ]
+    if args.rate < 0 or args.max_conn < 0:
+        parser.error("--rate and --max-conn are 0 or more")
+    try:
+        routes = tuple((endpoint(listen), endpoint(target)) for listen, target in args.route)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return Options(args.rate, args.max_conn, args.stats, routes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = options(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    shaper = Shaper(routes, args.rate, args.max_conn, args.stats)
+    shaper = Shaper(list(opts.routes), opts.rate, opts.max_conn, opts.stats)
+    routes = ", ".join(f"{_text(listen)} -> {_text(target)}" for listen, target in opts.routes)
     print(
-        f"shaper: {args.rate or 'unlimited'} bytes/s each direction, "
-        f"{args.max_conn or 'unlimited'} connections, routes {', '.join(args.route)}",
+        f"shaper: {opts.rate or 'unlimited'} bytes/s each direction, "
+        f"{opts.max_conn or 'unlimited'} connections, routes {routes}",
         flush=True,
     )
     try:

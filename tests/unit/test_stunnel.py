@@ -127,3 +127,26 @@ def test_without_splice_no_limit_is_claimed_that_nobody_enforces(make, env, monk
     assert "splice" in caps.rate.reason
     assert caps.num_conn.enforced == (make is HaproxyBackend)  # maxconn needs no shaper
     assert not backend.shaped(1_250_000, 2)
+
+
+@pytest.mark.parametrize("make", [HaproxyBackend, StunnelBackend])
+@pytest.mark.parametrize("name", ["inbound-two-listeners-rate", "outbound-rate"])
+def test_the_shaper_command_line_keeps_a_state_dir_with_an_equals_sign_whole(make, name, env):
+    """The operator guide allows any state dir; `--route=PATH=ADDR` was split at the first "=",
+    so the shaper listened on a path outside the state dir and every request failed."""
+    from scistream.s2ds import shaper
+
+    directory = Path("/srv/state=a/b=c/sessions/5f0c2a9e41b7")
+    spec = replace(SESSIONS[name], shaped=True)
+    launch = make(env).shaper_launch(spec, SessionFiles(directory))
+    assert launch.argv[1:3] == ("-m", "scistream.s2ds.shaper")
+    found = shaper.options(launch.argv[3:])
+    sockets = [str(directory / f"shaper-{i}.sock") for i in range(len(spec.listeners))]
+    if spec.front:  # outbound: the listener port in front, the proxy behind it
+        expected = tuple(((lst.bind_ip, lst.port), s) for lst, s in zip(spec.listeners, sockets, strict=True))
+    else:
+        expected = tuple(
+            (s, (lst.target_ip, lst.target_port)) for lst, s in zip(spec.listeners, sockets, strict=True)
+        )
+    assert found.routes == expected
+    assert found.rate == spec.rate_bytes and found.max_conn == spec.num_conn

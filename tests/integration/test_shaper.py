@@ -1,0 +1,471 @@
+"""The shaper as a real process (`python -m scistream.s2ds.shaper`) with real sockets on 127.0.0.1.
+
+It runs as an unprivileged user of its own when the tests run as root (as they do in CI), as a
+facility's s2cs would run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import scistream
+from scistream.loopback import Sink, free_port, send
+
+from .conftest import BACKENDS, open_stream
+
+ROOT = os.geteuid() == 0
+
+
+# --- the shaper's user ---------------------------------------------------------------------------
+
+
+def spare_uid() -> int:
+    """A uid that names nobody and runs nothing here: its pipe accounting is ours alone."""
+    busy = {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info.get("uids")}
+    for uid in range(61_000, 65_000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if uid not in busy:
+                return uid
+    raise RuntimeError("no spare uid between 61000 and 65000")
+
+
+@dataclass(frozen=True)
+class User:
+    """Who the shaper runs as: a spare uid when we are root, else ourselves."""
+
+    uid: int
+    gid: int
+
+    def popen_options(self) -> dict[str, Any]:
+        if not ROOT:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+@pytest.fixture(scope="session")
+def user() -> User:
+    if not ROOT:
+        return User(os.getuid(), os.getgid())
+    uid = spare_uid()
+    return User(uid, uid)
+
+
+PROJECT = Path(scistream.__file__).resolve().parents[1]
+# The shaper needs the standard library and its own package only.
+PYTHONPATH = [p for p in (os.environ.get("PYTHONPATH"), str(PROJECT)) if p]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(PYTHONPATH)}
+
+
+@pytest.fixture(scope="session")
+def python(user: User) -> str:
+    """An interpreter the shaper's user may run: ours, or else the system's when ours lives
+    where that user may not look (a pyenv below /root, mode 0700)."""
+    probe = "import sys, socket, select, fcntl, json; assert sys.version_info >= (3, 11)"
+    for candidate in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+        try:
+            found = subprocess.run(
+                [candidate, "-c", probe], env=ENV, capture_output=True, **user.popen_options()
+            )
+        except OSError:
+            continue
+        if found.returncode == 0:
+            return candidate
+    pytest.skip(f"no Python 3.11 that uid {user.uid} may run")
+
+
+@pytest.fixture
+def home(user: User) -> Iterator[Path]:
+    """A directory the shaper's user owns, for its log, its stats and its Unix sockets."""
+    path = Path(tempfile.mkdtemp(prefix="ss-shaper-", dir="/tmp"))
+    os.chown(path, user.uid, user.gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- the shaper ----------------------------------------------------------------------------------
+
+Address = str | tuple[str, int]
+
+
+def text(where: Address) -> str:
+    return where if isinstance(where, str) else f"{where[0]}:{where[1]}"
+
+
+@dataclass
+class Shaper:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def cpu(self) -> float:
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_shaper(user: User, python: str, home: Path) -> Iterator[Callable[..., Shaper]]:
+    started: list[Shaper] = []
+
+    def start(routes: Sequence[tuple[Address, Address]], rate: int, *options: str) -> Shaper:
+        argv = [python, "-m", "scistream.s2ds.shaper", "--rate", str(rate), *options]
+        for listen, target in routes:
+            argv += ["--route", text(listen), text(target)]
+        log = home / f"shaper-{len(started)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=home,
+                env=ENV,
+                **user.popen_options(),
+            )
+        shaper = Shaper(proc, log)
+        started.append(shaper)
+        deadline = time.monotonic() + 20
+        while not shaper.output().startswith("shaper: "):  # printed once every route listens
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the shaper did not start: {shaper.output()}")
+            time.sleep(0.05)
+        return shaper
+
+    yield start
+    for shaper in started:
+        shaper.proc.terminate()
+        try:
+            shaper.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            shaper.proc.kill()
+            shaper.proc.wait()
+
+
+class Service:
+    """What the shaper connects to: a listener whose connections the test takes one by one."""
+
+    def __init__(self, where: Address = ("127.0.0.1", 0)) -> None:
+        family = socket.AF_UNIX if isinstance(where, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind(where)
+        if isinstance(where, str):
+            os.chmod(where, 0o777)  # noqa: S103 (the shaper's user connects to it)
+        self.sock.listen(64)
+        self.sock.settimeout(20)
+        self.address: Address = self.sock.getsockname() if not isinstance(where, str) else where
+
+    def accept(self, timeout: float = 20) -> socket.socket:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.settimeout(60)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def service() -> Iterator[Service]:
+    svc = Service()
+    yield svc
+    svc.close()
+
+
+def connect(where: Address) -> socket.socket:
+    if isinstance(where, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(60)
+        sock.connect(where)
+    else:
+        sock = socket.create_connection(where, timeout=60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one small segment per message
+    return sock
+
+
+def local() -> tuple[str, int]:
+    return ("127.0.0.1", free_port())
+
+
+# --- traffic -------------------------------------------------------------------------------------
+
+
+def messages(count: int, seed: int, low: int = 10, high: int = 100) -> list[bytes]:
+    """`count` messages of `low`-`high` random bytes."""
+    rng = random.Random(seed)
+    data = rng.randbytes(count * high)
+    found, offset = [], 0
+    for _ in range(count):
+        size = rng.randint(low, high)
+        found.append(data[offset : offset + size])
+        offset += size
+    return found
+
+
+@dataclass
+class Side:
+    """What one end of a connection sent and got, done in threads with bounded waits."""
+
+    sock: socket.socket
+    sent: int = 0
+    got: bytearray = field(default_factory=bytearray)
+    eof: bool = False
+    error: str = ""
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def pour(self, parts: Sequence[bytes], then_shut: bool = True) -> None:
+        def run() -> None:
+            try:
+                for part in parts:
+                    self.sock.sendall(part)
+                    self.sent += len(part)
+                if then_shut:
+                    self.sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self.error = f"send: {exc}"
+
+        self._start(run)
+
+    def drain(self, pause: float = 0.0, chunk: int = 65536, every: float = 0.0) -> None:
+        """Read to the end of the stream, after `pause` s, `chunk` bytes at a time every `every` s."""
+
+        def run() -> None:
+            time.sleep(pause)
+            try:
+                while data := self.sock.recv(chunk):
+                    self.got.extend(data)
+                    if every:
+                        time.sleep(every)
+                self.eof = True
+            except OSError as exc:
+                self.error = f"recv: {exc}"
+
+        self._start(run)
+
+    def _start(self, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self.threads)
+
+
+def exchange(
+    client: socket.socket,
+    server: socket.socket,
+    up: Sequence[bytes],
+    down: Sequence[bytes],
+    pause: float,
+    timeout: float = 90,
+    every: float = 0.0,
+) -> tuple[Side, Side]:
+    """Both directions at once, each half-closed after its last message; each reader pauses first."""
+    a, b = Side(client), Side(server)
+    a.pour(up)
+    b.pour(down)
+    a.drain(pause, chunk=4096, every=every)
+    b.drain(pause, chunk=4096, every=every)
+    done = a.wait(timeout) and b.wait(timeout)
+    summary = (
+        f"up: sent {a.sent}, delivered {len(b.got)} of {sum(map(len, up))}; "
+        f"down: sent {b.sent}, delivered {len(a.got)} of {sum(map(len, down))} {a.error} {b.error}"
+    )
+    assert done, f"stalled after {timeout} s: {summary}"
+    assert bytes(b.got) == b"".join(up), summary
+    assert bytes(a.got) == b"".join(down), summary
+    assert a.eof and b.eof and not a.error and not b.error, summary
+    return a, b
+
+
+# --- what the shaper has always promised ---------------------------------------------------------
+
+
+def test_the_rate_is_shared_by_all_connections_of_all_routes_in_each_direction(start_shaper):
+    """Two routes, two connections each, both directions at once: each direction carries the
+    rate (within 15 % over 3 s) and every connection a fair part of it."""
+    rate = 2_000_000
+    services = [Service(), Service()]
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        listens = [local(), local()]
+        start_shaper([(listens[i], services[i].address) for i in range(2)], rate)
+        for i in (0, 0, 1, 1):
+            client = connect(listens[i])
+            pairs.append((client, services[i].accept()))
+        ups = [Side(server) for _, server in pairs]
+        downs = [Side(client) for client, _ in pairs]
+        for (client, server), up, down in zip(pairs, ups, downs, strict=True):
+            Side(client).pour([b"u" * 16384] * 10_000, then_shut=False)
+            Side(server).pour([b"d" * 16384] * 10_000, then_shut=False)
+            up.drain()
+            down.drain()
+        time.sleep(1.0)  # past the initial burst
+        start = [len(s.got) for s in ups + downs]
+        time.sleep(3.0)
+        moved = [len(s.got) - n for s, n in zip(ups + downs, start, strict=True)]
+    finally:
+        for client, server in pairs:
+            client.close()
+            server.close()
+        for svc in services:
+            svc.close()
+    for direction in (moved[:4], moved[4:]):
+        total = sum(direction) / 3.0
+        assert abs(total - rate) < 0.15 * rate, f"{total:.0f} bytes/s for a rate of {rate}: {moved}"
+        assert min(direction) > 0.10 * sum(direction), f"a connection starved: {moved}"
+
+
+@pytest.mark.parametrize("first", ["client", "service"])
+def test_a_half_close_is_passed_on_after_every_byte_before_it(start_shaper, service, first):
+    """One side sends small messages and half-closes; the other goes on sending for a while and
+    reads the FIN only after the last byte, then closes too."""
+    listen = local()
+    start_shaper([(listen, service.address)], 3_000_000)
+    client = connect(listen)
+    server = service.accept()
+    with client, server:
+        early, late = (client, server) if first == "client" else (server, client)
+        a, b = Side(early), Side(late)
+        a.pour(messages(5000, 4))  # then the FIN
+        b.drain()  # sees the FIN after the 5000 messages ...
+        assert b.wait(30), "the FIN did not come"
+        assert bytes(b.got) == b"".join(messages(5000, 4)) and b.eof
+        b.threads.clear()
+        b.pour(messages(5000, 5))  # ... while the other way still flows, then ends
+        a.drain()
+        assert a.wait(30) and b.wait(30), "the second direction stalled"
+        assert bytes(a.got) == b"".join(messages(5000, 5)) and a.eof
+
+
+def test_a_reset_is_passed_on_as_a_reset(start_shaper, service):
+    listen = local()
+    start_shaper([(listen, service.address)], 1_000_000)
+    client = connect(listen)
+    server = service.accept()
+    with server:
+        client.sendall(b"partial")
+        assert server.recv(100) == b"partial"
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        server.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            while server.recv(100):
+                pass
+
+
+def test_a_refused_target_resets_the_client(start_shaper):
+    listen = local()
+    start_shaper([(listen, local())], 1_000_000)  # nobody listens there
+    with connect(listen) as client:
+        client.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            while client.recv(100):
+                pass
+
+
+def test_connection_n_plus_1_waits_in_the_listen_queue(start_shaper, service):
+    listen = local()
+    start_shaper([(listen, service.address)], 0, "--max-conn", "2")
+    clients = [connect(listen) for _ in range(3)]
+    try:
+        served = [service.accept(), service.accept()]
+        with pytest.raises(TimeoutError):
+            service.accept(timeout=1.0)  # the third waits ...
+        clients[2].sendall(b"queued")
+        clients[0].close()
+        served[0].close()
+        third = service.accept(timeout=10)  # ... until one closes
+        served.append(third)
+        assert third.recv(100) == b"queued"
+    finally:
+        for sock in clients + served:
+            sock.close()
+
+
+def test_stats_count_connections_and_bytes(start_shaper, service, home):
+    stats = home / "stats.json"
+    listen = local()
+    start_shaper([(listen, service.address)], 1_000_000, "--stats", str(stats))
+
+    def wait_for(expected: dict[str, int]) -> None:
+        deadline = time.monotonic() + 10
+        found: object = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                found = json.loads(stats.read_text())
+                if found == expected:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"stats {found}, not {expected}")
+
+    client = connect(listen)
+    server = service.accept()
+    with server:
+        client.sendall(b"x" * 1000)
+        server.sendall(b"y" * 500)
+        wait_for({"connections": 1, "total_connections": 1, "bytes_in": 1000, "bytes_out": 500})
+        client.close()
+    wait_for({"connections": 0, "total_connections": 1, "bytes_in": 1000, "bytes_out": 500})
+
+
+# --- 8: a path with "=" ---------------------------------------------------------------------------
+
+
+def test_unix_sockets_in_a_directory_with_an_equals_sign(start_shaper, home, user):
+    """Listen on a Unix socket whose path has "=" in it and relay to another one."""
+    directory = home / "a=b" / "x=y"
+    directory.mkdir(parents=True)
+    for path in (directory.parent, directory):
+        os.chown(path, user.uid, user.gid)
+    service = Service(str(directory / "service.sock"))
+    try:
+        listen = str(directory / "shaper-0.sock")
+        start_shaper([(listen, service.address)], 1_000_000)
+        assert Path(listen).is_socket() and not (home / "a").exists()
+        client = connect(listen)
+        server = service.accept()
+        with client, server:
+            exchange(client, server, messages(2000, 6), messages(2000, 7), pause=0.2)
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_dir_with_an_equals_sign_carries_a_rate_limited_stream(start_s2cs, workdir, backend):
+    """The operator guide allows any state dir; one with "=" failed every request after 10 s."""
+    hpc = start_s2cs("hpc=1", backend=backend)
+    inst = start_s2cs("instrument=2", backend=backend)
+    sink = Sink()
+    try:
+        port = open_stream(hpc, inst, sink.port, rate=10_000).port
+        data = os.urandom(500_000)
+        assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
+    finally:
+        sink.close()
+    assert sorted(p.name for p in workdir.iterdir() if p.is_socket()) == []  # none beside the state dirs
+    assert list(hpc.state_dir.rglob("shaper-0.sock")) and list(inst.state_dir.rglob("shaper-0.sock"))
