@@ -126,6 +126,36 @@ class Sink:
         self.sock.close()
 
 
+class Echo:
+    """A service that sends back what each connection sends it, then closes that connection; it
+    notes when each piece arrived (`marks`: time, bytes), for rate measurements."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_server((host, 0), backlog=128)
+        self.port = int(self.sock.getsockname()[1])
+        self.marks: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while chunk := conn.recv(1 << 16):
+                with self._lock:
+                    self.marks.append((time.monotonic(), len(chunk)))
+                conn.sendall(chunk)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def send(address: tuple[str, int], data: bytes | memoryview, chunk: int = 1 << 20) -> tuple[int, str]:
     """Send `data`, half-close, and return what the sink says it received."""
     with socket.create_connection(address, timeout=120) as sock:

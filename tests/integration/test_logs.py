@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from scistream.errors import BackendFailed
-from scistream.loopback import Sink, send
+from scistream.loopback import Echo, Sink, send
 
 from .conftest import BACKENDS, open_stream, s2uc
 
@@ -31,34 +31,6 @@ LOG_LIMIT = 4096  # --log-max-bytes of these tests; the default is 10 MiB
 KEEP = 3  # rotated parts kept (supervisor.LOG_KEEP)
 # One tick of the supervisor (0.2 s) of a busy machine's worth of lines beyond the limit.
 SLACK = 32 * 1024
-
-
-class Echo:
-    """A service that sends back what it gets, then closes: proxies log the byte count of each
-    connection (HAProxy's tcplog, stunnel's "Connection closed"), so a size marks a connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = int(self.sock.getsockname()[1])
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            while chunk := conn.recv(65536):
-                conn.sendall(chunk)
-            conn.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def echoed(port: int, data: bytes) -> bytes:

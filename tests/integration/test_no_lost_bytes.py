@@ -14,35 +14,13 @@ import threading
 
 import pytest
 
+from scistream.loopback import Echo
 from scistream.protocol import DEFAULT_RATE
 
 from .conftest import BACKENDS, open_stream
 
 TRIES = 20
 PAYLOAD = 1_050_000  # under a second each way at the default 10 Mbit/s
-
-
-class Echo:
-    """A service that sends back everything it gets, then closes when the client has finished."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0), backlog=16)
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
-        with conn:
-            while chunk := conn.recv(1 << 16):
-                conn.sendall(chunk)
 
 
 def half_closed_echo(port: int, payload: bytes) -> bytes:
@@ -76,6 +54,6 @@ def test_half_closed_echoes_lose_no_byte(start_s2cs, inbound, outbound, rate):
         back = half_closed_echo(port, payload)
         missing.append(len(payload) - len(back))
         wrong += back != payload[: len(back)]
-    echo.server.close()
+    echo.close()
     assert missing == [0] * TRIES, f"bytes missing from the answers of {TRIES} echoes: {missing}"
     assert wrong == 0, "an answer differed from what was sent"

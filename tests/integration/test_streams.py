@@ -16,7 +16,7 @@ import pytest
 
 from scistream.credentials import stream_credentials
 from scistream.errors import ScistreamError
-from scistream.loopback import Sink, proxies_of, send
+from scistream.loopback import Echo, Sink, proxies_of, send
 
 from .conftest import BACKENDS, field, open_stream, port_of, s2uc
 
@@ -93,32 +93,6 @@ def _steady_rate(marks: list[tuple[float, int]]) -> float:
     return sum(n for _, n in window) * 8 / (window[-1][0] - start)
 
 
-class EchoService:
-    """Sends back what it gets, and notes when each byte arrived."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0), backlog=16)
-        self.port = self.server.getsockname()[1]
-        self.marks: list[tuple[float, int]] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            while chunk := conn.recv(1 << 16):
-                with self.lock:
-                    self.marks.append((time.monotonic(), len(chunk)))
-                conn.sendall(chunk)
-
-
 def _send_and_read_back(port: int, seconds: float, connections: int) -> list[tuple[float, int]]:
     """`connections` clients each sending for `seconds` and reading the echo; when echo bytes came."""
     block = os.urandom(32 << 10)
@@ -156,10 +130,10 @@ def test_rate_limit_holds_for_parallel_connections_in_both_directions(start_s2cs
     """--rate 8000 (kb/s) with 4 connections: 8 Mbit/s together, each direction, within 15%."""
     hpc = start_s2cs("hpc", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
-    service = EchoService()
+    service = Echo()
     port = open_stream(hpc, inst, service.port, rate=8000, num_conn=4).port
     back = _send_and_read_back(port, seconds=6.0, connections=4)
-    service.server.close()
+    service.close()
     assert _steady_rate(service.marks) == pytest.approx(8e6, rel=RATE_TOLERANCE)  # instrument -> service
     assert _steady_rate(back) == pytest.approx(8e6, rel=RATE_TOLERANCE)  # and back
 
