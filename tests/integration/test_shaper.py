@@ -1,7 +1,14 @@
 """The shaper as a real process (`python -m scistream.s2ds.shaper`) with real sockets on 127.0.0.1.
 
-It runs as an unprivileged user of its own when the tests run as root (as they do in CI), as a
-facility's s2cs would run it.
+It runs as an unprivileged user of its own when the tests run as root (as they do in CI), because
+that is where the kernel is stingy: beyond `fs.pipe-user-pages-soft` a user's new pipes get two
+slots, whatever size is asked for. One test uses up that user's pipe pages on purpose, with a
+helper process that holds enlarged pipes until the kernel refuses, so the shaper's pipes are
+two-slot pipes deterministically, without touching any sysctl.
+
+Small messages fill a pipe long before its byte size (a slot holds one piece of a segment), and a
+consumer that pauses makes the pipe, not the socket, the obstacle: the cases where a relay that
+mistakes "pipe full" for "socket drained" waits forever for an edge that never comes.
 """
 
 from __future__ import annotations
@@ -102,6 +109,47 @@ def home(user: User) -> Iterator[Path]:
     os.chown(path, user.uid, user.gid)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+HOLDER = r"""
+import fcntl, os, sys
+size = min(1 << 20, int(open("/proc/sys/fs/pipe-max-size").read()))
+held = []
+for _ in range(4096):
+    r, w = os.pipe()
+    held.append((r, w))
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+    except PermissionError:
+        break
+r, w = os.pipe()
+print(fcntl.fcntl(w, fcntl.F_GETPIPE_SZ), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def two_slot_pipes(user: User, python: str) -> Iterator[int]:
+    """Use up the pipe pages of the shaper's user: its new pipes get two slots. Yields their size."""
+    if not ROOT:
+        pytest.skip("needs root, to use up the pipe pages of a user of its own (not ours)")
+    holder = subprocess.Popen(
+        [python, "-c", HOLDER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        **user.popen_options(),
+    )
+    try:
+        assert holder.stdout is not None
+        size = int(holder.stdout.readline())
+        if size != 2 * os.sysconf("SC_PAGE_SIZE"):
+            pytest.skip(f"this kernel still gives a new pipe {size} bytes (fs.pipe-user-pages-soft is 0?)")
+        yield size
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # --- the shaper ----------------------------------------------------------------------------------
@@ -300,6 +348,107 @@ def exchange(
     assert bytes(a.got) == b"".join(down), summary
     assert a.eof and b.eof and not a.error and not b.error, summary
     return a, b
+
+
+# --- 5a: "pipe full" is not "socket drained" -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rate", "unix_target", "count"),
+    [(0, False, 200_000), (2_000_000, True, 60_000)],
+    ids=["unlimited-tcp", "2MBps-unix"],
+)
+def test_small_messages_all_reach_a_consumer_that_pauses(start_shaper, home, rate, unix_target, count):
+    """Thousands of 10-100 byte messages, then a half-close; the consumer reads nothing for 2 s.
+
+    Each message is a segment and a pipe slot holds one, so the pipe fills long before its byte
+    size while the consumer is away; the sender has finished (or is blocked), so no new edge
+    comes. The old loop took the pipe's EAGAIN for a drained socket and waited forever."""
+    service = Service(str(home / "service.sock") if unix_target else ("127.0.0.1", 0))
+    try:
+        listen = local()
+        start_shaper([(listen, service.address)], rate)
+        client = connect(listen)
+        server = service.accept()
+        with client, server:
+            exchange(client, server, messages(count, 1), [b"ok"], pause=2.0)
+    finally:
+        service.close()
+
+
+# --- 5b: two-slot pipes --------------------------------------------------------------------------
+
+
+def test_two_slot_pipes_carry_small_messages_both_ways(start_shaper, service, home, two_slot_pipes):
+    """The shaper's user is beyond fs.pipe-user-pages-soft: F_SETPIPE_SZ fails and every pipe
+    has two slots. The shaper must say so and still carry every byte, both directions at once,
+    to consumers that pause and then read slowly. As behind an inbound proxy: the proxy's side
+    is a Unix socket, the service's a TCP one."""
+    listen = str(home / "shaper-0.sock")
+    shaper = start_shaper([(listen, service.address)], 2_000_000)
+    client = connect(listen)
+    server = service.accept()
+    with client, server:  # 2.2 MB each way; after the pause, consumers take 1 MB/s
+        exchange(client, server, messages(40_000, 2), messages(40_000, 3), pause=1.0, every=0.004)
+    assert f"{two_slot_pipes} bytes" in shaper.output()  # it says how small its pipes are, and why
+
+
+# --- 5c: wake-ups and burst ----------------------------------------------------------------------
+
+
+def test_a_slow_session_passes_no_16_kib_burst(start_shaper, service):
+    """At 1 kb/s (125 bytes/s) a burst of 16 KiB was 131 s of the rate, let through at once."""
+    listen = local()
+    start_shaper([(listen, service.address)], 125)
+    client = connect(listen)
+    server = service.accept()
+    with client, server:
+        client.sendall(os.urandom(4000))
+        got = 0
+        server.settimeout(0.2)
+        start = time.monotonic()
+        while time.monotonic() < start + 2.0:
+            with contextlib.suppress(TimeoutError):
+                got += len(server.recv(65536))
+    assert 100 <= got <= 125 * 2 + 125, f"{got} bytes in 2 s at 125 bytes/s"
+
+
+def test_a_throttled_direction_wakes_the_shaper_only_when_a_quantum_is_due(start_shaper, service):
+    """A sender far faster than 1 kb/s and an idle other direction: the shaper sleeps between
+    quanta. It used to wake 1000 times a second, because the idle direction's full bucket asked
+    for a wake-up in 1 ms."""
+    listen = local()
+    shaper = start_shaper([(listen, service.address)], 125)
+    client = connect(listen)
+    server = service.accept()
+    with client, server:
+        sender = Side(client)
+        sender.pour([b"x" * 65536] * 64, then_shut=False)
+        reader = Side(server)
+        reader.drain()
+        time.sleep(1.0)
+        before = shaper.cpu()
+        time.sleep(3.0)
+        spent = shaper.cpu() - before
+        assert reader.got, "nothing passed"
+    assert spent < 0.05, f"{spent:.3f} s of CPU in 3 s at 125 bytes/s"
+
+
+def test_an_idle_shaper_takes_no_cpu(start_shaper, service, home):
+    listen = local()
+    shaper = start_shaper([(listen, service.address)], 1_000_000, "--stats", str(home / "stats.json"))
+    client = connect(listen)
+    server = service.accept()
+    with client, server:
+        client.sendall(b"hello")
+        assert server.recv(100) == b"hello"
+        server.sendall(b"hi")
+        assert client.recv(100) == b"hi"
+        time.sleep(1.5)  # the last stats are written
+        before = shaper.cpu()
+        time.sleep(3.0)
+        spent = shaper.cpu() - before
+    assert spent < 0.03, f"{spent:.3f} s of CPU in 3 s with nothing to do"
 
 
 # --- what the shaper has always promised ---------------------------------------------------------
