@@ -22,13 +22,27 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import TypeVar
 
 BURST = 0.1  # seconds of the rate: the most a bucket holds, let through at once after a pause
 QUANTUM = 0.005  # seconds of the rate: the least worth a read...
 QUANTUM_FLOOR = 1024  # ...and never less than this many bytes (unless the burst is smaller)
 UNLIMITED_SHARE = 4 << 20  # bytes a flow may read per pass without a rate, before the others
 _ROUNDING = 1e-6  # bytes: a refill at the very time a quantum is due may fall short by less
+
+
+State = TypeVar("State", "Bucket", "Flow")
+
+
+def _but(state: State, **changes: object) -> State:
+    """`dataclasses.replace` without its checks of every field, four times faster: the shaper
+    makes a transition at every system call. Only for the frozen dataclasses of this module,
+    which have no __post_init__ and no field outside __init__."""
+    new = object.__new__(type(state))
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 @dataclass(frozen=True)
@@ -60,9 +74,9 @@ class Bucket:
         if now <= self.stamp:
             return self
         if self.unlimited:
-            return replace(self, stamp=now)
+            return _but(self, stamp=now)
         tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
-        return replace(self, tokens=tokens, stamp=now)
+        return _but(self, tokens=tokens, stamp=now)
 
     def grant(self, want: int) -> int:
         """How many of `want` bytes may be read now: all the tokens cover, but none while they
@@ -80,7 +94,7 @@ class Bucket:
             raise ValueError(f"cannot take {n} bytes")
         if self.unlimited or not n:
             return self
-        return replace(self, tokens=self.tokens - n)
+        return _but(self, tokens=self.tokens - n)
 
     def due(self, want: int) -> float:
         """When `grant(want)` gives something, if nothing is taken meanwhile: `stamp` or later."""
@@ -146,47 +160,50 @@ class Flow:
     def read(self, n: int) -> Flow:
         """A read moved `n` bytes into the pipe; 0 is the source's FIN."""
         if n < 0 or self.eof:
-            raise ValueError(f"a read of {n} bytes after {'the FIN' if self.eof else 'nothing'}")
+            raise ValueError(f"a read of {n} bytes" + (" after the FIN" if self.eof else ""))
         if not n:
-            return replace(self, eof=True)
-        return replace(self, pending=self.pending + n)
+            return _but(self, eof=True)
+        return _but(self, pending=self.pending + n)
 
     def read_blocked(self) -> Flow:
         """A read found nothing to move. Into an empty pipe (which always has a free slot) that
         means the socket is drained, and the next event will say when it is not. Otherwise the
         pipe may have been full: try again once a write has taken something out of it."""
         if self.pending:
-            return replace(self, pipe_full=True)
-        return replace(self, readable=False, pipe_full=False)
+            return _but(self, pipe_full=True)
+        return _but(self, readable=False, pipe_full=False)
 
     def wrote(self, n: int) -> Flow:
         if not 0 < n <= self.pending:
             raise ValueError(f"a write of {n} bytes from a pipe holding {self.pending}")
-        return replace(self, pending=self.pending - n, moved=self.moved + n, pipe_full=False)
+        return _but(self, pending=self.pending - n, moved=self.moved + n, pipe_full=False)
 
     def write_blocked(self) -> Flow:
-        return replace(self, writable=False)
+        return _but(self, writable=False)
 
     def finished(self) -> Flow:
         if not self.eof or self.pending or self.shut:
             raise ValueError("a FIN passed on before every byte before it")
-        return replace(self, shut=True)
+        return _but(self, shut=True)
 
     def woken(self, readable: bool, writable: bool) -> Flow:
         """An event: the source may have something to read, the destination room to write."""
-        return replace(self, readable=self.readable or readable, writable=self.writable or writable)
+        return _but(self, readable=self.readable or readable, writable=self.writable or writable)
 
 
 def step(flow: Flow, bucket: Bucket, budget: int) -> Action:
     """What to do next for `flow`, whose direction has `bucket`, with `budget` bytes left of its
     share in this pass. The pipe is emptied first; the FIN follows the last byte before it."""
-    if flow.pending and flow.writable:
-        return Write(flow.pending)
+    pending = flow.pending
+    if pending and flow.writable:
+        return Write(pending)
     if flow.eof:
-        return Finish() if not flow.pending and not flow.shut else None
-    if not flow.room or min(flow.room, budget) < min(flow.room, bucket.quantum):
+        return Finish() if not pending and not flow.shut else None
+    room = flow.room
+    want = min(room, budget)
+    if not room or want < min(room, bucket.quantum):
         return None  # nothing may be read, or this pass's share is used up: the next pass
-    n = bucket.grant(min(flow.room, budget))
+    n = bucket.grant(want)
     return Read(n) if n else None
 
 

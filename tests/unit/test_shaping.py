@@ -421,3 +421,26 @@ def test_quanta_keep_reads_few_at_a_low_rate():
     assert toy.delivered == 100_000
     pieces = [n for n in reads[:-1] if n]  # the last are the rest and the FIN
     assert min(pieces[:-1]) >= QUANTUM_FLOOR
+
+
+def test_every_transition_keeps_exactly_the_fields_of_its_class():
+    """Transitions skip dataclasses.replace's checks (they run at every system call)."""
+    from dataclasses import fields
+
+    flow = Flow(capacity=8192)
+    bucket = Bucket.full(1000, 0.0)
+    states = [
+        flow.read(10),
+        flow.read(0),
+        flow.read_blocked(),
+        flow.read(10).read_blocked(),
+        flow.read(10).wrote(5),
+        flow.write_blocked(),
+        flow.read(0).finished(),
+        flow.woken(readable=True, writable=True),
+        bucket.refill(1.0),
+        bucket.take(5),
+        Bucket.full(0, 0.0).refill(1.0),
+    ]
+    for state in states:
+        assert set(vars(state)) == {f.name for f in fields(state)}, state
