@@ -25,6 +25,7 @@ Standard library only: one small process per session.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import json
@@ -129,6 +130,7 @@ class Shaper:
         self.bytes = [0, 0]  # of closed connections; open ones are added when stats are written
         self._stats_written = float("-inf")
         self._last_stats: tuple[int, ...] | None = None
+        self._stats_failing = False
         self._told_pipes = False
         self.accepting = True
         self.conns: dict[int, Connection] = {}  # by serial, in the order they came
@@ -176,7 +178,7 @@ class Shaper:
             upstream.setblocking(False)
             err = upstream.connect_ex(target)
             if err not in (0, errno.EINPROGRESS):
-                print(f"cannot connect to {_text(target)}: {os.strerror(err)}", flush=True)
+                say(f"cannot connect to {_text(target)}: {os.strerror(err)}")
                 for s in (client, upstream):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                     s.close()
@@ -194,11 +196,10 @@ class Shaper:
         if refused is None or self._told_pipes:
             return
         self._told_pipes = True
-        print(
+        say(
             f"pipes hold {refused.capacity} bytes, not {PIPE_SIZE}: the kernel refused more "
             f"({refused.refused}; fs.pipe-user-pages-soft or fs.pipe-max-size); "
-            "every byte still passes, with more system calls",
-            flush=True,
+            "every byte still passes, with more system calls"
         )
 
     def _listen(self) -> None:
@@ -298,7 +299,7 @@ class Shaper:
 
     def _broken(self, conn: Connection, exc: OSError) -> None:
         if exc.errno not in _GONE:
-            print(f"connection closed: {exc}", flush=True)
+            say(f"connection closed: {exc}")
         self._drop(conn, abort=True)
 
     def _drop(self, conn: Connection, abort: bool = False) -> None:
@@ -321,12 +322,30 @@ class Shaper:
         if current == self._last_stats:
             return
         self._stats_written = now
-        self._last_stats = current
         keys = ("connections", "total_connections", "bytes_in", "bytes_out")
         tmp = f"{self.stats_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(zip(keys, current, strict=True)), f)
-        os.replace(tmp, self.stats_path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(dict(zip(keys, current, strict=True)), f)
+            os.replace(tmp, self.stats_path)
+        except OSError as exc:
+            # A full disk must not end the stream: `s2uc status` shows the last counts written,
+            # and the next write is tried a second later.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not self._stats_failing:
+                say(f"cannot write {self.stats_path} ({exc.strerror}); trying again every second")
+            self._stats_failing = True
+            return
+        self._stats_failing = False
+        self._last_stats = current
+
+
+def say(line: str) -> None:
+    """One line to the log (stdout, a file s2cs gave us). On a full disk it is lost: the streams
+    this process carries matter more than its log, and s2cs reports the disk itself."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 Endpoint = str | tuple[str, int]  # a Unix socket path, or (host, port)

@@ -213,16 +213,7 @@ class Sender:
         return (self.sent, self.digest.hexdigest()), self.error or self.answer
 
 
-SHAPER_STATS = (
-    "the shaper of a stunnel session dies when it cannot write its stats file (shaper.py, "
-    "write_stats: an OSError at open or write), and the stream's connections with it"
-)
-
-
-@pytest.mark.parametrize(
-    "backend",
-    ["haproxy", pytest.param("stunnel", marks=pytest.mark.xfail(strict=True, reason=SHAPER_STATS))],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_full_disk_fails_a_request_clearly_and_running_streams_go_on(
     small_disk, start_s2cs, workdir, backend
 ):
