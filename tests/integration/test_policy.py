@@ -75,6 +75,42 @@ def test_the_default_policy_refuses_loopback_link_local_and_the_gateways_own_por
     assert f"never to this gateway's control port {hpc.port} or ports {hpc.port_range[0]}-" in log
 
 
+@pytest.fixture
+def attached_network() -> Iterator[str]:
+    """An interface with 10.9.8.1/24, as a gateway's facility network: a veth pair in the test's
+    own network namespace, never on a real host."""
+    if os.environ.get("SCISTREAM_PRIVATE_NETNS") != "1":  # set by scripts/run-isolated, as root
+        pytest.skip("adds an interface: runs in a private network namespace (scripts/run-isolated)")
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    ip("link", "add", "ss-lan", "type", "veth", "peer", "name", "ss-lan-peer")
+    try:
+        ip("addr", "add", "10.9.8.1/24", "dev", "ss-lan")
+        ip("link", "set", "ss-lan", "up")
+        ip("link", "set", "ss-lan-peer", "up")
+        yield "10.9.8.0/24"
+    finally:
+        ip("link", "del", "ss-lan")
+
+
+def test_the_default_policy_allows_the_networks_the_gateway_is_attached_to(
+    attached_network, start_s2cs, workdir
+):
+    empty = workdir / "policy.toml"
+    empty.write_text("# the defaults\n")
+    hpc = start_s2cs("hpc", "--policy", str(empty))
+    assert attached_network in hpc.call("info")["policy"]["targets"]
+    reply = hpc.call("inbound", remote_ip="10.9.8.7", receiver_ports=[5001], rate=0)
+    assert reply["listeners"]  # a service on the facility network: allowed without any option
+    assert forbidden(hpc, "inbound", remote_ip="10.9.9.7", receiver_ports=[5001]).startswith(
+        "target 10.9.9.7:5001 "
+    )  # the next network is not attached: refused
+    hpc.call("release", uid=reply["uid"])
+    nothing_taken(hpc)
+
+
 def test_allow_targets_allows_exactly_what_it_names(start_s2cs, workdir):
     sink = Sink()
     hpc = start_s2cs("hpc", "--allow-targets", f"127.0.0.1/32:{sink.port}")
