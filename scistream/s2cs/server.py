@@ -204,7 +204,7 @@ class ControlServer:
             if idle is None:
                 log.warning("%s: %d requests under way from it already; refused", address, len(mine))
                 return Conflict(
-                    f"{len(mine)} requests from {address} are under way already, the most this server "
+                    f"{address} has {len(mine)} request(s) under way already, the most this server "
                     "takes from one address; try again when they are answered"
                 )
             log.info("%s: closed its oldest idle connection, it has %d", address, len(mine))

@@ -400,6 +400,23 @@ def status(
     _run(s2cs, server_cert, scope, body)
 
 
+def _policy_lines(policy: dict[str, Any]) -> list[str]:
+    """What `info` says of the server's target policy: where a user's proxies may lead."""
+    targets = ", ".join(policy.get("targets") or []) or "none"
+    if policy.get("targets_default"):
+        targets += " (the networks of the gateway's interfaces)"
+    peers = policy.get("peers")
+    lines = [
+        f"  targets    {targets}",
+        f"  never      {', '.join(policy.get('never') or [])}",
+        f"  peers      {'any' if peers is None else ', '.join(peers) or 'none'}",
+    ]
+    quota = policy.get("quota") or {}
+    if quota:
+        lines.append(f"  quota      {', '.join(f'{k} {v}' for k, v in quota.items())}")
+    return lines
+
+
 def info(
     s2cs: S2cs = "localhost:5000",
     server_cert: ServerCert = Path("server.crt"),
@@ -430,6 +447,10 @@ def info(
         typer.echo(
             f"  ports      {reply['port_range']} ({reply['free_ports']} free), {reply['streams']} stream(s)"
         )
+        policy = reply.get("policy")  # s2cs before the target policy sends none
+        if isinstance(policy, dict):
+            for line in _policy_lines(policy):
+                typer.echo(line)
 
     _run(s2cs, server_cert, None, body)
 

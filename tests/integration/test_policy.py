@@ -404,3 +404,12 @@ def test_bogus_tokens_are_refused_without_asking_globus_again_and_again(start_s2
     ):
         hpc.call("status", "bogus-one-more")
     assert globus.calls["/v2/oauth2/token/introspect"] == asked  # ... and Globus is not asked
+
+
+def test_s2uc_info_shows_users_where_proxies_may_lead(start_s2cs):
+    hpc = start_s2cs("hpc", "--allow-targets", "127.0.0.1/32:6000-6010")
+    out = s2uc("info", "--s2cs", hpc.address, "--server_cert", str(hpc.cert)).stdout
+    assert "  targets    127.0.0.1/32:6000-6010\n" in out
+    first, last = hpc.port_range
+    assert f"  never      control port {hpc.port}, ports {first}-{last}\n" in out
+    assert "  peers      any\n" in out
