@@ -7,6 +7,7 @@ when each fake process listens and when it exits.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import sys
 import threading
@@ -581,30 +582,38 @@ def test_a_log_whose_descriptor_no_longer_appends_is_not_emptied_and_that_is_sai
 
 
 CLEARS_O_APPEND = """
-import fcntl, os, sys, time
-time.sleep(0.3)
+import fcntl, os, sys
 # As HAProxy does with its first log line: F_SETFL takes every other status flag away.
 fcntl.fcntl(1, fcntl.F_SETFL, os.O_NONBLOCK)
-for i in range(400):
-    os.write(1, b"connection %03d " % i + b"x" * 100 + b"\\n")
-    time.sleep(0.005)
-time.sleep(60)
+line = 0
+with open(sys.argv[1], "rb") as go:  # a FIFO: the test says when the next three lines come
+    while go.read(1):
+        for _ in range(3):
+            os.write(1, b"connection %03d " % line + b"x" * 100 + b"\\n")
+            line += 1
 """
 
 
 def test_a_log_is_rotated_without_a_hole_when_the_proxy_cleared_o_append(tmp_path):
     real = RealSystem()
+    go = tmp_path / "go"
+    os.mkfifo(go)
     proc = ProxyProcess(
-        "inbound 5f0c2a9e proxy", "proxy", [sys.executable, "-c", CLEARS_O_APPEND], tmp_path,
+        "inbound 5f0c2a9e proxy", "proxy", [sys.executable, "-c", CLEARS_O_APPEND, str(go)], tmp_path,
         tmp_path / "proxy.log", [], real,
     )  # fmt: skip
     proc.start()
     try:
-        deadline = real.now() + 60
-        while b"connection 399" not in _all_parts(proc.log_path) and real.now() < deadline:
-            real.sleep(0.05)
-            proc.tick(SMALL)
-        proc.tick(SMALL)
+        # 348 bytes, then a tick: the log never holds more than the bound and one batch, however
+        # slow this machine is.
+        with open(go, "wb", buffering=0) as batches:
+            for batch in range(134):
+                batches.write(b".")
+                last = b"connection %03d " % (3 * batch + 2)
+                deadline = real.now() + 60
+                while last not in _all_parts(proc.log_path) and real.now() < deadline:
+                    real.sleep(0.01)
+                proc.tick(SMALL)
     finally:
         proc.stop()
     parts = sorted(tmp_path.glob("proxy.log*"))
@@ -612,8 +621,8 @@ def test_a_log_is_rotated_without_a_hole_when_the_proxy_cleared_o_append(tmp_pat
     for part in parts:
         data = part.read_bytes()
         assert b"\0" not in data, part.name  # no hole where lines were before the truncation
-        assert len(data) < 2 * SMALL.max_bytes, part.name
-    assert b"connection 399" in _all_parts(proc.log_path)
+        assert len(data) < SMALL.max_bytes + 3 * 116, part.name
+    assert b"connection 401" in _all_parts(proc.log_path)
 
 
 def _all_parts(log: Path) -> bytes:
