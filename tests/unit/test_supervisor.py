@@ -582,8 +582,19 @@ def test_a_log_whose_descriptor_no_longer_appends_is_not_emptied_and_that_is_sai
 
 
 CLEARS_O_APPEND = """
-import fcntl, os, sys
+import fcntl, os, sys, time
+time.sleep(0.3)
 # As HAProxy does with its first log line: F_SETFL takes every other status flag away.
+fcntl.fcntl(1, fcntl.F_SETFL, os.O_NONBLOCK)
+for i in range(400):
+    os.write(1, b"connection %03d " % i + b"x" * 100 + b"\\n")
+    time.sleep(0.005)
+time.sleep(60)
+"""
+
+# The same, three lines each time the test asks for them through a FIFO.
+CLEARS_O_APPEND_ON_CUE = """
+import fcntl, os, sys
 fcntl.fcntl(1, fcntl.F_SETFL, os.O_NONBLOCK)
 line = 0
 with open(sys.argv[1], "rb") as go:  # a FIFO: the test says when the next three lines come
@@ -599,7 +610,7 @@ def test_a_log_is_rotated_without_a_hole_when_the_proxy_cleared_o_append(tmp_pat
     go = tmp_path / "go"
     os.mkfifo(go)
     proc = ProxyProcess(
-        "inbound 5f0c2a9e proxy", "proxy", [sys.executable, "-c", CLEARS_O_APPEND, str(go)], tmp_path,
+        "inbound 5f0c2a9e proxy", "proxy", [sys.executable, "-c", CLEARS_O_APPEND_ON_CUE, str(go)], tmp_path,
         tmp_path / "proxy.log", [], real,
     )  # fmt: skip
     proc.start()
