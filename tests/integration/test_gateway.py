@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from dataclasses import astuple
 from pathlib import Path
 
@@ -20,17 +19,7 @@ from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_rang
 from scistream.s2cs.certs import generate
 from scistream.s2ds.haproxy import find_binary
 
-from .conftest import open_stream, port_of
-
-
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
+from .conftest import open_stream, port_of, wait_for
 
 
 def _pids(gw: S2csProcess, uid: str) -> dict[str, int]:
@@ -261,7 +250,7 @@ def test_sigterm_during_recovery_still_ends_in_a_clean_stop(start_s2cs, slow_hap
     if not keep:
         hpc.extra = tuple(arg for arg in hpc.extra if arg != "--keep-streams-on-exit")
     hpc.launch()
-    _wait_for(lambda: slow_haproxy.waiting("check"), what="recovery checking a config")
+    wait_for(lambda: slow_haproxy.waiting("check"), what="recovery checking a config")
 
     assert hpc.stop(signal.SIGTERM) == 0
 
@@ -272,7 +261,7 @@ def test_sigterm_during_recovery_still_ends_in_a_clean_stop(start_s2cs, slow_hap
         slow_haproxy.fast("check")
         hpc.start()
         assert _pids(hpc, alive)["proxy"] == alive_pid
-        _wait_for(lambda: hpc.call("status", uid=gone)["streams"][0]["state"] == "RUNNING", what="restart")
+        wait_for(lambda: hpc.call("status", uid=gone)["streams"][0]["state"] == "RUNNING", what="restart")
     else:
         assert not _alive(alive_pid)
         assert proxies_of(hpc.state_dir) == []
@@ -304,7 +293,7 @@ def test_a_release_while_the_outbound_starts_is_refused_and_the_stream_stays_who
 
     thread = threading.Thread(target=outbound)
     thread.start()
-    _wait_for(lambda: slow_haproxy.waiting(step), what=f"the outbound proxy {step}")
+    wait_for(lambda: slow_haproxy.waiting(step), what=f"the outbound proxy {step}")
 
     with pytest.raises(Conflict, match="still starting"):
         inst.call("release", uid=uid)
@@ -348,7 +337,7 @@ def test_a_proxy_starting_when_s2cs_is_killed_is_stopped_by_the_next_one(start_s
 
     thread = threading.Thread(target=inbound)
     thread.start()
-    _wait_for(lambda: slow_haproxy.waiting("run"), what="the proxy starting")
+    wait_for(lambda: slow_haproxy.waiting("run"), what="the proxy starting")
     hpc.stop(signal.SIGKILL)
     thread.join(120)
     assert not isinstance(replies[0], dict), "the request answered before s2cs was killed"
@@ -358,7 +347,7 @@ def test_a_proxy_starting_when_s2cs_is_killed_is_stopped_by_the_next_one(start_s
         wrapper = str(slow_haproxy.path)
         return [p for p in proxies_of(hpc.state_dir) if psutil.Process(p).cmdline()[0] == wrapper]
 
-    orphan = _wait_for(orphaned, what="the orphaned proxy running")
+    orphan = wait_for(orphaned, what="the orphaned proxy running")
     slow_haproxy.fast("run")
 
     hpc.start()

@@ -349,18 +349,23 @@ def test_connections_without_the_stream_certificate_take_no_num_conn_slot(start_
     squatters = [socket.create_connection(("127.0.0.1", listener), timeout=30) for _ in range(200)]
     try:
         started = time.monotonic()
-        with _tls_to_listener(reply["uid"], listener, workdir) as tls:
-            tls.sendall(b"frame 1")
-            with contextlib.suppress(ssl.SSLError):
-                tls.unwrap()
-        deadline = time.monotonic() + 30
-        while not sink.results and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [r.nbytes for r in sink.results] == [7]
+        _one_frame_reaches_the_service(reply["uid"], listener, workdir, sink)
         assert time.monotonic() - started < 5
     finally:
         for sock in squatters:
             sock.close()
+
+
+def _one_frame_reaches_the_service(uid: str, listener: int, directory: Path, sink: Sink) -> None:
+    """The stream's own connection (with its certificate) carries a frame to the service."""
+    with _tls_to_listener(uid, listener, directory) as tls:
+        tls.sendall(b"frame 1")
+        with contextlib.suppress(ssl.SSLError):
+            tls.unwrap()
+    deadline = time.monotonic() + 30
+    while not sink.results and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r.nbytes for r in sink.results] == [7]
 
 
 HANDSHAKE_TIMEOUT = 10  # seconds: HAProxy's `timeout client`, stunnel's TIMEOUTbusy (docs/security.md)
@@ -391,14 +396,7 @@ def test_a_connection_that_never_completes_its_handshake_is_cut_after_10_seconds
             cut = _seconds_until_cut(sock, started)
             assert HANDSHAKE_TIMEOUT - 2 < cut < HANDSHAKE_TIMEOUT + 15, cut
         # The stream itself is unharmed: its own connection still gets through.
-        with _tls_to_listener(reply["uid"], listener, workdir) as tls:
-            tls.sendall(b"frame 1")
-            with contextlib.suppress(ssl.SSLError):
-                tls.unwrap()
-        deadline = time.monotonic() + 30
-        while not sink.results and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [r.nbytes for r in sink.results] == [7]
+        _one_frame_reaches_the_service(reply["uid"], listener, workdir, sink)
     finally:
         silent.close()
         halfway.close()

@@ -20,19 +20,9 @@ from scistream.loopback import Sink, proxies_of, send
 from scistream.s2cs.gateway import port_is_free
 from scistream.s2ds.render import default_templates
 
-from .conftest import BACKENDS, open_stream
+from .conftest import BACKENDS, open_stream, wait_for
 
 EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
-
-
-def _wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def _pids(gw, uid: str) -> dict[str, int]:
@@ -54,7 +44,7 @@ def test_a_killed_process_is_restarted_and_the_listener_forwards_again(start_s2c
         stream = hpc.call("status", uid=uid)["streams"][0]
         return stream["state"] == "RUNNING" and stream["restarts"] == 1
 
-    _wait_for(restarted, timeout=10, what=f"restart of the {victim}")
+    wait_for(restarted, timeout=10, what=f"restart of the {victim}")
     assert _pids(hpc, uid)[victim] != before
     data = os.urandom(1 << 20)
     assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
@@ -73,7 +63,7 @@ def test_a_stream_keeps_flowing_while_s2cs_is_killed_and_restarted(start_s2cs, b
     result: list[tuple[int, str]] = []
     sender = threading.Thread(target=lambda: result.append(send(("127.0.0.1", port), data)))
     sender.start()
-    _wait_for(lambda: sink.received > 0, what="data flowing")
+    wait_for(lambda: sink.received > 0, what="data flowing")
     hpc.stop(signal.SIGKILL)
     inst.stop(signal.SIGKILL)
     assert all(psutil.pid_exists(pid) for pid in pids.values()), "a process died with its s2cs"
@@ -142,7 +132,7 @@ def test_a_recycled_pid_in_the_state_file_is_left_alone(start_s2cs, backend):
     (hpc.state_dir / "state.json").write_text(json.dumps(state))
     try:
         hpc.start()
-        _wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="restart")
+        wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="restart")
         assert stranger.poll() is None, "s2cs killed a process that was not its proxy"
         assert _pids(hpc, uid)["proxy"] not in (proxy, stranger.pid)
     finally:
@@ -167,7 +157,7 @@ def test_a_proxy_that_keeps_failing_is_fatal_and_keeps_its_ports(start_s2cs, bac
         stream = hpc.call("status", uid=uid)["streams"][0]
         return stream if stream["state"] == "FATAL" else None
 
-    stream = _wait_for(fatal, timeout=60, what="FATAL")
+    stream = wait_for(fatal, timeout=60, what="FATAL")
     assert "no-such-keyword" in stream["last_error"]  # HAProxy's own words reach the operator
     assert stream["restarts"] >= 1
     # Its port stays reserved: the next stream gets the other one.
@@ -228,7 +218,7 @@ def test_an_operator_template_the_proxy_refuses_fails_the_request_in_the_proxys_
     (proxy,) = proxies_of(hpc.state_dir)
     os.kill(proxy, signal.SIGKILL)
     hpc.start()
-    _wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="restart")
+    wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="restart")
     assert "starting it again with its last config" in hpc.log.read_text()
     # Without that config either, s2cs still starts, and the stream says why it cannot run.
     hpc.stop(signal.SIGKILL)
