@@ -79,27 +79,39 @@ def user() -> User:
     return User(uid, uid)
 
 
-PROJECT = Path(scistream.__file__).resolve().parents[1]
-# The shaper needs the standard library and its own package only.
-PYTHONPATH = [p for p in (os.environ.get("PYTHONPATH"), str(PROJECT)) if p]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(PYTHONPATH)}
+@pytest.fixture(scope="session")
+def shaper_env() -> Iterator[dict[str, str]]:
+    """The environment the shaper runs in: it needs the standard library and its own package
+    only, which is copied where any user may read it. The checkout may be in a folder only its
+    owner may enter (mktemp -d makes them 0700), and the shaper runs as another user."""
+    where = Path(tempfile.mkdtemp(prefix="ss-pkg-", dir="/tmp"))
+    try:
+        where.chmod(0o755)
+        package = Path(scistream.__file__).resolve().parent
+        shutil.copytree(package, where / "scistream", ignore=shutil.ignore_patterns("__pycache__"))
+        yield {**os.environ, "PYTHONPATH": str(where), "PYTHONDONTWRITEBYTECODE": "1"}
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def python(user: User) -> str:
+def python(user: User, shaper_env: dict[str, str]) -> str:
     """An interpreter the shaper's user may run: ours, or else the system's when ours lives
     where that user may not look (a pyenv below /root, mode 0700)."""
-    probe = "import sys, socket, select, fcntl, json; assert sys.version_info >= (3, 11)"
+    probe = "import sys, scistream.s2ds.shaper; assert sys.version_info >= (3, 11)"
+    tried = []
     for candidate in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
         try:
             found = subprocess.run(
-                [candidate, "-c", probe], env=ENV, capture_output=True, **user.popen_options()
+                [candidate, "-c", probe], env=shaper_env, capture_output=True, **user.popen_options()
             )
-        except OSError:
+        except OSError as exc:
+            tried.append(f"{candidate}: {exc}")
             continue
         if found.returncode == 0:
             return candidate
-    pytest.skip(f"no Python 3.11 that uid {user.uid} may run")
+        tried.append(f"{candidate}: {found.stderr.decode(errors='replace').strip()[-300:]}")
+    pytest.fail(f"no Python 3.11 with the shaper that uid {user.uid} may run: {'; '.join(tried)}")
 
 
 @pytest.fixture
@@ -129,7 +141,7 @@ sys.stdin.read()
 
 
 @pytest.fixture
-def two_slot_pipes(user: User, python: str) -> Iterator[int]:
+def two_slot_pipes(user: User, python: str, shaper_env: dict[str, str]) -> Iterator[int]:
     """Use up the pipe pages of the shaper's user: its new pipes get two slots. Yields their size."""
     if not ROOT:
         pytest.skip("needs root, to use up the pipe pages of a user of its own (not ours)")
@@ -138,7 +150,7 @@ def two_slot_pipes(user: User, python: str) -> Iterator[int]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=shaper_env,
         **user.popen_options(),
     )
     try:
@@ -175,7 +187,9 @@ class Shaper:
 
 
 @pytest.fixture
-def start_shaper(user: User, python: str, home: Path) -> Iterator[Callable[..., Shaper]]:
+def start_shaper(
+    user: User, python: str, home: Path, shaper_env: dict[str, str]
+) -> Iterator[Callable[..., Shaper]]:
     started: list[Shaper] = []
 
     def start(routes: Sequence[tuple[Address, Address]], rate: int, *options: str) -> Shaper:
@@ -189,7 +203,7 @@ def start_shaper(user: User, python: str, home: Path) -> Iterator[Callable[..., 
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=home,
-                env=ENV,
+                env=shaper_env,
                 **user.popen_options(),
             )
         shaper = Shaper(proc, log)
