@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-# stunnel (the second backend) and iperf3 (the benchmark) come from the system's packages.
+# stunnel (the second backend), Prometheus (which the metrics test scrapes s2cs with), systemd
+# (systemd-analyze checks the service unit) and iperf3 (the benchmark) come from the system's packages.
 system-deps:
-	@scripts/system-deps stunnel4
+	@scripts/system-deps stunnel4 prometheus systemd
 
 bench-deps:
 	@scripts/system-deps stunnel4 iperf3

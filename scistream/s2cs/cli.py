@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import logging
 import resource
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,10 +18,12 @@ from ..s2ds.backend import Backend
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
 from ..s2ds.stunnel import StunnelBackend
+from . import logs
 from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import server_certificate
 from .gateway import Gateway, Settings, interfaces, own_addresses
+from .metrics import Metrics, MetricsServer, serve_metrics
 from .policy import Own, Policy, PolicyFile, build_policy, parse_policy
 from .ports import parse_range
 from .server import MAX_PER_ADDRESS, ControlServer, server_context
@@ -43,6 +44,12 @@ def backend_type(value: str) -> str:
     if name is None:
         raise typer.BadParameter(f"unknown proxy type {value!r}; use haproxy or stunnel")
     return name
+
+
+def log_format_name(value: str) -> str:
+    if value not in logs.FORMATS:
+        raise typer.BadParameter(f"unknown log format {value!r}; use text or json")
+    return value
 
 
 def make_backend(kind: str, templates: Path | None, haproxy_bin: str | None) -> Backend:
@@ -245,6 +252,23 @@ def run(
             help="Control connections at once from one address; its oldest idle one makes room.",
         ),
     ] = MAX_PER_ADDRESS,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics on this port, at /metrics (plain HTTP). [default: off]",
+        ),
+    ] = None,
+    metrics_address: Annotated[
+        str,
+        typer.Option(
+            "--metrics-address",
+            help="Address the metrics listen on. Loopback by default: they show stream prefixes and "
+            "owners, so open them wider (0.0.0.0) only to a network that may see those.",
+        ),
+    ] = "127.0.0.1",
     keep_streams_on_exit: Annotated[
         bool,
         typer.Option("--keep-streams-on-exit", help="On SIGTERM leave the proxies running, for an upgrade."),
@@ -258,20 +282,25 @@ def run(
             help="Rotate a proxy's log once it is this large; 3 earlier parts are kept. [default: 10 MiB]",
         ),
     ] = 10 * 1024 * 1024,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log every request, not only the failed ones.")
+    ] = False,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            metavar="text|json",
+            callback=log_format_name,
+            help="text for people, or json: one JSON object per line of standard error, for log shippers.",
+        ),
+    ] = "text",
     version: Annotated[
         bool | None,
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
     ] = None,
 ) -> None:
     """Run the SciStream control server of this facility gateway."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s s2cs %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    if not verbose:
-        logging.getLogger("scistream.s2cs.server").setLevel(logging.WARNING)
+    logs.configure(log_format, verbose)
     try:
         listener_ip = parse_ip(listener_ip, "--listener-ip")
         bind = parse_ip(bind_ip, "--bind-ip") if bind_ip else None
@@ -305,6 +334,11 @@ def run(
             server_crt, server_key, gateway.state.path, listener_ip, *addresses
         )
         context = server_context(str(crt), str(key))
+        metrics: Metrics | None = None
+        exporter: MetricsServer | None = None
+        if metrics_port is not None:
+            metrics = Metrics(gateway)
+            exporter = serve_metrics(metrics, parse_ip(metrics_address, "--metrics-address"), metrics_port)
     except ScistreamError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exc.exit_status) from None
@@ -324,6 +358,8 @@ def run(
     )
     for line in policy_lines(policy, policy_path, audit_log):
         typer.echo(line, err=True)
+    if exporter is not None:
+        typer.echo(f"  metrics on {exporter.url}", err=True)
     if gateway.auth.enabled:
         from ..s2uc.scopes import login_form  # loads globus-sdk, as authentication does
 
@@ -336,7 +372,7 @@ def run(
             "streams. Pass --client-id and --client-secret to require Globus tokens.",
             err=True,
         )
-    server = ControlServer(gateway, context, host, port, audit, max_clients_per_address)
+    server = ControlServer(gateway, context, host, port, audit, max_clients_per_address, metrics)
 
     def ready() -> None:
         typer.echo(f"s2cs ready on {shown}", err=True)
@@ -346,6 +382,9 @@ def run(
     except ScistreamError as exc:  # the control port is taken, or recovery failed
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exc.exit_status) from None
+    finally:
+        if exporter is not None:
+            exporter.close()
 
 
 def _raise_fd_limit() -> None:

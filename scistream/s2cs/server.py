@@ -37,6 +37,8 @@ from ..protocol import (
 from .audit import AuditLog, Event, entry
 from .auth import Identity
 from .gateway import Gateway
+from .metrics import Metrics
+from .sessions import short
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,10 @@ class ControlServer:
         port: int,
         audit: AuditLog | None = None,
         max_per_address: int = MAX_PER_ADDRESS,
+        metrics: Metrics | None = None,
     ) -> None:
         self.gateway = gateway
+        self.metrics = metrics
         self.context = context
         self.host = host
         self.port = port
@@ -86,6 +90,7 @@ class ControlServer:
         op = "?"
         body: object = None
         who: Identity | None = None
+        begun = time.monotonic()
         try:
             req = decode_request(line)
             op = req.op
@@ -105,17 +110,26 @@ class ControlServer:
                 else:  # pragma: no cover - parse_request knows no other body
                     raise Internal(f"no handler for {op}")
         except ScistreamError as exc:
-            log.info("%s %s -> %s: %s", peer, op, exc.code, exc.message)
+            # A failure the client caused is the client's to fix (INFO); one of this server's, its operator's.
+            level = logging.WARNING if exc.code in ("BACKEND_FAILED", "INTERNAL") else logging.INFO
+            _log_request(level, peer, op, getattr(body, "uid", None), exc.code, exc.message)
             self._audit(op, body, who, address or peer, None, exc)
+            self._observe(op, exc.code, begun)
             return error(exc)
         except Exception:
-            log.exception("%s %s -> INTERNAL", peer, op)
+            _log_request(logging.ERROR, peer, op, getattr(body, "uid", None), "INTERNAL", exc_info=True)
             failed = Internal("internal error in s2cs; the operator finds the details in its log")
             self._audit(op, body, who, address or peer, None, failed)
+            self._observe(op, failed.code, begun)
             return error(failed)
-        log.info("%s %s -> ok", peer, op)
+        _log_request(logging.DEBUG, peer, op, getattr(body, "uid", None) or reply.get("uid"), "ok")
         self._audit(op, body, who, address or peer, reply, None)
+        self._observe(op, "ok", begun)
         return reply
+
+    def _observe(self, op: str, code: str, begun: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(op, code, time.monotonic() - begun)
 
     def _audit(
         self,
@@ -172,7 +186,8 @@ class ControlServer:
                 line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
                 conn.busy = True
             except TimeoutError:
-                log.info("%s: no request within %.0fs, closed", peer, READ_TIMEOUT)
+                # DEBUG, as the closed idle connection below: every port scan would log one.
+                log.debug("%s: no request within %.0fs, closed", peer, READ_TIMEOUT)
                 return
             except (ValueError, asyncio.LimitOverrunError):
                 reply = error(BadRequest(f"request larger than {MAX_MESSAGE // 1024} KiB"))
@@ -207,7 +222,7 @@ class ControlServer:
                     f"{address} has {len(mine)} request(s) under way already, the most this server "
                     "takes from one address; try again when they are answered"
                 )
-            log.info("%s: closed its oldest idle connection, it has %d", address, len(mine))
+            log.debug("%s: closed its oldest idle connection, it has %d", address, len(mine))
             mine.remove(idle)
             idle.writer.transport.abort()
         mine.append(conn)
@@ -270,6 +285,27 @@ class ControlServer:
             None, functools.partial(self.workers.shutdown, wait=True, cancel_futures=True)
         )
         await loop.run_in_executor(None, self.gateway.close, keep_streams)
+
+
+def _log_request(
+    level: int, peer: str, op: str, uid: object, code: str, message: str = "", exc_info: bool = False
+) -> None:
+    """One line per request: `PEER OP [UID PREFIX] -> CODE[: MESSAGE]`; the fields for --log-format
+    json. Successful requests are DEBUG (shown with --verbose): those that change a stream have a
+    line of the gateway's already."""
+    prefix = short(uid) if isinstance(uid, str) else None
+    named = f" {prefix}" if prefix else ""
+    log.log(
+        level,
+        "%s %s%s -> %s%s",
+        peer,
+        op,
+        named,
+        code,
+        f": {message}" if message else "",
+        extra={"peer": peer, "op": op, "uid_prefix": prefix, "code": code},
+        exc_info=exc_info,
+    )
 
 
 def _quiet_tls_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
