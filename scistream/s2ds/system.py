@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -100,6 +100,16 @@ class System(Protocol):
 
 _HAPROXY_TEMP = re.compile(r"\.\d+\.tmp$")
 
+# s2cs takes its Globus client secret from the environment (SCISTREAM_CLIENT_SECRET); its proxies
+# and shapers need no secret of it, and a copy in each of them is one more place to leak from
+# (a core dump, /proc/PID/environ of a proxy running as another user, a support bundle).
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|^GLOBUS_", re.IGNORECASE)
+
+
+def proxy_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment a proxy or shaper gets: s2cs's own without anything that names a secret."""
+    return {name: value for name, value in environ.items() if not _SECRET_NAME.search(name)}
+
 
 class RealSystem:
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
@@ -111,6 +121,7 @@ class RealSystem:
             popen = subprocess.Popen(
                 list(argv),
                 cwd=cwd,
+                env=proxy_environment(os.environ),
                 stdin=subprocess.DEVNULL,
                 stdout=out,  # a file, never a pipe: a proxy must not block on its own logging
                 stderr=subprocess.STDOUT,

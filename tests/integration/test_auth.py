@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -334,3 +335,22 @@ def test_half_configured_authentication_is_refused_at_start(workdir):
     )
     assert result.returncode == 2
     assert "needs both --client-id and --client-secret" in result.stderr
+
+
+def test_the_proxies_of_a_secured_s2cs_do_not_inherit_its_client_secret(start_s2cs, globus, workdir):
+    """s2cs takes its Globus secret from the environment; the proxies and shapers it starts need
+    none of it, and a copy in every process's environment is one more place it can leak from."""
+    hpc = secured_s2cs(start_s2cs, globus)
+    alice = user_env(globus, workdir, "alice")
+    login(globus, alice, "alice", "", *at(hpc))
+    sink = Sink()
+    request = ["inbound_request", *at(hpc), "--remote_ip", "127.0.0.1", "--receiver_ports", str(sink.port)]
+    uid = field(s2uc(*request, "--rate", "1000", env=alice).stdout, "UID")
+    status = json.loads(s2uc("status", uid, *at(hpc), "--json", env=alice).stdout)
+    pids = [p["pid"] for stream in status["streams"] for p in stream["processes"]]
+    assert len(pids) == 2, status  # the proxy and its shaper
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"SCISTREAM_CLIENT_SECRET" not in environ and S2CS_SECRET.encode() not in environ, pid
+        assert b"PATH=" in environ  # what a process needs is still there
+    s2uc("release", uid, *at(hpc), env=alice)
