@@ -83,6 +83,11 @@ def check_pair(crt: Path, key: Path) -> None:
         raise ConfigError(f"{key} is encrypted; s2cs needs the key without a passphrase") from None
     except (ValueError, UnsupportedAlgorithm):
         raise ConfigError(f"{key} is not a PEM private key (BEGIN PRIVATE KEY)") from None
+    # Every client would refuse it: one line now, not a TLS error at each user's request. A
+    # generated pair that expired is made anew (server_certificate), an operator's must be renewed.
+    now = datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc <= now:
+        raise ConfigError(f"{crt} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: renew it")
     if _public(cert.public_key()) != _public(private.public_key()):
         raise ConfigError(f"{key} is not the key of {crt}: give the key the certificate was made for")
     try:  # as the control port will load them: what the checks above cannot foresee
@@ -107,7 +112,7 @@ def _public(key: PublicKeyTypes) -> bytes:
 
 
 def _usable(crt: Path, key: Path) -> bool:
-    """The generated pair is still whole (else it is generated again)."""
+    """The generated pair is still whole and valid (else it is generated again)."""
     try:
         check_pair(crt, key)
     except ConfigError:
