@@ -57,11 +57,11 @@ def error_code(gw, message: dict) -> str:
     return reply["error"]["code"]
 
 
-def _snapshot(*roots: Path, skip: Path) -> dict[str, tuple[int, int]]:
+def _snapshot(*roots: Path, skip: tuple[Path, ...]) -> dict[str, tuple[int, int]]:
     found = {}
     for root in roots:
         for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
-            if skip in path.parents or path == skip:
+            if any(s in path.parents or path == s for s in skip):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 st = path.stat()
@@ -75,7 +75,10 @@ def test_hostile_requests_get_precise_errors_and_change_nothing(start_s2cs, work
     legit = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])
     (config,) = (hpc.state_dir / "sessions").glob("*/proxy.conf")
     config_before = config.read_text()
-    outside = _snapshot(workdir, Path("/etc/passwd"), Path("/etc/hosts"), skip=hpc.state_dir)
+    # s2cs's own log is meant to change: it has a line for every refused request.
+    untouched = (hpc.state_dir, hpc.log)
+    outside = _snapshot(workdir, Path("/etc/passwd"), Path("/etc/hosts"), skip=untouched)
+    refusals = hpc.log.read_text().count("-> BAD_REQUEST")
 
     service = {"remote_ip": "127.0.0.1", "receiver_ports": [sink.port]}
     cases = [
@@ -136,7 +139,8 @@ def test_hostile_requests_get_precise_errors_and_change_nothing(start_s2cs, work
     assert hpc.call("info")["streams"] == 1  # still serving; still just the one stream
     assert config.read_text() == config_before  # no line gained
     assert len(list((hpc.state_dir / "sessions").iterdir())) == 1  # nothing else rendered
-    assert _snapshot(workdir, Path("/etc/passwd"), Path("/etc/hosts"), skip=hpc.state_dir) == outside
+    assert _snapshot(workdir, Path("/etc/passwd"), Path("/etc/hosts"), skip=untouched) == outside
+    assert hpc.log.read_text().count("-> BAD_REQUEST") > refusals  # the operator sees them
     hpc.call("release", uid=legit["uid"])
 
 
