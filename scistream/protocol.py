@@ -86,6 +86,7 @@ class ReleaseRequest:
 @dataclass(frozen=True)
 class StatusRequest:
     uid: str | None
+    log: bool = False  # the last lines of its proxies' logs too: only with a uid
 
 
 Body = InfoRequest | InboundRequest | OutboundRequest | ReleaseRequest | StatusRequest
@@ -263,9 +264,14 @@ def _release(fields: Mapping[str, Any]) -> ReleaseRequest:
 
 
 def _status(fields: Mapping[str, Any]) -> StatusRequest:
-    _only(fields, "status", {"uid"})
+    _only(fields, "status", {"uid", "log"})
     uid = fields.get("uid")
-    return StatusRequest(None if uid is None else parse_uid(uid))
+    log = fields.get("log", False)
+    if not isinstance(log, bool):
+        raise BadRequest(f"log must be true or false, not {type(log).__name__}")
+    if log and uid is None:
+        raise BadRequest("log needs a uid: the logs of one stream are shown, to its owner")
+    return StatusRequest(None if uid is None else parse_uid(uid), log)
 
 
 def _info(fields: Mapping[str, Any]) -> InfoRequest:

@@ -75,9 +75,12 @@ class Pipe:
 class Connection:
     """A client of a listener and its upstream socket; flow UP reads the client, DOWN the upstream."""
 
-    def __init__(self, serial: int, client: socket.socket, upstream: socket.socket, now: float) -> None:
+    def __init__(
+        self, serial: int, client: socket.socket, upstream: socket.socket, target: Endpoint, now: float
+    ) -> None:
         self.serial = serial
         self.sockets = (client, upstream)
+        self.target = target  # what upstream connects to, for the log line should it fail
         self.pipes: list[Pipe] = []
         try:
             self.pipes.extend((Pipe(), Pipe()))
@@ -184,7 +187,7 @@ class Shaper:
                     s.close()
                 continue
             self.total += 1
-            conn = Connection(self.total, client, upstream, time.monotonic())
+            conn = Connection(self.total, client, upstream, target, time.monotonic())
             self._tell_pipes(conn)
             self.conns[conn.serial] = conn
             for side, s in ((UP, client), (DOWN, upstream)):
@@ -221,7 +224,10 @@ class Shaper:
             try:
                 self._connecting(conn, now)
             except OSError as exc:
-                self._broken(conn, exc)
+                # Said every time, timeouts too: `s2uc status` tells the user from this line
+                # that the service is not running (scistream/s2ds/diagnosis.py).
+                say(f"cannot connect to {_text(conn.target)}: {exc.strerror or exc}")
+                self._drop(conn, abort=True)
         for direction in (UP, DOWN):
             self._relay(direction, now)
         for conn in [c for c in self.conns.values() if c.done]:

@@ -423,6 +423,15 @@ def test_status_uid_is_optional_but_checked():
         parse_request({"v": 1, "op": "status", "uid": "0b7c1f2e"})
 
 
+def test_status_log_is_a_boolean_and_only_for_one_stream():
+    assert parse_request({"v": 1, "op": "status", "uid": UID, "log": True}).body == StatusRequest(UID, True)
+    assert parse_request({"v": 1, "op": "status", "log": False}).body == StatusRequest(None)
+    with pytest.raises(BadRequest, match="log must be true or false, not int"):
+        parse_request({"v": 1, "op": "status", "uid": UID, "log": 1})
+    with pytest.raises(BadRequest, match="log needs a uid"):
+        parse_request({"v": 1, "op": "status", "log": True})
+
+
 # --- addresses -----------------------------------------------------------------------------------
 
 
