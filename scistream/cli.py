@@ -1,4 +1,4 @@
-"""`scistream`: project-level commands (the demo)."""
+"""`scistream`: project-level commands (the demo, the doctor)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,24 @@ def demo() -> None:
     from .demo import run
 
     raise typer.Exit(run())
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    options_metavar="[S2CS OPTIONS]",
+)
+def doctor(ctx: typer.Context) -> None:
+    """Check this gateway's set-up: `s2cs --check` with the same options.
+
+    Give the options the s2cs of this gateway is started with (`s2cs --help` lists them), and
+    --json for a JSON list. One line per check (the proxies, the control port and the port
+    range, the certificate, the state dir and its lock, authentication, the target policy):
+    OK, WARN or FAIL, and what to do. Exits 1 when a check FAILs. Starts, creates and writes
+    nothing.
+    """
+    from .s2cs.cli import main as s2cs
+
+    s2cs(["--check", *ctx.args], prog_name="scistream doctor")
 
 
 def main() -> None:

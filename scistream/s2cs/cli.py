@@ -6,6 +6,8 @@ import asyncio
 import ipaddress
 import logging
 import resource
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -14,11 +16,12 @@ import typer
 from .. import __version__
 from ..errors import ConfigError, ScistreamError
 from ..protocol import DEFAULT_PORT, hostport, parse_ip
+from ..s2ds import preflight
 from ..s2ds.backend import Backend
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
 from ..s2ds.stunnel import StunnelBackend
-from . import logs
+from . import examine, logs
 from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import server_certificate
@@ -154,7 +157,10 @@ def run(
     state_dir: Annotated[
         Path | None,
         typer.Option(
-            "--state-dir", "--state_dir", help="Sessions, keys and logs. [default: ~/.scistream/s2cs-PORT]"
+            "--state-dir",
+            "--state_dir",
+            readable=False,  # what is wrong with it the state dir's own check says (and --check)
+            help="Sessions, keys and logs. [default: ~/.scistream/s2cs-PORT]",
         ),
     ] = None,
     templates: Annotated[
@@ -294,6 +300,17 @@ def run(
             help="text for people, or json: one JSON object per line of standard error, for log shippers.",
         ),
     ] = "text",
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Check this set-up instead of starting: proxies, ports, certificate, state dir, auth, "
+            "policy; a table, then exit (1 when a check FAILs). Starts, creates and writes nothing.",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --check: the checks as a JSON list, for scripts.")
+    ] = False,
     version: Annotated[
         bool | None,
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
@@ -301,25 +318,53 @@ def run(
 ) -> None:
     """Run the SciStream control server of this facility gateway."""
     logs.configure(log_format, verbose)
+    # Until the server's own handlers take over (ControlServer.serve): a SIGTERM during the
+    # start-up checks ends s2cs as an exception would, so their scratch files are removed.
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
     try:
         listener_ip = parse_ip(listener_ip, "--listener-ip")
         bind = parse_ip(bind_ip, "--bind-ip") if bind_ip else None
         control = parse_ip(control_ip, "--control-ip") if control_ip else None
         state = (state_dir or Path.home() / ".scistream" / f"s2cs-{port}").expanduser()
         settings = Settings(listener_ip, bind, parse_range(port_range), state)
+        own = Own(own_addresses(listener_ip, bind, control), port, settings.port_range)
+
+        def read_policy() -> Policy:  # at start, for --check, and again at each SIGHUP
+            return make_policy(
+                own,
+                bool(client_id and client_secret),
+                policy_path,
+                allow_targets or [],
+                allow_peers or [],
+                allow_users or [],
+                allow_groups or [],
+            )
+
+        if as_json and not check:
+            raise ConfigError("--json goes with --check")
+        if check:  # the same options, judged instead of used (examine.py)
+            setup = examine.Setup(
+                settings=settings,
+                kind=kind,
+                port=port,
+                control_ip=control,
+                server_crt=server_crt,
+                server_key=server_key,
+                client_id=client_id,
+                secret_given=bool(client_secret),
+                auth_scope=auth_scope,
+                metrics=(parse_ip(metrics_address, "--metrics-address"), metrics_port)
+                if metrics_port
+                else None,
+                backend=lambda k: make_backend(k, templates, haproxy_bin),
+                policy=read_policy,
+            )
+            raise typer.Exit(examine.main(setup, as_json))
         backend = make_backend(kind, templates, haproxy_bin)
+        preflight.check(backend)  # before anything is served: a broken template stops the start
         if bool(client_id) != bool(client_secret):
             raise ConfigError("authentication needs both --client-id and --client-secret")
-        own = Own(own_addresses(listener_ip, bind, control), port, settings.port_range)
-        policy = make_policy(
-            own,
-            bool(client_id and client_secret),
-            policy_path,
-            allow_targets or [],
-            allow_peers or [],
-            allow_users or [],
-            allow_groups or [],
-        )
+        policy = read_policy()
         audit = AuditLog(audit_log) if audit_log else None
         auth: Authenticator = (
             GlobusAuth(client_id, client_secret, auth_scope) if client_id and client_secret else NoAuth()
@@ -346,45 +391,75 @@ def run(
     caps = backend.capabilities
     host = control  # None: every interface
     shown = hostport(control, port) if control else f"port {port} of every interface"
-    typer.echo(f"s2cs {__version__}: control server on {shown}, TLS certificate {crt}", err=True)
-    if generated:
-        typer.echo(f"  generated that certificate; give it to users: s2uc ... --server_cert {crt}", err=True)
-    typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
-    typer.echo(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}", err=True)
-    typer.echo(
-        f"  listeners advertised as {listener_ip}, bound on {gateway.inbound_bind}, "
-        f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",
-        err=True,
-    )
-    for line in policy_lines(policy, policy_path, audit_log):
-        typer.echo(line, err=True)
-    if exporter is not None:
-        typer.echo(f"  metrics on {exporter.url}", err=True)
-    if gateway.auth.enabled:
-        from ..s2uc.scopes import login_form  # loads globus-sdk, as authentication does
 
-        typer.echo(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}", err=True)
-        if gateway.auth.scope is not None:
-            typer.echo(f"  users log in with: s2uc login --scope {login_form(gateway.auth.scope)}", err=True)
-    else:
+    def banner() -> None:
+        """What this s2cs is and does, once it has the control port: a busy port is one line."""
+        typer.echo(f"s2cs {__version__}: control server on {shown}, TLS certificate {crt}", err=True)
+        if generated:
+            typer.echo(
+                f"  generated that certificate; give it to users: s2uc ... --server_cert {crt}", err=True
+            )
+        typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
+        typer.echo(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}", err=True)
         typer.echo(
-            "  WARNING: authentication is OFF: anyone who can reach this port can create and release "
-            "streams. Pass --client-id and --client-secret to require Globus tokens.",
+            f"  listeners advertised as {listener_ip}, bound on {gateway.inbound_bind}, "
+            f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",
             err=True,
         )
-    server = ControlServer(gateway, context, host, port, audit, max_clients_per_address, metrics)
+        for line in policy_lines(policy, policy_path, audit_log):
+            typer.echo(line, err=True)
+        if exporter is not None:
+            typer.echo(f"  metrics on {exporter.url}", err=True)
+        if gateway.auth.enabled:
+            from ..s2uc.scopes import login_form  # loads globus-sdk, as authentication does
+
+            typer.echo(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}", err=True)
+            if gateway.auth.scope is not None:
+                typer.echo(
+                    f"  users log in with: s2uc login --scope {login_form(gateway.auth.scope)}", err=True
+                )
+        else:
+            typer.echo(
+                "  WARNING: authentication is OFF: anyone who can reach this port can create and release "
+                "streams. Pass --client-id and --client-secret to require Globus tokens.",
+                err=True,
+            )
+
+    reloading = threading.Lock()  # one SIGHUP at a time: a slow check cannot swap in older files
+
+    def reload() -> None:
+        """SIGHUP: templates and policy read again from the same options, checked, then swapped
+        in for new requests; on any ConfigError the old ones stay."""
+        with reloading:
+            env = environment(templates, default_templates())
+            preflight.check(backend, env)
+            new_policy = read_policy()
+            if isinstance(auth, GlobusAuth):  # groups looked up before a policy that needs them
+                auth.lookup_groups = auth.lookup_groups or new_policy.needs_groups
+            gateway.reconfigure(env, new_policy)
+            if isinstance(auth, GlobusAuth):
+                auth.lookup_groups = new_policy.needs_groups
+
+    server = ControlServer(
+        gateway, context, host, port, audit, max_clients_per_address, metrics, reload=reload
+    )
 
     def ready() -> None:
         typer.echo(f"s2cs ready on {shown}", err=True)
 
     try:
-        asyncio.run(server.serve(ready, keep_streams_on_exit))
+        asyncio.run(server.serve(ready, keep_streams_on_exit, banner))
     except ScistreamError as exc:  # the control port is taken, or recovery failed
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exc.exit_status) from None
     finally:
         if exporter is not None:
             exporter.close()
+
+
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    typer.echo("s2cs stopped before it started serving", err=True)
+    raise SystemExit(128 + signum)
 
 
 def _raise_fd_limit() -> None:
@@ -394,7 +469,8 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main() -> None:
+def main(args: list[str] | None = None, prog_name: str = "s2cs") -> None:
+    """`args`: what to run with instead of the command line (`scistream doctor` passes its own)."""
     app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
     app.command()(run)
-    app(prog_name="s2cs")
+    app(args=args, prog_name=prog_name)

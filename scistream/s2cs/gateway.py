@@ -15,11 +15,13 @@ import shutil
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import jinja2
 import psutil
 
 from .. import __version__
@@ -35,6 +37,8 @@ from ..protocol import (
     rate_bytes_per_second,
 )
 from ..s2ds.backend import Backend, Launch
+from ..s2ds.diagnosis import Tally, merge
+from ..s2ds.proxylog import LogWatch, last_lines
 from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles
 from ..s2ds.supervisor import STOP_GRACE, ProxyProcess, State, Supervisor
 from ..s2ds.system import Handle, RealSystem, System, terminate
@@ -85,6 +89,24 @@ def own_addresses(*extra: str | None) -> frozenset[ipaddress.IPv4Address | ipadd
     (an advertised address behind NAT, say)."""
     found = [address.split("%")[0] for address, _ in interfaces()] + [ip for ip in extra if ip]
     return frozenset(ipaddress.ip_address(ip) for ip in found)
+
+
+def inbound_bind(settings: Settings) -> str:
+    """The address inbound proxies listen on: --bind-ip, else --listener-ip when it is one of this
+    host's, else every interface. ConfigError for a --bind-ip that is not this host's."""
+    if settings.bind_ip:
+        # Behind NAT, --listener-ip is the address peers reach and --bind-ip the one of this
+        # host that it leads to: one a proxy can bind.
+        ip = ipaddress.ip_address(settings.bind_ip)
+        if not (ip.is_unspecified or is_local_address(settings.bind_ip)):
+            raise ConfigError(
+                f"--bind-ip {settings.bind_ip} is not an address of this host; give one of its "
+                "own (the address peers reach, behind NAT, is --listener-ip)"
+            )
+        return settings.bind_ip
+    if is_local_address(settings.listener_ip):
+        return settings.listener_ip
+    return any_address(settings.listener_ip)
 
 
 def port_is_free(port: int) -> bool:
@@ -145,21 +167,18 @@ class Gateway:
         self.pool = PortPool(*settings.port_range, is_free=port_is_free)
         self.supervisor = Supervisor()
         self._save_lock = threading.Lock()
+        # What each process's log has told of failed connections (diagnosis.py); a process's
+        # entry goes with it.
+        self._watches: weakref.WeakKeyDictionary[ProxyProcess, LogWatch] = weakref.WeakKeyDictionary()
+        self._watch_lock = threading.Lock()
         self._found: list[tuple[Session, list[RecordedProcess]]] = []  # what state.json records
-        if settings.bind_ip:
-            # Behind NAT, --listener-ip is the address peers reach and --bind-ip the one of this
-            # host that it leads to: one a proxy can bind. Checked now, not at the first request.
-            ip = ipaddress.ip_address(settings.bind_ip)
-            if not (ip.is_unspecified or is_local_address(settings.bind_ip)):
-                raise ConfigError(
-                    f"--bind-ip {settings.bind_ip} is not an address of this host; give one of its "
-                    "own (the address peers reach, behind NAT, is --listener-ip)"
-                )
-            self.inbound_bind = settings.bind_ip
-        elif is_local_address(settings.listener_ip):
-            self.inbound_bind = settings.listener_ip
-        else:
-            self.inbound_bind = any_address(settings.listener_ip)
+        self.inbound_bind = inbound_bind(settings)  # checked now, not at the first request
+
+    def reconfigure(self, templates: jinja2.Environment, policy: Policy) -> None:
+        """New templates and policy for the requests to come (SIGHUP), both checked already.
+        Running streams keep their configs. Each is one reference, which a request reads once."""
+        self.backend.templates = templates
+        self.policy = policy
 
     # --- life of the server ----------------------------------------------------------------------
 
@@ -312,9 +331,10 @@ class Gateway:
         )
 
     def inbound(self, req: InboundRequest, who: Identity | None) -> dict[str, Any]:
-        grant = self.policy.grant(who)
+        policy = self.policy  # one policy for the whole request, whatever a reload swaps in meanwhile
+        grant = policy.grant(who)
         for target in req.receiver_ports:  # before anything is taken: a refusal changes nothing
-            self.policy.target(grant, req.remote_ip, target).enforce()
+            policy.target(grant, req.remote_ip, target).enforce()
         limits_verdict(grant, req.limits).enforce()
         uid = str(uuid.uuid4())  # random from os.urandom: the stream's secret
         sid = secrets.token_hex(6)  # the session's local name, and the owner of its ports
@@ -329,9 +349,10 @@ class Gateway:
         return ok(uid=uid, role="inbound", listeners=list(advertised), **self._limits(req.limits))
 
     def outbound(self, req: OutboundRequest, who: Identity | None) -> dict[str, Any]:
-        grant = self.policy.grant(who)
+        policy = self.policy  # one policy for the whole request, whatever a reload swaps in meanwhile
+        grant = policy.grant(who)
         for remote in req.remote_listeners:
-            self.policy.peer(remote.ip, remote.port).enforce()
+            policy.peer(remote.ip, remote.port).enforce()
         limits_verdict(grant, req.limits).enforce()
         note = ""
         if req.bind_ip is None:
@@ -379,12 +400,13 @@ class Gateway:
             log.info("%s: released", session.label)
         return ok(uid=uid, released=[s.role for s in sessions])
 
-    def status(self, uid: str | None, who: Identity | None) -> dict[str, Any]:
+    def status(self, uid: str | None, who: Identity | None, log: bool = False) -> dict[str, Any]:
+        """`log`: with the last lines of each process's log too (for one stream, its owner's)."""
         if uid is not None:
             sessions = self._visible(self.registry.of_uid(uid), who)
             if not sessions:
                 raise NotFound(f"no stream {short(uid)} on this server")
-            return ok(streams=[self._describe(s, full=True) for s in sessions])
+            return ok(streams=[self._describe(s, full=True, log=log) for s in sessions])
         if self.auth.enabled:
             everyone = self._admin(who)
             mine = [s for s in self.registry.all() if everyone or (who is not None and s.owner == who.id)]
@@ -446,15 +468,8 @@ class Gateway:
 
     def _spec(self, session: Session) -> ProxySpec:
         rate_bytes = rate_bytes_per_second(session.limits.rate)
-        shaped = self.backend.shaped(rate_bytes, len(session.listeners))
-        return ProxySpec(
-            name=session.sid,
-            role=session.role,
-            listeners=session.listeners,
-            num_conn=session.limits.num_conn,
-            rate_bytes=rate_bytes,
-            shaped=shaped,
-            front=shaped and self.backend.shaper_in_front(session.role),
+        return self.backend.spec(
+            session.sid, session.role, session.listeners, session.limits.num_conn, rate_bytes
         )
 
     def _prepare(self, session: Session, files: SessionFiles) -> list[Launch]:
@@ -551,7 +566,25 @@ class Gateway:
                     raise
                 log.error("cannot write %s: %s", self.state.file, exc.strerror or exc)
 
-    def _describe(self, session: Session, full: bool) -> dict[str, Any]:
+    def failure_counts(self) -> list[tuple[Session, dict[str, int]]]:
+        """Every session with its failed connections so far by kind (diagnosis.KINDS), for the
+        metrics. Counted from what its logs said since this s2cs first looked, beginning with
+        the newest 64 KiB of each: they only grow while this s2cs runs."""
+        return [(session, self._tally(session).by_kind()) for session in self.registry.all()]
+
+    def _tally(self, session: Session) -> Tally:
+        """What the logs of the session's processes have told of failures, read up to now."""
+        targets = [hostport(lst.target_ip, lst.target_port) for lst in session.listeners]
+        watches = []
+        with self._watch_lock:
+            for proc in session.procs:
+                watch = self._watches.get(proc)
+                if watch is None:
+                    watch = self._watches[proc] = LogWatch(proc.log_path, session.role, targets)
+                watches.append(watch)
+        return merge(watch.look() for watch in watches)
+
+    def _describe(self, session: Session, full: bool, log: bool = False) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "uid": session.uid if full else short(session.uid),
             "role": session.role,
@@ -567,9 +600,14 @@ class Gateway:
                 {"name": p.kind, "pid": p.pid, "state": str(p.state), "restarts": p.restarts}
                 for p in session.procs
             ]
+            if log:
+                for shown, proc in zip(entry["processes"], session.procs, strict=True):
+                    shown["log"] = last_lines(proc.log_path)
             errors = [f"{p.kind}: {p.last_error}" for p in session.procs if p.state == State.FATAL]
             if errors:
                 entry["last_error"] = "\n".join(errors)
+            # Why connections failed, in plain words: only its owner sees the addresses.
+            entry["failures"] = [f.as_dict() for f in self._tally(session).failures()]
         stats = self.backend.stats(SessionFiles(self.state.session_dir(session.sid)))
         if stats is not None:
             entry.update(

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -57,6 +56,8 @@ class GatewayCollector(Collector):
         backend = gateway.backend
         caps = backend.capabilities
         sessions = gateway.registry.all()
+        # What the proxies' logs told of failed connections (s2ds/diagnosis.py), by session.
+        failed = {session.sid: counts for session, counts in gateway.failure_counts()}
 
         info = GaugeMetricFamily(
             "scistream_info",
@@ -138,7 +139,7 @@ class GatewayCollector(Collector):
         )
         failures = CounterMetricFamily(
             "scistream_stream_failures",
-            "Failures of the stream, by kind.",
+            "Connections of the stream that failed, by kind (handshake, service-refused, ...).",
             labels=[*STREAM_LABELS, "kind"],
         )
         for session in sessions:
@@ -150,7 +151,7 @@ class GatewayCollector(Collector):
             rate.add_metric([*labels, _flag(rate_enforced)], rate_bytes_per_second(session.limits.rate))
             for proc in list(session.procs):
                 restarts.add_metric([*labels, proc.kind], proc.restarts)
-            for kind, count in sorted(_failures(session).items()):
+            for kind, count in sorted(failed.get(session.sid, {}).items()):
                 failures.add_metric([*labels, kind], count)
             # None while no process of the session can tell (a proxy starting, or down): then
             # the series is absent, not 0, and `rate()` across a restart sees a counter reset.
@@ -167,15 +168,6 @@ class GatewayCollector(Collector):
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
-
-
-def _failures(session: Session) -> Mapping[str, int]:
-    """The session's failure counts by kind, once sessions keep them (`Session.failures`, a
-    mapping of kind to count); nothing before that."""
-    found: Any = getattr(session, "failures", None)
-    if not isinstance(found, Mapping):
-        return {}
-    return {str(kind): int(count) for kind, count in found.items()}
 
 
 class Metrics:

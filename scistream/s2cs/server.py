@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import ssl
 import time
@@ -73,6 +74,7 @@ class ControlServer:
         audit: AuditLog | None = None,
         max_per_address: int = MAX_PER_ADDRESS,
         metrics: Metrics | None = None,
+        reload: Callable[[], None] | None = None,
     ) -> None:
         self.gateway = gateway
         self.metrics = metrics
@@ -84,6 +86,8 @@ class ControlServer:
         self.workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="request")
         self._clients = 0
         self._by_address: dict[str, list[_Connection]] = {}  # only touched by the event loop
+        self.reload = reload  # SIGHUP: templates and policy read again (cli.py)
+        self._reloads: set[asyncio.Task[None]] = set()  # under way; held so none is collected
 
     def dispatch(self, line: bytes, peer: str, address: str = "") -> dict[str, Any]:
         """One framed request from `peer` (ADDRESS:PORT) -> one reply; runs in a worker thread."""
@@ -106,7 +110,7 @@ class ControlServer:
                 elif isinstance(body, ReleaseRequest):
                     reply = self.gateway.release(body.uid, who)
                 elif isinstance(body, StatusRequest):
-                    reply = self.gateway.status(body.uid, who)
+                    reply = self.gateway.status(body.uid, who, log=body.log)
                 else:  # pragma: no cover - parse_request knows no other body
                     raise Internal(f"no handler for {op}")
         except ScistreamError as exc:
@@ -239,9 +243,15 @@ class ControlServer:
     def where(self) -> str:
         return hostport(self.host, self.port) if self.host else f"port {self.port} of every interface"
 
-    async def serve(self, on_ready: Callable[[], None], keep_streams: bool) -> None:
+    async def serve(
+        self,
+        on_ready: Callable[[], None],
+        keep_streams: bool,
+        on_listening: Callable[[], None] = lambda: None,
+    ) -> None:
         """Take the control port, recover the state dir's streams, serve requests until SIGTERM
-        or SIGINT, then stop."""
+        or SIGINT, then stop. `on_listening` runs once the port is taken: a busy port fails with
+        one line, before any start-up output."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_tls_errors)
         stop = asyncio.Event()
@@ -250,6 +260,8 @@ class ControlServer:
         # that leaves proxies and keys behind.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self.reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         # The port too: an s2cs that cannot listen must fail before it adopts any stream, or its
         # failed start would end streams it did not make.
         try:
@@ -264,8 +276,10 @@ class ControlServer:
                 reuse_address=True,
                 start_serving=False,
             )
-        except OSError as exc:
-            raise ScistreamError(f"cannot listen on {self.where}: {exc.strerror or exc}") from None
+        except OSError as exc:  # asyncio's message names one of the addresses it tried: say why
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ScistreamError(f"cannot listen on {self.where}: {reason}") from None
+        on_listening()
         async with server:
             try:
                 await loop.run_in_executor(None, self.gateway.start)
@@ -285,6 +299,25 @@ class ControlServer:
             None, functools.partial(self.workers.shutdown, wait=True, cancel_futures=True)
         )
         await loop.run_in_executor(None, self.gateway.close, keep_streams)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        """Off the event loop: the check runs the proxy once per sample. Requests go on meanwhile,
+        with the old templates and policy until the new ones are swapped in."""
+        if self.reload is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.reload)
+        except ScistreamError as exc:
+            log.error("reload refused: %s; the old templates and policy stay", exc.message)
+        except Exception:
+            log.exception("reload refused: internal error; the old templates and policy stay")
+        else:
+            log.info("reloaded templates and policy")
 
 
 def _log_request(

@@ -14,7 +14,7 @@ import jinja2
 from ..credentials import stream_credentials
 from ..errors import BackendFailed, ConfigError
 from ..protocol import hostport
-from .render import ProxySpec, SessionFiles, render
+from .render import ListenerSpec, ProxySpec, Role, SessionFiles, render
 
 # The shaper moves bytes with splice(2): Linux only. Elsewhere no rate can be enforced, and
 # every reply says so (DESIGN.md, "Capabilities").
@@ -122,6 +122,22 @@ class Backend(ABC):
     def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
         """The shaper enforces num_conn over all listeners of the session together."""
         return [f"--max-conn={spec.num_conn}"]
+
+    def spec(
+        self, name: str, role: Role, listeners: tuple[ListenerSpec, ...], num_conn: int, rate_bytes: int
+    ) -> ProxySpec:
+        """What the proxy of a session must do, with the shaper where this backend needs one: for
+        the gateway's sessions and the start-up check's samples alike (preflight.py)."""
+        shaped = self.shaped(rate_bytes, len(listeners))
+        return ProxySpec(
+            name=name,
+            role=role,
+            listeners=listeners,
+            num_conn=num_conn,
+            rate_bytes=rate_bytes,
+            shaped=shaped,
+            front=shaped and self.shaper_in_front(role),
+        )
 
     def shaper_in_front(self, role: str) -> bool:
         """Whether the shaper takes the listener ports, with the proxy behind it: outbound, so

@@ -107,6 +107,10 @@ def environment(override: Path | None, default: Path) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         finalize=_finalize,
+        # A template is read once, when it is first rendered (by the start-up check: preflight.py),
+        # and kept: an edit takes effect at SIGHUP, once checked, never half-written or unchecked.
+        auto_reload=False,
+        cache_size=-1,
     )
     env.filters["hostport"] = hostport
     # stunnel splits host and port at the last colon and does not take brackets: ::1:5100

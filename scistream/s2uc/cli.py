@@ -6,6 +6,7 @@ reply itself with --json. Failures print one line and exit with the status of er
 
 from __future__ import annotations
 
+import datetime
 import json
 import shlex
 import sys
@@ -229,6 +230,10 @@ def inbound_request(
             )
             if value != default
         )
+        # A user who names this gateway's certificate keeps certificates apart from the working
+        # directory: the other side's default, ./server.crt, would then not be there either.
+        if server_cert != Path("server.crt"):
+            extra = f" --server_cert INSTRUMENT_CERT{extra}"
         handed = uid if uid_file is None else f"--uid-file {shlex.quote(str(uid_file))}"
         typer.echo("On the instrument side, run:")
         typer.echo(
@@ -304,10 +309,17 @@ def outbound_request(
         typer.echo(f"Listeners: {','.join(local)}")
         pairs = ", ".join(f"{a} -> {b}" for a, b in zip(local, listeners, strict=True))
         typer.echo(f"Outbound proxy on {conn.server}: {pairs} (TLS); {_limits_line(reply)}.")
-        ports_shown = ",".join(a.rpartition(":")[2] for a in local)
-        typer.echo(f"Send the instrument's data to port {ports_shown} of this gateway.")
+        typer.echo(f"Send the instrument's data to {_ports_phrase(local)} of this gateway.")
 
     _run(s2cs, server_cert, scope, body)
+
+
+def _ports_phrase(addresses: list[str]) -> str:
+    """'port 5100', or 'ports 5101 and 5102' for several listeners, in their order."""
+    ports = [a.rpartition(":")[2] for a in addresses]
+    if len(ports) == 1:
+        return f"port {ports[0]}"
+    return f"ports {', '.join(ports[:-1])} and {ports[-1]}"
 
 
 def _outbound_arguments(
@@ -369,11 +381,18 @@ def status(
     server_cert: ServerCert = Path("server.crt"),
     scope: Scope = None,
     as_json: Json = False,
+    log: Annotated[
+        bool, typer.Option("--log", help="With the last lines of the stream's proxy logs (needs the UID).")
+    ] = False,
 ) -> None:
-    """Show streams on a server: state, listeners, limits, connections, bytes, restarts."""
+    """Show streams on a server: state, listeners, limits, connections, bytes, restarts, and why
+    connections failed."""
+    if log and uid is None:
+        _fail(ConfigError("--log shows the logs of one stream: give its UID"))
 
     def body(conn: Connection) -> None:
-        reply = conn.call("status", uid=None if uid is None else normalize_uid(uid))
+        # `log` only when asked: a server older than it refuses a field it does not know.
+        reply = conn.call("status", uid=None if uid is None else normalize_uid(uid), log=log or None)
         if as_json:
             return _print_json(reply)
         streams = reply["streams"]
@@ -396,8 +415,26 @@ def status(
                 typer.echo(f"    last error: {lines[0]}")
                 for line in lines[1:]:
                     typer.echo(f"                {line}")
+            for failure in s.get("failures", []):
+                typer.echo(f"    failed: {failure['message']} ({_occurrences(failure)})")
+            for proc in s.get("processes", []):
+                if "log" in proc:
+                    typer.echo(f"    {proc['name']} log, last {len(proc['log'])} line(s):")
+                    for line in proc["log"]:
+                        typer.echo(f"      {line}")
 
     _run(s2cs, server_cert, scope, body)
+
+
+def _occurrences(failure: dict[str, Any]) -> str:
+    """'3 times, last at 14:12:50' (with the date when not today)."""
+    count = failure["count"]
+    times = "once" if count == 1 else f"{count} times"
+    if failure.get("last") is None:
+        return times
+    when = datetime.datetime.fromtimestamp(failure["last"])
+    shown = when.strftime("%H:%M:%S" if when.date() == datetime.date.today() else "%Y-%m-%d %H:%M:%S")
+    return f"{times}, last at {shown}"
 
 
 def _policy_lines(policy: dict[str, Any]) -> list[str]:

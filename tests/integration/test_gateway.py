@@ -57,7 +57,9 @@ class SlowHaproxy:
         self.path = directory / "haproxy"
         self.path.write_text(
             "#!/bin/bash\n"
-            'case " $* " in *" -v "*) step=version ;; *" -c "*) step=check ;; *) step=run ;; esac\n'
+            # "check": a request's config, in the state dir; "precheck": the start-up template check
+            'case " $* " in *" -v "*) step=version ;; *" -c "*"/sessions/"*) step=check ;;\n'
+            '    *" -c "*) step=precheck ;; *) step=run ;; esac\n'
             f'if [ -e "{directory}/slow-$step" ]; then\n'
             f'    touch "{directory}/waiting-$step"; sleep {self.SECONDS}\n'
             "fi\n"
@@ -233,6 +235,23 @@ def test_a_damaged_state_file_is_refused_in_one_line_and_its_good_copy_brings_th
 
 
 # --- SIGTERM while s2cs recovers ----------------------------------------------------------------
+
+
+def test_sigterm_during_the_start_up_template_check_leaves_no_scratch_files(
+    start_s2cs, slow_haproxy, workdir
+):
+    scratch = workdir / "tmp"
+    scratch.mkdir()
+    hpc = start_s2cs("hpc", "--haproxy-bin", str(slow_haproxy.path))
+    assert hpc.stop(signal.SIGTERM) == 0
+    slow_haproxy.slow("precheck")
+    hpc.env = {**(hpc.env or {}), "TMPDIR": str(scratch)}
+    hpc.launch()
+    wait_for(lambda: slow_haproxy.waiting("precheck"), what="the start-up check of the templates")
+    assert list(scratch.iterdir())  # the rendered samples are there while they are checked
+    assert hpc.stop(signal.SIGTERM) == 128 + signal.SIGTERM  # not killed by the signal: it exits
+    assert "stopped before it started serving" in hpc.log.read_text()
+    assert list(scratch.iterdir()) == []
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["release", "keep-streams-on-exit"])

@@ -200,17 +200,27 @@ def test_an_operator_template_the_proxy_refuses_fails_the_request_in_the_proxys_
     shutil.copytree(default_templates(), templates)
     hpc = start_s2cs("hpc", "--templates", str(templates))
     sink = Sink()
-    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
-    # An operator edits the template, with a typo.
+    # 7 connections: a session unlike the samples the start-up and reload checks render (1 and 4).
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0, num_conn=7)["uid"]
     path = templates / "haproxy.cfg.j2"
-    path.write_text(path.read_text().replace("option clitcpka", "option clitcpak"))
+    shipped = path.read_text()
+
+    def reload(text: str) -> None:
+        """An operator edits the template, with a typo only such a session meets, and reloads."""
+        done = hpc.log.read_text().count("reloaded templates and policy")
+        path.write_text(text)
+        assert hpc.proc is not None
+        hpc.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: hpc.log.read_text().count("reloaded templates and policy") > done, what="reload")
+
+    reload(shipped.replace("clitcpka", "{{ 'clitcpak' if proxy.num_conn == 7 else 'clitcpka' }}"))
     with pytest.raises(BackendFailed, match="clitcpak"):
-        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0, num_conn=7)
     assert hpc.call("info")["free_ports"] == 9  # the failed request took no port
     # A template that names a variable that does not exist: the same, not a crash.
-    path.write_text("global\n    maxconn {{ proxy.no_such_field }}\n")
+    reload(shipped.replace("proxy.num_conn + 256", "proxy.no_such_field if proxy.num_conn == 7 else 256"))
     with pytest.raises(BackendFailed, match="no_such_field"):
-        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+        hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0, num_conn=7)
 
     # s2cs restarts while the template is broken and the proxy is gone: the stream comes back
     # with the config it last ran with.

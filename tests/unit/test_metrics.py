@@ -87,7 +87,19 @@ def gateway(tmp_path: Path) -> SimpleNamespace:
         pool.take(each.ports, owner=each.sid)
     backend = FakeBackend({"a1a1a1a1a1a1": Stats(2, 7, 5_000_000, 1234)})
     state = SimpleNamespace(session_dir=lambda sid: tmp_path / sid)
-    return SimpleNamespace(backend=backend, registry=registry, pool=pool, state=state)
+    failures: dict[str, dict[str, int]] = {}  # by session id, as the proxies' logs told them
+
+    def failure_counts():
+        return [(each, failures.get(each.sid, {})) for each in registry.all()]
+
+    return SimpleNamespace(
+        backend=backend,
+        registry=registry,
+        pool=pool,
+        state=state,
+        failures=failures,
+        failure_counts=failure_counts,
+    )
 
 
 def scrape(metrics: Metrics) -> tuple[str, dict[str, list[tuple[dict[str, str], float]]]]:
@@ -150,13 +162,13 @@ def test_sessions_are_counted_by_state_and_role_with_every_combination_present(g
     assert value(samples, "scistream_info", backend="haproxy", backend_version="HAProxy 2.8.25") == 1
 
 
-def test_failures_are_reported_by_kind_once_a_session_keeps_them(gateway):
+def test_failed_connections_are_counted_by_kind(gateway):
     _, samples = scrape(Metrics(gateway))
     assert samples.get("scistream_stream_failures_total") is None
-    gateway.registry.all()[0].failures = {"tls": 3, "target_refused": 1}
+    gateway.failures[gateway.registry.all()[0].sid] = {"handshake": 3, "service-refused": 1}
     _, samples = scrape(Metrics(gateway))
-    assert value(samples, "scistream_stream_failures_total", stream="0b7c1f2e", kind="tls") == 3
-    assert value(samples, "scistream_stream_failures_total", stream="0b7c1f2e", kind="target_refused") == 1
+    assert value(samples, "scistream_stream_failures_total", stream="0b7c1f2e", kind="handshake") == 3
+    assert value(samples, "scistream_stream_failures_total", stream="0b7c1f2e", kind="service-refused") == 1
 
 
 def test_the_control_server_counts_requests_by_op_and_code_and_times_them(gateway):
