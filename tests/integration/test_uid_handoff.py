@@ -86,7 +86,11 @@ def test_the_user_guide_flow_with_uid_files_puts_the_uid_on_no_command_line(
     assert stat.S_IMODE(uid_file.stat().st_mode) == 0o600
     assert uid not in out and "UID:" not in out
     listener = field(out, "Listeners")
-    assert f"s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000 --uid-file {uid_file} {listener}" in out
+    # The user gave a certificate here, so the instrument side will need its own, named too.
+    assert (
+        f"s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000 --server_cert INSTRUMENT_CERT "
+        f"--uid-file {uid_file} {listener}"
+    ) in out
 
     # 5.5.2 with the file handed over
     port = inst.port_range[0]
