@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -13,13 +12,9 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from scistream.loopback import BIN, LOOPBACK_TARGETS, Sink, free_port, free_port_range, send
 
+from ..certificates import write_pair
 from .conftest import open_stream
 
 _LINE = re.compile(r"^(\S+(?: \S+)*)\s{2,}(OK|WARN|FAIL)\s{2,}(.*)$")
@@ -64,30 +59,9 @@ def verdicts(table: str) -> dict[str, tuple[str, str]]:
 
 
 def certificate(workdir: Path, not_after: datetime.datetime) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_after - datetime.timedelta(days=365))
-        .not_valid_after(not_after)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .sign(key, hashes.SHA256())
+    return write_pair(
+        workdir / "gw.crt", workdir / "gw.key", not_after - datetime.timedelta(days=365), not_after
     )
-    crt, key_file = workdir / "gw.crt", workdir / "gw.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_file.chmod(0o600)
-    return crt, key_file
 
 
 def test_a_good_set_up_passes_and_nothing_is_created(workdir):

@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from scistream.errors import ExitStatus
 from scistream.s2cs import doctor
@@ -17,27 +11,14 @@ from scistream.s2cs.doctor import Check, DirFacts, Proxy, Status
 from scistream.s2cs.policy import Own, build_policy
 from scistream.s2ds.backend import Capabilities, Capability
 
+from ..certificates import pair_pem
+
 NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
 
 
 def pem(not_before: datetime.datetime, not_after: datetime.datetime, ips: list[str], dns: list[str]) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway")])
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
+    return pair_pem(not_before, not_after, ips, dns)[0]
 
 
 def test_an_expired_certificate_fails_and_says_when_it_expired() -> None:
