@@ -40,8 +40,8 @@ from ..s2ds.backend import Backend, Launch
 from ..s2ds.diagnosis import Tally, merge
 from ..s2ds.proxylog import LogWatch, last_lines
 from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles
+from ..s2ds.runtime import Handle, ProcessRuntime, Runtime, terminate
 from ..s2ds.supervisor import STOP_GRACE, ProxyProcess, State, Supervisor
-from ..s2ds.system import Handle, RealSystem, System, terminate
 from .auth import Authenticator, Identity
 from .policy import Grant, Own, Policy, build_policy, limits_verdict, streams_verdict
 from .ports import PortPool
@@ -129,21 +129,21 @@ def port_is_free(port: int) -> bool:
 
 
 class _Recording:
-    """The System a session's processes get: each spawn is written to state.json at once, before
+    """The Runtime a session's processes get: each spawn is written to state.json at once, before
     anything waits for the process. An s2cs that dies while a proxy starts so leaves it recorded,
     and the next one finds it by what was recorded, never by its command line."""
 
-    def __init__(self, system: System, spawned: Callable[[Handle], None]) -> None:
-        self._system = system
+    def __init__(self, runtime: Runtime, spawned: Callable[[Handle], None]) -> None:
+        self._runtime = runtime
         self._spawned = spawned
 
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
-        handle = self._system.spawn(argv, cwd, log)
+        handle = self._runtime.spawn(argv, cwd, log)
         self._spawned(handle)
         return handle
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._system, name)  # all else as the System it wraps
+        return getattr(self._runtime, name)  # all else as the Runtime it wraps
 
 
 class Gateway:
@@ -152,7 +152,7 @@ class Gateway:
         settings: Settings,
         backend: Backend,
         auth: Authenticator,
-        system: System | None = None,
+        runtime: Runtime | None = None,
         policy: Policy | None = None,
     ) -> None:
         self.settings = settings
@@ -161,7 +161,7 @@ class Gateway:
         # Without a policy of the caller's: the default one, and no stream to this gateway's ports.
         own = Own(own_addresses(settings.listener_ip, settings.bind_ip), 0, settings.port_range)
         self.policy = policy or build_policy(own, interfaces())
-        self.system = system or RealSystem()
+        self.runtime = runtime or ProcessRuntime()
         self.state = StateDir(settings.state_dir)
         self.registry = SessionRegistry()
         self.pool = PortPool(*settings.port_range, is_free=port_is_free)
@@ -231,7 +231,7 @@ class Gateway:
                 proc.restarts = before.restarts
                 handle = None
                 if before.pid and before.create_time:
-                    handle = self.system.adopt(before.pid, before.create_time, before.argv)
+                    handle = self.runtime.adopt(before.pid, before.create_time, before.argv)
                 if handle is not None:
                     proc.adopt(handle)
                 else:
@@ -293,10 +293,10 @@ class Gateway:
         for before in reversed(recorded):  # the proxy first, then what it connects through
             if not (before.pid and before.create_time):
                 continue
-            handle = self.system.adopt(before.pid, before.create_time, before.argv)
+            handle = self.runtime.adopt(before.pid, before.create_time, before.argv)
             if handle is not None:
                 log.warning("%s: stopping its %s, pid %d: it %s", session.label, before.kind, handle.pid, why)
-                terminate(self.system, handle, STOP_GRACE)
+                terminate(self.runtime, handle, STOP_GRACE)
         log.info("%s: ended, as it %s when the previous s2cs stopped", session.label, why)
 
     def _sweep(self) -> None:
@@ -487,7 +487,7 @@ class Gateway:
             files.directory,
             files.directory / f"{launch.name}.log",
             launch.ready,
-            cast(System, _Recording(self.system, spawned)),
+            cast(Runtime, _Recording(self.runtime, spawned)),
             on_change=lambda proc: self._persist(),
         )
         return proc

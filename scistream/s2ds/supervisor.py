@@ -8,7 +8,7 @@ Lifecycle (as in Supervisor's process.py):
 RUNNING only once every listener port is listening. A FATAL proxy keeps its ports reserved until
 the session is released, and keeps the last lines of its log as the reason.
 The log of a running process is bounded: rotated by size, a few parts kept (`LogBound`).
-Everything touching the OS goes through `System`, so the state machine runs under a fake clock in
+Everything touching the OS goes through `Runtime`, so the state machine runs under a fake clock in
 the unit tests.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendFailed
-from .system import Handle, System, terminate
+from .runtime import Handle, Runtime, terminate
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def rotated(log: Path, index: int) -> Path:
 def rotate_log(log: Path, bound: LogBound) -> None:
     """Copy a log to LOG.1 (LOG.1 to LOG.2, ...) and empty it.
 
-    The process goes on writing to the descriptor RealSystem.spawn gave it, which must append
-    (System.keep_appending): after the truncation its next line lands at the start of the emptied
+    The process goes on writing to the descriptor ProcessRuntime.spawn gave it, which must append
+    (Runtime.keep_appending): after the truncation its next line lands at the start of the emptied
     file, so no restart is needed (logrotate's copytruncate). Only a line written between the end
     of the copy and the truncation, microseconds, can be lost. If the copy fails (a full disk)
     the log is left whole and the OSError raised."""
@@ -144,7 +144,7 @@ class ProxyProcess:
         cwd: Path,
         log_path: Path,
         ready: Sequence[int | str],
-        system: System,
+        runtime: Runtime,
         on_change: Callable[[ProxyProcess], None] = lambda p: None,
     ) -> None:
         self.name = name  # for logs: "inbound 1a2b3c4d proxy"
@@ -153,7 +153,7 @@ class ProxyProcess:
         self.cwd = cwd
         self.log_path = log_path
         self.ready = tuple(ready)
-        self.system = system
+        self.runtime = runtime
         self.on_change = on_change
         self.state = State.STOPPED
         self.handle: Handle | None = None
@@ -175,7 +175,7 @@ class ProxyProcess:
             while self.state == State.STARTING:
                 self._check_starting(first=True)
                 if self.state == State.STARTING:
-                    self.system.sleep(0.02)
+                    self.runtime.sleep(0.02)
             if self.state != State.RUNNING:
                 raise BackendFailed(f"{self.name} did not start: {self.last_error or 'no output'}")
             self.on_change(self)
@@ -185,7 +185,7 @@ class ProxyProcess:
         with self.lock:
             self.handle = handle
             self.state = State.RUNNING
-            self._running_since = self.system.now() - START_SECONDS  # it has proven itself already
+            self._running_since = self.runtime.now() - START_SECONDS  # it has proven itself already
             log.info("%s: re-adopted pid %d", self.name, handle.pid)
 
     def restart_later(self, reason: str) -> None:
@@ -193,7 +193,7 @@ class ProxyProcess:
         with self.lock:
             self.last_error = reason
             self.state = State.BACKOFF
-            self._next_start = self.system.now()
+            self._next_start = self.runtime.now()
 
     def fail(self, reason: str) -> None:
         """FATAL without a try: it cannot be started at all (s2cs restarted, its config refused)."""
@@ -205,7 +205,7 @@ class ProxyProcess:
         with self.lock:
             self.state = State.STOPPING
             if self.handle is not None:
-                terminate(self.system, self.handle, STOP_GRACE)
+                terminate(self.runtime, self.handle, STOP_GRACE)
             self.state = State.STOPPED
 
     def detach(self) -> None:
@@ -230,7 +230,7 @@ class ProxyProcess:
                 self._check_running()
                 if self.state == State.RUNNING:  # not one that just died: its log holds why
                     self._rotate(logs)
-            elif self.state == State.BACKOFF and self.system.now() >= self._next_start:
+            elif self.state == State.BACKOFF and self.runtime.now() >= self._next_start:
                 self._spawn(first=False)
             elif self.state == State.STARTING:
                 self._check_starting(first=False)
@@ -247,7 +247,7 @@ class ProxyProcess:
             return
         problem = ""
         try:
-            appends = self.system.keep_appending(self.handle)
+            appends = self.runtime.keep_appending(self.handle)
             if logs.due(self.log_path.stat().st_size):
                 if appends:
                     rotate_log(self.log_path, logs)
@@ -270,9 +270,9 @@ class ProxyProcess:
         if not first:
             self.restarts += 1  # what `s2uc status` shows: how often it was started again
         self.state = State.STARTING
-        self._deadline = self.system.now() + START_TIMEOUT
+        self._deadline = self.runtime.now() + START_TIMEOUT
         try:
-            self.handle = self.system.spawn(self.argv, self.cwd, self.log_path)
+            self.handle = self.runtime.spawn(self.argv, self.cwd, self.log_path)
         except OSError as exc:
             self.handle = None
             self._failed(spawn_failure(exc, self.argv, self.cwd, self.log_path), first)
@@ -283,14 +283,14 @@ class ProxyProcess:
         code = self.handle.poll()
         if code is not None:
             self._failed(log_tail(self.log_path) or f"exited with status {code}", first)
-        elif self.system.listening(self.handle, self.ready):
+        elif self.runtime.listening(self.handle, self.ready):
             self.state = State.RUNNING
-            self._running_since = self.system.now()
+            self._running_since = self.runtime.now()
             if not first:
                 log.info("%s: running again (pid %d)", self.name, self.handle.pid)
                 self.on_change(self)
-        elif self.system.now() > self._deadline:
-            terminate(self.system, self.handle, STOP_GRACE)
+        elif self.runtime.now() > self._deadline:
+            terminate(self.runtime, self.handle, STOP_GRACE)
             self._failed(
                 f"not listening on {', '.join(map(str, self.ready))} after {START_TIMEOUT:.0f}s; "
                 + (log_tail(self.log_path) or "no output"),
@@ -303,7 +303,7 @@ class ProxyProcess:
         code = self.handle.poll()
         if code is None:
             return
-        young = self.system.now() - self._running_since < START_SECONDS
+        young = self.runtime.now() - self._running_since < START_SECONDS
         self.fast_failures = self.fast_failures + 1 if young else 1
         self.last_error = log_tail(self.log_path) or f"exited with status {code}"
         log.warning("%s: pid %d exited (%s); restarting", self.name, self.handle.pid, code)
@@ -331,7 +331,7 @@ class ProxyProcess:
             return
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, self.fast_failures - 1))
         self.state = State.BACKOFF
-        self._next_start = self.system.now() + delay
+        self._next_start = self.runtime.now() + delay
         self.on_change(self)
 
 

@@ -71,7 +71,7 @@ def test_the_constraints_pin_every_floor_and_nothing_else():
 
 @dataclass(frozen=True)
 class ThisProcess:
-    """A Handle (scistream.s2ds.system) of the test's own process."""
+    """A Handle (scistream.s2ds.runtime) of the test's own process."""
 
     pid: int
     create_time: float = 0.0
@@ -81,7 +81,7 @@ class ThisProcess:
 
 
 def test_psutil_sees_the_tcp_and_unix_listeners_of_a_process(tmp_path):
-    from scistream.s2ds.system import RealSystem
+    from scistream.s2ds.runtime import ProcessRuntime
 
     path = str(tmp_path / "shaper.sock")
     with socket.socket() as tcp, socket.socket(socket.AF_UNIX) as unix:
@@ -91,8 +91,8 @@ def test_psutil_sees_the_tcp_and_unix_listeners_of_a_process(tmp_path):
         unix.listen()
         port = tcp.getsockname()[1]
         me = ThisProcess(os.getpid())
-        assert RealSystem().listening(me, [port, path])
-        assert not RealSystem().listening(me, [port, path + ".other"])
+        assert ProcessRuntime().listening(me, [port, path])
+        assert not ProcessRuntime().listening(me, [port, path + ".other"])
 
 
 def test_globus_sdk_starts_a_native_app_login_and_stores_nothing_without_a_code(tmp_path, monkeypatch):

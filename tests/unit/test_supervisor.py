@@ -19,8 +19,8 @@ import pytest
 
 from scistream.errors import BackendFailed
 from scistream.s2ds import supervisor
+from scistream.s2ds.runtime import ProcessRuntime
 from scistream.s2ds.supervisor import LogBound, ProxyProcess, State, log_tail
-from scistream.s2ds.system import RealSystem
 
 
 @dataclass
@@ -37,7 +37,7 @@ class FakeHandle:
 
 @dataclass
 class FakeSystem:
-    """Implements scistream.s2ds.system.System for processes that exist only in this test."""
+    """Implements scistream.s2ds.runtime.Runtime for processes that exist only in this test."""
 
     clock: float = 1000.0
     listens_after: float | None = 0.0  # how the next processes behave
@@ -200,7 +200,7 @@ def test_a_binary_that_cannot_run_fails_the_request_with_the_reason(system, proc
 
 
 def test_a_log_that_cannot_be_opened_is_the_reason_given_not_the_binary(system, proc, tmp_path):
-    """RealSystem.spawn opens the log first: ENOENT there means the session directory is gone."""
+    """ProcessRuntime.spawn opens the log first: ENOENT there means the session directory is gone."""
     system.spawn_error = FileNotFoundError(2, "No such file or directory", str(proc.log_path))
     with pytest.raises(BackendFailed) as caught:
         proc.start()
@@ -227,7 +227,7 @@ def test_a_real_spawn_into_a_deleted_session_directory_names_the_directory(tmp_p
         gone,
         gone / "shaper.log",
         [str(gone / "shaper-0.sock")],
-        RealSystem(),
+        ProcessRuntime(),
     )
     with pytest.raises(BackendFailed) as caught:
         proc.start()
@@ -502,7 +502,7 @@ def test_a_growing_log_keeps_its_newest_parts_and_drops_the_oldest(system, proc)
 
 
 def test_a_process_writing_to_its_log_goes_on_writing_after_a_rotation(tmp_path):
-    """As RealSystem.spawn hands it over: O_APPEND. After the truncation the next line lands at
+    """As ProcessRuntime.spawn hands it over: O_APPEND. After the truncation the next line lands at
     the start of the empty file, not at the old offset (which would leave a sparse file as large
     as before)."""
     log = tmp_path / "proxy.log"
@@ -557,7 +557,7 @@ def test_a_log_is_not_rotated_while_nothing_runs(system, proc):
 def test_a_restarted_process_appends_to_its_log(tmp_path):
     """The lines that explain why a proxy died are still there after it was started again."""
     log = tmp_path / "proxy.log"
-    real = RealSystem()
+    real = ProcessRuntime()
     for run in (1, 2):
         handle = real.spawn([sys.executable, "-c", f"print('run {run}: bye')"], tmp_path, log)
         deadline = real.now() + 30
@@ -606,7 +606,7 @@ with open(sys.argv[1], "rb") as go:  # a FIFO: the test says when the next three
 
 
 def test_a_log_is_rotated_without_a_hole_when_the_proxy_cleared_o_append(tmp_path):
-    real = RealSystem()
+    real = ProcessRuntime()
     go = tmp_path / "go"
     os.mkfifo(go)
     proc = ProxyProcess(
@@ -652,7 +652,7 @@ def test_the_log_of_an_adopted_process_gets_o_append_back(tmp_path):
     with open(log, "ab") as out:  # an earlier s2cs started it; its copy is gone
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        real = RealSystem()
+        real = ProcessRuntime()
         deadline = real.now() + 30
         while b"connection" not in log.read_bytes() and real.now() < deadline:
             real.sleep(0.02)
@@ -683,7 +683,7 @@ def test_o_append_is_given_back_at_the_next_tick_not_only_when_the_log_is_full(t
     descriptor of a process it did not start, still finds a log it can empty."""
     import os
 
-    real = RealSystem()
+    real = ProcessRuntime()
     proc = ProxyProcess(
         "inbound 5f0c2a9e proxy", "proxy", [sys.executable, "-c", CLEARS_O_APPEND], tmp_path,
         tmp_path / "proxy.log", [], real,
@@ -713,7 +713,7 @@ def test_without_the_right_to_its_descriptor_an_adopted_log_is_emptied_only_if_i
 
     import psutil
 
-    from scistream.s2ds import system as system_module
+    from scistream.s2ds import runtime as system_module
 
     monkeypatch.setattr(system_module, "_descriptor_of", lambda pid, fd: None)  # pidfd_getfd refused
     log = tmp_path / "proxy.log"
@@ -721,7 +721,7 @@ def test_without_the_right_to_its_descriptor_an_adopted_log_is_emptied_only_if_i
     with open(log, "ab") as out:  # as an earlier s2cs started it
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        real = RealSystem()
+        real = ProcessRuntime()
         deadline = real.now() + 30
         while not log.read_bytes().strip() and real.now() < deadline:
             real.sleep(0.02)

@@ -1,8 +1,8 @@
-"""The environment proxies get from s2cs (scistream/s2ds/system.py)."""
+"""The environment proxies get from s2cs (scistream/s2ds/runtime.py)."""
 
 from __future__ import annotations
 
-from scistream.s2ds.system import proxy_environment
+from scistream.s2ds.runtime import proxy_environment
 
 
 def test_a_proxy_gets_no_variable_that_names_a_secret():

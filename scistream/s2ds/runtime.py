@@ -1,6 +1,6 @@
 """The one seam between the supervisor and the operating system.
 
-Spawning, signalling, finding a process again and the clock all go through `System`, so unit tests
+Spawning, signalling, finding a process again and the clock all go through `Runtime`, so unit tests
 can drive the supervisor's state machine with a fake one while integration tests run real proxies.
 """
 
@@ -80,7 +80,7 @@ class AdoptedHandle:
         return -1
 
 
-class System(Protocol):
+class Runtime(Protocol):
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle: ...
 
     def adopt(self, pid: int, create_time: float, argv: Sequence[str]) -> Handle | None: ...
@@ -111,7 +111,7 @@ def proxy_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in environ.items() if not _SECRET_NAME.search(name)}
 
 
-class RealSystem:
+class ProcessRuntime:
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
         # Append: a restarted proxy's log keeps the lines that explain why it died. And O_APPEND
         # lets the supervisor empty a full log under the running proxy (rotate_log); our copy
@@ -250,16 +250,16 @@ def _descriptor_of(pid: int, fd: int) -> int | None:
     return copy if copy >= 0 else None
 
 
-def terminate(system: System, handle: Handle, grace: float) -> None:
+def terminate(runtime: Runtime, handle: Handle, grace: float) -> None:
     """SIGTERM to the process group, a bounded wait, then SIGKILL; returns once it has ended."""
     if handle.poll() is not None:
         return
-    system.signal(handle, signal.SIGTERM)
-    deadline = system.now() + grace
-    while handle.poll() is None and system.now() < deadline:
-        system.sleep(0.02)
+    runtime.signal(handle, signal.SIGTERM)
+    deadline = runtime.now() + grace
+    while handle.poll() is None and runtime.now() < deadline:
+        runtime.sleep(0.02)
     if handle.poll() is None:
-        system.signal(handle, signal.SIGKILL)
-        deadline = system.now() + 5
-        while handle.poll() is None and system.now() < deadline:
-            system.sleep(0.02)
+        runtime.signal(handle, signal.SIGKILL)
+        deadline = runtime.now() + 5
+        while handle.poll() is None and runtime.now() < deadline:
+            runtime.sleep(0.02)
