@@ -18,8 +18,10 @@ from ..errors import ConfigError, ScistreamError
 from ..protocol import DEFAULT_PORT, hostport, parse_ip
 from ..s2ds import preflight
 from ..s2ds.backend import Backend
+from ..s2ds.containers import DockerRuntime
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
+from ..s2ds.runtime import ProcessRuntime, Runtime, SpawnFailed
 from ..s2ds.stunnel import StunnelBackend
 from . import examine, logs
 from .audit import AuditLog
@@ -47,6 +49,34 @@ def backend_type(value: str) -> str:
     if name is None:
         raise typer.BadParameter(f"unknown proxy type {value!r}; use haproxy or stunnel")
     return name
+
+
+DEFAULT_IMAGE = f"scistream:{__version__}"
+RUNTIMES = ("process", "docker")
+
+
+def runtime_type(value: str) -> str:
+    if value.lower() not in RUNTIMES:
+        raise typer.BadParameter(f"unknown runtime {value!r}; use process or docker")
+    return value.lower()
+
+
+def make_runtime(name: str, image: str | None, state_dir: Path) -> Runtime:
+    if name == "docker":
+        return DockerRuntime(image or DEFAULT_IMAGE, state_dir)
+    if image is not None:
+        raise ConfigError("--image goes with --runtime docker")
+    return ProcessRuntime()
+
+
+def runtime_lines(runtime: Runtime) -> list[str]:
+    """What the start-up output says of where proxies run."""
+    if not isinstance(runtime, DockerRuntime):
+        return []
+    try:
+        return [f"  runtime docker: a container per proxy, {runtime.check()}"]
+    except SpawnFailed as exc:
+        return [f"  runtime docker: WARNING: {exc}; requests fail until it can be used"]
 
 
 def log_format_name(value: str) -> str:
@@ -114,6 +144,12 @@ def policy_lines(policy: Policy, policy_path: Path | None, audit_log: Path | Non
     if described["quota"]:
         quota = ", ".join(f"{k} {v}" for k, v in described["quota"].items())
         lines.append(f"  per identity at most: {quota}")
+    if "containers" in described:
+        limits = policy.containers
+        shown = [f"memory {limits.memory >> 20} MiB"] if limits.memory else []
+        shown += [f"cpus {limits.cpus:g}"] if limits.cpus else []
+        shown += [f"pids {limits.pids}"] if limits.pids else []
+        lines.append(f"  each proxy's container (--runtime docker) at most: {', '.join(shown)}")
     if audit_log:
         lines.append(f"  audit log {audit_log}")
     return lines
@@ -145,6 +181,23 @@ def run(
     kind: Annotated[
         str, typer.Option("--type", help="Proxy backend: haproxy or stunnel.", callback=backend_type)
     ] = "haproxy",
+    runtime_name: Annotated[
+        str,
+        typer.Option(
+            "--runtime",
+            metavar="process|docker",
+            callback=runtime_type,
+            help="Where each stream's proxy runs: processes of this host, or one Docker container each.",
+        ),
+    ] = "process",
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="With --runtime docker: the image of the proxies' containers (make images builds it). "
+            f"[default: {DEFAULT_IMAGE}]",
+        ),
+    ] = None,
     server_crt: Annotated[
         Path | None,
         typer.Option(
@@ -357,6 +410,7 @@ def run(
                 if metrics_port
                 else None,
                 backend=lambda k: make_backend(k, templates, haproxy_bin),
+                runtime=make_runtime(runtime_name, image, state),
                 policy=read_policy,
             )
             raise typer.Exit(examine.main(setup, as_json))
@@ -371,7 +425,10 @@ def run(
         )
         if isinstance(auth, GlobusAuth):
             auth.lookup_groups = policy.needs_groups
-        gateway = Gateway(settings, backend, auth, policy=policy)
+        runtime = make_runtime(runtime_name, image, state)
+        gateway = Gateway(settings, backend, auth, runtime=runtime, policy=policy)
+        if isinstance(runtime, DockerRuntime):
+            runtime.limits = lambda: gateway.policy.containers  # as a SIGHUP leaves it
         gateway.supervisor.limit_logs(log_max_bytes)
         gateway.open()  # before anything else touches the state dir
         addresses = [ip for ip in (bind, control) if ip and not ipaddress.ip_address(ip).is_unspecified]
@@ -401,6 +458,8 @@ def run(
             )
         typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
         typer.echo(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}", err=True)
+        for line in runtime_lines(runtime):
+            typer.echo(line, err=True)
         typer.echo(
             f"  listeners advertised as {listener_ip}, bound on {gateway.inbound_bind}, "
             f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",

@@ -334,6 +334,18 @@ def auth_check(client_id: str | None, secret_given: bool, scope: str | None, por
     return Check(name, Status.OK, f"ON: Globus client id {client_id}, tokens must carry scope {scope}")
 
 
+def docker_check(found: str, usable: bool) -> Check:
+    """--runtime docker: the engine answers and has the image (`found` says what), or why not."""
+    if usable:
+        return Check("docker engine", Status.OK, found)
+    fix = (
+        "build the image (make images) or pass --image"
+        if "image" in found and "not on this Docker engine" in found
+        else "start dockerd (as root), or run s2cs as a user of the docker group"
+    )
+    return Check("docker engine", Status.FAIL, found, fix)
+
+
 def everything(rule: TargetRule) -> bool:
     return rule.network.prefixlen == 0 and rule.ports is None
 

@@ -28,7 +28,9 @@ from ..errors import ConfigError
 from ..protocol import hostport
 from ..s2ds import preflight
 from ..s2ds.backend import Backend
+from ..s2ds.containers import DockerRuntime
 from ..s2ds.haproxy import HaproxyBackend
+from ..s2ds.runtime import Runtime, SpawnFailed
 from ..s2ds.stunnel import StunnelBackend
 from . import doctor
 from .certs import check_pair
@@ -53,6 +55,7 @@ class Setup:
     auth_scope: str | None
     metrics: tuple[str, int] | None  # --metrics-address and --metrics-port, when given
     backend: Callable[[str], Backend]  # make_backend, for either kind
+    runtime: Runtime  # where the proxies would run: made, not yet used
     policy: Callable[[], Policy]  # make_policy with these options; ConfigError when it is wrong
 
 
@@ -75,8 +78,11 @@ def examine(setup: Setup) -> list[Check]:
         checks.append(_own_port("metrics port", address, port, "--metrics-port", listening, state.s2cs))
     checks.append(_certificate(setup, state.usable))
     checks += state.checks
-    # Docker engine reachable: s2cs has no --runtime option yet; when it gets one, the check
-    # for --runtime docker (the engine answers, with its version) goes here.
+    if isinstance(setup.runtime, DockerRuntime):
+        try:
+            checks.append(doctor.docker_check(setup.runtime.check(), True))
+        except SpawnFailed as exc:
+            checks.append(doctor.docker_check(str(exc), False))
     checks.append(_auth(setup))
     try:
         checks.append(doctor.policy_check(setup.policy()))

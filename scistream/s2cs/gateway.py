@@ -309,6 +309,7 @@ class Gateway:
         for path in self.state.sessions.iterdir():
             if path.name not in known:
                 shutil.rmtree(path, ignore_errors=True)
+        self.runtime.sweep(known)
 
     # --- operations ------------------------------------------------------------------------------
 

@@ -263,6 +263,19 @@ class Quota:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
+@dataclass(frozen=True)
+class ContainerLimits:
+    """What each proxy or shaper container may use (`[containers]` of the policy file), for
+    `--runtime docker`; None = no limit of its own."""
+
+    memory: int | None = None  # bytes
+    cpus: float | None = None
+    pids: int | None = None
+
+    def as_dict(self) -> dict[str, int | float]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
 def _highest(base: int | None, values: list[int | None], zero_is_unlimited: bool = False) -> int | None:
     given = [v for v in values if v is not None]
     if not given:
@@ -331,6 +344,7 @@ class Policy:
     groups: frozenset[str] = frozenset()
     quota: Quota = Quota()
     allows: tuple[Allow, ...] = ()
+    containers: ContainerLimits = ContainerLimits()
 
     @property
     def restricts_identities(self) -> bool:
@@ -375,6 +389,8 @@ class Policy:
             "never": [f"control port {self.own.control_port}", f"ports {first}-{last}"],
             "identities": "listed" if self.restricts_identities else "any",
             "quota": self.quota.as_dict(),
+            # Only where set: what each proxy's container may use, with --runtime docker.
+            **({"containers": self.containers.as_dict()} if self.containers.as_dict() else {}),
         }
 
 
@@ -426,10 +442,13 @@ class PolicyFile:
     groups: frozenset[str] = frozenset()
     quota: Quota = Quota()
     allows: tuple[Allow, ...] = field(default_factory=tuple)
+    containers: ContainerLimits = ContainerLimits()
 
 
 _QUOTA_KEYS = ("max_streams", "max_rate", "max_num_conn")
-_TOP_KEYS = {"targets", "peers", "users", "groups", *_QUOTA_KEYS, "allow"}
+_TOP_KEYS = {"targets", "peers", "users", "groups", *_QUOTA_KEYS, "allow", "containers"}
+_CONTAINER_KEYS = {"memory", "cpus", "pids"}
+_CONTAINERS = -1  # the entry number _Invalid and _line_of give the [containers] table
 _ALLOW_KEYS = {"users", "groups", "targets", "admin", *_QUOTA_KEYS}
 
 
@@ -467,7 +486,38 @@ def _policy(data: Mapping[str, Any]) -> PolicyFile:
         groups=_groups(data, None),
         quota=_quota(data, None),
         allows=tuple(_allow(entry, i) for i, entry in enumerate(allows)),
+        containers=_containers(data.get("containers", {})),
     )
+
+
+_SIZE = re.compile(r"(\d+)\s*([kmg]?)i?b?", re.IGNORECASE)
+
+
+def _containers(table: Any) -> ContainerLimits:
+    if not isinstance(table, dict):
+        raise _Invalid("containers must be a table: [containers]", "containers")
+    for key in table:
+        if key not in _CONTAINER_KEYS:
+            known = ", ".join(sorted(_CONTAINER_KEYS))
+            raise _Invalid(f"unknown key {key!r} in [containers] (known: {known})", key, _CONTAINERS)
+    memory, cpus, pids = table.get("memory"), table.get("cpus"), table.get("pids")
+    if memory is not None:
+        found = _SIZE.fullmatch(memory.strip()) if isinstance(memory, str) else None
+        if isinstance(memory, bool) or not (isinstance(memory, int) or found):
+            raise _Invalid(
+                f'memory must be bytes or a size such as "256M", not {memory!r}', "memory", _CONTAINERS
+            )
+        if found:
+            memory = int(found.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[found.group(2).lower()]
+        if memory < 6 << 20:
+            raise _Invalid(
+                f"memory must be at least 6M (the engine's floor), not {memory} bytes", "memory", _CONTAINERS
+            )
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int | float) or cpus <= 0):
+        raise _Invalid(f"cpus must be a number above 0, such as 0.5, not {cpus!r}", "cpus", _CONTAINERS)
+    if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 1):
+        raise _Invalid(f"pids must be a whole number of at least 1, not {pids!r}", "pids", _CONTAINERS)
+    return ContainerLimits(memory, None if cpus is None else float(cpus), pids)
 
 
 def _allow(entry: Mapping[str, Any], index: int) -> Allow:
@@ -561,8 +611,10 @@ def _line_of(text: str, key: str | None, entry: int | None) -> int:
             if match.group(1) == "[[" and match.group(2) == "allow":
                 seen += 1
                 table = seen
+            elif match.group(2) == "containers":
+                table = _CONTAINERS
             else:
-                table = -1  # another table: neither the top level nor an [[allow]] entry
+                table = -2  # another table: none that holds policy keys
             if table == entry:
                 header = number
             continue
@@ -609,4 +661,5 @@ def build_policy(
         groups=groups | file.groups,
         quota=file.quota,
         allows=file.allows,
+        containers=file.containers,
     )

@@ -80,7 +80,15 @@ class AdoptedHandle:
         return -1
 
 
+class SpawnFailed(OSError):
+    """A runtime could not start a process, for a reason it says in full (the engine's, say)."""
+
+
 class Runtime(Protocol):
+    """Where a session's processes run: `ProcessRuntime` (here) or `DockerRuntime` (containers.py)."""
+
+    name: str
+
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle: ...
 
     def adopt(self, pid: int, create_time: float, argv: Sequence[str]) -> Handle | None: ...
@@ -91,6 +99,11 @@ class Runtime(Protocol):
 
     def keep_appending(self, handle: Handle) -> bool:
         """Whether the process's log descriptor appends, after giving O_APPEND back if it was taken."""
+        ...
+
+    def sweep(self, sessions: set[str]) -> None:
+        """Stop what this runtime started for sessions other than these (their sids); the process
+        runtime has nothing to do: it knows processes only by what state.json records."""
         ...
 
     def now(self) -> float: ...
@@ -112,6 +125,8 @@ def proxy_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 class ProcessRuntime:
+    name = "process"
+
     def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
         # Append: a restarted proxy's log keeps the lines that explain why it died. And O_APPEND
         # lets the supervisor empty a full log under the running proxy (rotate_log); our copy
@@ -191,10 +206,29 @@ class ProcessRuntime:
     def listening(self, handle: Handle, endpoints: Sequence[int | str]) -> bool:
         """Every TCP port listening, every Unix socket path bound, by this very process."""
         try:
-            conns = psutil.Process(handle.pid).net_connections(kind="all")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            process = psutil.Process(handle.pid)
+        except psutil.NoSuchProcess:
             return False
-        bound: set[int | str] = set()
+        return set(endpoints) <= bound_endpoints([process])
+
+    def sweep(self, sessions: set[str]) -> None:
+        pass
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def bound_endpoints(processes: Sequence[psutil.Process]) -> set[int | str]:
+    """The TCP ports these processes listen on and the Unix socket paths they have bound."""
+    bound: set[int | str] = set()
+    for process in processes:
+        try:
+            conns = process.net_connections(kind="all")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
         for c in conns:
             if c.family == socket.AF_UNIX:
                 # psutil gives Unix sockets no state; bind and listen come together. HAProxy binds
@@ -204,13 +238,7 @@ class ProcessRuntime:
                     bound.add(path)
             elif c.status == psutil.CONN_LISTEN:
                 bound.add(c.laddr.port)
-        return set(endpoints) <= bound
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
+    return bound
 
 
 def _append(fd: int) -> bool:

