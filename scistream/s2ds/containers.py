@@ -17,8 +17,9 @@ is only where a process runs:
 - The engine keeps each container's output (bounded); s2cs copies it into the session's log as it
   comes, so that the failure diagnosis, `s2uc status --log` and log rotation work as for processes.
 - A container that exits is removed once its exit status and last output are read; the supervisor
-  starts a new one with back-off. No capability but binding low ports, no new privileges, a
-  read-only root file system, s2cs's own user, and the resource limits the policy sets.
+  starts a new one with back-off. No capability but binding low ports (which only takes effect
+  for an s2cs running as root), no new privileges, a read-only root file system, s2cs's own user,
+  and the resource limits the policy sets.
 
 Engine errors (no daemon, no image) become `SpawnFailed`: the request fails with one line.
 """
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 LABEL = "org.scistream"  # every label this runtime sets starts with it
 ENGINE_TIMEOUT = 30  # seconds for one call to the engine
+COARSE_TICK = 0.01  # seconds a file's mtime may lag the time it was written (1/HZ, HZ >= 100)
 # What the engine keeps of a container's output: bounded as the session's log is (supervisor.py).
 ENGINE_LOGS = {"max-size": "10m", "max-file": "3"}
 
@@ -92,13 +94,13 @@ def gateway_tag(state_dir: Path) -> str:
 def engine_error(exc: BaseException, image: str) -> str:
     """One line on what the engine said, and what to do."""
     import docker.errors
-    import requests.exceptions
 
     if isinstance(exc, docker.errors.ImageNotFound):
         return f"the image {image} is not on this Docker engine: build it (make images) or pass --image"
     if isinstance(exc, docker.errors.APIError):
         return f"the Docker engine refused: {exc.explanation or exc}"
-    if isinstance(exc, (requests.exceptions.ConnectionError, docker.errors.DockerException)):
+    # requests' ConnectionError, which the SDK lets through, is an OSError.
+    if isinstance(exc, OSError | docker.errors.DockerException):
         host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
         return f"cannot reach the Docker engine at {host}: is dockerd running, and may this user use it?"
     return f"the Docker engine failed: {exc}"
@@ -314,8 +316,11 @@ class DockerRuntime:
                 handle = ContainerHandle(self, container, pid, create_time)
                 kind = container.labels[f"{LABEL}.process"]
                 log_path = Path(config["WorkingDir"]) / f"{kind}.log"
-                # Only what it wrote since the last line copied: while s2cs was away, the engine kept it.
-                since = log_path.stat().st_mtime if log_path.exists() else None
+                # Only what it wrote after the last line copied; the engine kept it while s2cs
+                # was away. The file's time comes from the kernel's coarse clock, up to a tick
+                # (at most 10 ms) behind the engine's stamp of the last line copied: without the
+                # tick that line came twice (and a failure it reports was counted twice).
+                since = log_path.stat().st_mtime + COARSE_TICK if log_path.exists() else None
                 handle.follower = self._follow(container, log_path, since=since)
                 return handle
         return None
