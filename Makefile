@@ -8,7 +8,7 @@ LOWEST       := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
 CONSTRAINTS  := constraints/lowest.txt
 
-.PHONY: setup demo test test-lowest lint format bench system-deps bench-deps clean
+.PHONY: setup demo test test-lowest lint format bench system-deps bench-deps images compose-demo clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,20 @@ bench-deps:
 demo: setup
 	$(BIN)/scistream demo
 
+# The image scistream:VERSION (containers/Dockerfile), built offline from a debootstrapped base and
+# wheels made here; scripts/docker-engine installs and starts the engine when it is missing.
+images: setup
+	@scripts/docker-engine
+	scripts/build-images $(BIN)
+
+# Two facilities in containers (containers/compose.yaml), a stream through both, checked, then
+# all of it taken down.
+compose-demo: images
+	$(BIN)/python -m scistream.compose_demo
+
+# scripts/run-tests: the unit tests, the integration tests (in a private network namespace when
+# root), then the container tests, after it has started the engine and built the images (or one
+# line saying why this machine cannot).
 test: setup system-deps lint test-lowest
 	scripts/run-tests $(BIN)
 
@@ -40,8 +54,8 @@ test: setup system-deps lint test-lowest
 # reused; mypy keeps its cache there, as one of another version would be rebuilt every run.
 test-lowest: $(LOWEST_STAMP)
 	@echo "== lint and unit tests with every dependency at its floor ($(CONSTRAINTS))"
-	$(LOWEST)/bin/ruff check scistream tests
-	$(LOWEST)/bin/ruff format --check scistream tests
+	$(LOWEST)/bin/ruff check scistream tests containers
+	$(LOWEST)/bin/ruff format --check scistream tests containers
 	$(LOWEST)/bin/mypy --cache-dir $(LOWEST)/.mypy_cache
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
@@ -54,13 +68,13 @@ $(LOWEST_STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $@
 
 lint: setup
-	$(BIN)/ruff check scistream tests
-	$(BIN)/ruff format --check scistream tests
+	$(BIN)/ruff check scistream tests containers
+	$(BIN)/ruff format --check scistream tests containers
 	$(BIN)/mypy
 
 format: setup
-	$(BIN)/ruff format scistream tests
-	$(BIN)/ruff check --fix scistream tests
+	$(BIN)/ruff format scistream tests containers
+	$(BIN)/ruff check --fix scistream tests containers
 
 bench: setup bench-deps
 	scripts/run-isolated $(BIN)/python -m scistream.bench
