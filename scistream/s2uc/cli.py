@@ -1,7 +1,8 @@
 """`s2uc`: the SciStream user client.
 
-Thin commands (STYLE.md rule 7): parse the options, make one call, print a short summary, or the
-reply itself with --json. Failures print one line and exit with the status of errors.ExitStatus.
+Thin commands (STYLE.md rule 7): parse the options, make one call of the Python API
+(scistream/api.py), print a short summary of its result, or the reply itself with --json.
+Failures print one line and exit with the status of errors.ExitStatus.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import json
 import shlex
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
-from .. import __version__
-from ..errors import ConfigError, ExitStatus, ScistreamError, Unauthenticated
+from .. import __version__, api
+from ..api import Client, Outcome, Stream, described
+from ..errors import ConfigError, ExitStatus, NotFound, ScistreamError, Unauthenticated
 from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
-from .client import Connection, Server, advertised_auth, parse_server, tls_context
+from .client import Server, parse_server
+from .replies import Failure, Limits, Policy
 from .servers import ServerScopes
 from .tokens import TokenStore, home, registered_client_id
 from .uids import UidFile, normalize_uid, read_uid
@@ -123,12 +126,11 @@ def _ports(text: str | None) -> list[int] | None:
     return ports
 
 
-def _fail(exc: ScistreamError, server: Server | None = None) -> NoReturn:
+def _fail(exc: ScistreamError, server: str | None = None) -> NoReturn:
     """One line and the exit status of the error; a traceback only with --debug."""
     if _debug:
         traceback.print_exc()
-    origin = f" ({exc.code} from {server})" if server and exc.remote else ""
-    typer.echo(f"error: {exc.message}{origin}", err=True)
+    typer.echo(f"error: {described(exc, server) if server else exc.message}", err=True)
     raise typer.Exit(exc.exit_status) from None
 
 
@@ -138,34 +140,25 @@ def _expand(scope: str) -> str:
     return expand(scope)
 
 
-def _run(server_text: str, server_cert: Path, scope: str | None, body: Callable[[Connection], None]) -> None:
+def _run(server_text: str, server_cert: Path, scope: str | None, body: Callable[[Client], None]) -> None:
     """Run one command against one S2CS; turn its failure into one line and an exit status."""
-    server: Server | None = None
+    client: Client | None = None
     try:
-        named = _expand(scope) if scope is not None else None
-        server = parse_server(server_text)
-        body(Connection(server, tls_context(server_cert), named, server_cert))
+        client = Client(server_text, server_cert, scope)
+        body(client)
     except ScistreamError as exc:
-        _fail(exc, server)
+        _fail(exc, client.server if client is not None else None)
 
 
-def _print_json(reply: dict[str, Any]) -> None:
-    typer.echo(json.dumps(reply, indent=2))
+def _print_json(reply: Mapping[str, Any]) -> None:
+    typer.echo(json.dumps(dict(reply), indent=2))
 
 
-def _limits_line(reply: dict[str, Any]) -> str:
-    limits = reply["limits"]
-    rate = limits["rate"]
-    shown = "no rate limit" if rate["value"] == 0 else f"{rate['human']} each direction"
-    return f"at most {limits['num_conn']['value']} connections, {shown}"
-
-
-def _warn_unenforced(reply: dict[str, Any]) -> None:
-    for name, limit in reply.get("limits", {}).items():
-        if not limit.get("enforced", True):
-            typer.echo(f"warning: {name} is NOT enforced by this server: {limit.get('reason', '')}", err=True)
-    if reply.get("note"):
-        typer.echo(f"note: {reply['note']}", err=True)
+def _warn_unenforced(limits: Limits, note: str | None = None, by: str = "this server") -> None:
+    for name, limit in limits.unenforced():
+        typer.echo(f"warning: {name} is NOT enforced by {by}: {limit.reason or ''}", err=True)
+    if note:
+        typer.echo(f"note: {note}", err=True)
 
 
 def inbound_request(
@@ -195,17 +188,15 @@ def inbound_request(
     """Create the inbound proxy in front of a service at this facility; prints the UID and listeners."""
     ports = _ports(receiver_ports)
 
-    def body(conn: Connection) -> None:
+    def body(client: Client) -> None:
         target = UidFile.prepare(uid_file) if uid_file is not None else None
         try:
-            reply = conn.call(
-                "inbound", remote_ip=remote_ip, receiver_ports=ports, num_conn=num_conn, rate=rate
-            )
+            made = client.inbound(remote_ip, ports or [], num_conn=num_conn, rate=rate)
         except BaseException:
             if target is not None:
                 target.discard()
             raise
-        uid, listeners = reply["uid"], reply["listeners"]
+        uid, listeners = made.uid, made.listeners
         if target is not None:
             try:
                 target.write(uid)
@@ -213,15 +204,12 @@ def inbound_request(
                 exc.message += f"; the stream's UID is {uid}: release it with s2uc release --uid-file -"
                 raise
         if as_json:
-            return _print_json(reply)
-        _warn_unenforced(reply)
-        if uid_file is None:
-            typer.echo(f"UID: {uid}")
-        else:
-            typer.echo(f"UID file: {uid_file} (readable by you only; hand it over privately)")
+            return _print_json(made.reply)
+        _warn_unenforced(made.limits)
+        _uid_lines(uid, uid_file)
         typer.echo(f"Listeners: {','.join(listeners)}")
         pairs = ", ".join(f"{lst} -> {remote_ip}:{p}" for lst, p in zip(listeners, ports or [], strict=True))
-        typer.echo(f"Inbound proxy on {conn.server}: {pairs}; {_limits_line(reply)}.")
+        typer.echo(f"Inbound proxy on {client.server}: {pairs}; {made.limits.summary()}.")
         extra = "".join(
             f" --{name} {value}"
             for name, value, default in (
@@ -287,34 +275,28 @@ def outbound_request(
     given, addresses = _outbound_arguments(uid, remote_listeners, uid_file)
     listeners = [a.strip() for a in addresses.split(",") if a.strip()]
 
-    def body(conn: Connection) -> None:
+    def body(client: Client) -> None:
         uid = _uid(given, uid_file)
-        reply = conn.call(
-            "outbound",
-            uid=uid,
-            remote_listeners=listeners,
-            remote_ip=remote_ip,
-            receiver_ports=ports,
-            num_conn=num_conn,
-            rate=rate,
+        made = client.outbound(
+            uid, listeners, remote_ip=remote_ip, receiver_ports=ports, num_conn=num_conn, rate=rate
         )
         if as_json:
-            return _print_json(reply)
-        _warn_unenforced(reply)
-        local = reply["listeners"]
+            return _print_json(made.reply)
+        _warn_unenforced(made.limits, made.note)
+        local = made.listeners
         if uid_file is None:
-            typer.echo(f"UID: {reply['uid']}")
+            typer.echo(f"UID: {made.uid}")
         else:
             typer.echo(f"Stream: {_named(uid, uid_file)}")
         typer.echo(f"Listeners: {','.join(local)}")
         pairs = ", ".join(f"{a} -> {b}" for a, b in zip(local, listeners, strict=True))
-        typer.echo(f"Outbound proxy on {conn.server}: {pairs} (TLS); {_limits_line(reply)}.")
+        typer.echo(f"Outbound proxy on {client.server}: {pairs} (TLS); {made.limits.summary()}.")
         typer.echo(f"Send the instrument's data to {_ports_phrase(local)} of this gateway.")
 
     _run(s2cs, server_cert, scope, body)
 
 
-def _ports_phrase(addresses: list[str]) -> str:
+def _ports_phrase(addresses: Sequence[str]) -> str:
     """'port 5100', or 'ports 5101 and 5102' for several listeners, in their order."""
     ports = [a.rpartition(":")[2] for a in addresses]
     if len(ports) == 1:
@@ -343,23 +325,252 @@ def release(
             metavar="UID", help="UID of the stream to release (or --uid-file).", show_default=False
         ),
     ] = None,
-    s2cs: S2cs = "localhost:5000",
-    server_cert: ServerCert = Path("server.crt"),
+    s2cs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--s2cs",
+            metavar="HOST:PORT",
+            help="The S2CS to ask. Give it once per gateway to release both sides of the stream: "
+            "each is released even when another fails. [default: localhost:5000]",
+            show_default=False,
+        ),
+    ] = None,
+    server_cert: Annotated[
+        Path,
+        typer.Option(
+            "--server_cert",
+            "--server-cert",
+            help="Certificate of the S2CS (PEM), from its operator; with several --s2cs, a file "
+            "with the certificates of all of them.",
+        ),
+    ] = Path("server.crt"),
     scope: Scope = None,
-    as_json: Json = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the server's reply as JSON (with several --s2cs, each one's result)."
+        ),
+    ] = False,
     uid_file: UidFileIn = None,
 ) -> None:
-    """Stop this server's proxy (or proxies) of a stream and free its ports."""
+    """Stop a stream's proxy (or proxies) on a server and free its ports; with several --s2cs, on
+    each of them.
 
-    def body(conn: Connection) -> None:
+    With several --s2cs, a server where the stream is not (NOT_FOUND: released already) is
+    reported, and counts as a failure only when the stream was on none of them. The exit status
+    is that of the first server that failed, 0 when there is none.
+    """
+    try:
         stream = _uid(uid, uid_file)
-        reply = conn.call("release", uid=stream)
+        outcomes = api.release(stream, s2cs=s2cs or ["localhost:5000"], server_cert=server_cert, scope=scope)
+    except ScistreamError as exc:
+        _fail(exc)
+    if len(outcomes) == 1:  # as it always was: the server's reply, or its error
+        (outcome,) = outcomes
+        if outcome.released is None:
+            _fail(outcome.error or ScistreamError("the server released nothing"), outcome.server)
         if as_json:
-            return _print_json(reply)
-        released = " and ".join(reply["released"])
-        typer.echo(f"Released {released} proxy of stream {_named(stream, uid_file)} on {conn.server}.")
+            return _print_json(outcome.released.reply)
+        typer.echo(_released_line(outcome, _named(stream, uid_file)))
+        return
+    raise typer.Exit(_report_releases(stream, outcomes, _named(stream, uid_file), as_json))
 
-    _run(s2cs, server_cert, scope, body)
+
+def _released_line(outcome: Outcome, named: str) -> str:
+    return f"Released {' and '.join(outcome.roles)} proxy of stream {named} on {outcome.server}."
+
+
+def _report_releases(uid: str, outcomes: tuple[Outcome, ...], named: str, as_json: bool) -> int:
+    """One line per server (or the JSON of all), and the exit status: that of the first failure;
+    NOT_FOUND when no server had the stream; else 0."""
+    anywhere = any(o.roles for o in outcomes)
+    status = 0 if anywhere else int(ExitStatus.NOT_FOUND)
+    for outcome in outcomes:
+        if outcome.error is None:
+            if not as_json:
+                typer.echo(_released_line(outcome, named))
+            continue
+        gone = isinstance(outcome.error, NotFound)
+        if gone and anywhere:  # released already: what the user wanted
+            if not as_json:
+                typer.echo(f"note: {described(outcome.error, outcome.server)}", err=True)
+            continue
+        typer.echo(f"error: {described(outcome.error, outcome.server)}", err=True)
+        if not gone and status in (0, ExitStatus.NOT_FOUND):
+            status = int(outcome.error.exit_status)
+    if as_json:
+        _print_json({"ok": status == 0, "uid": uid, "gateways": [_outcome_json(o) for o in outcomes]})
+    return status
+
+
+def _outcome_json(outcome: Outcome) -> dict[str, Any]:
+    if outcome.error is None:
+        return {"s2cs": outcome.server, "ok": True, "released": list(outcome.roles)}
+    error = {"code": outcome.error.code, "message": outcome.error.message}
+    return {"s2cs": outcome.server, "ok": False, "error": error}
+
+
+def connect(
+    inbound_s2cs: Annotated[
+        str,
+        typer.Option(
+            "--inbound-s2cs",
+            "--inbound_s2cs",
+            metavar="HOST:PORT",
+            help="The S2CS of the service's facility (the HPC side): it makes the inbound proxy and "
+            "the stream's UID.",
+        ),
+    ],
+    outbound_s2cs: Annotated[
+        str,
+        typer.Option(
+            "--outbound-s2cs",
+            "--outbound_s2cs",
+            metavar="HOST:PORT",
+            help="The S2CS of the instrument's facility: it makes the outbound proxy the instrument "
+            "sends to.",
+        ),
+    ],
+    remote_ip: Annotated[
+        str,
+        typer.Option(
+            "--remote_ip",
+            "--remote-ip",
+            help="IP address of the service that receives the data, as the inbound gateway reaches it.",
+        ),
+    ],
+    receiver_ports: Annotated[
+        str,
+        typer.Option("--receiver_ports", "--receiver-ports", help="Port(s) of the service, comma separated."),
+    ],
+    local_port: Annotated[
+        str | None,
+        typer.Option(
+            "--local_port",
+            "--local-port",
+            help="Port(s) of the instrument's gateway the instrument sends to, one per receiver port, "
+            "comma separated; inside that gateway's port range (s2uc info shows it). "
+            "[default: the gateway picks]",
+        ),
+    ] = None,
+    local_ip: Annotated[
+        str | None,
+        typer.Option(
+            "--local_ip",
+            "--local-ip",
+            help="Address of the instrument's gateway the outbound proxy listens on. "
+            "[default: all interfaces]",
+        ),
+    ] = None,
+    num_conn: NumConn = DEFAULT_NUM_CONN,
+    rate: Rate = DEFAULT_RATE,
+    server_cert: Annotated[
+        Path,
+        typer.Option(
+            "--server_cert",
+            "--server-cert",
+            help="PEM file with the certificates of both S2CS, from their operators: "
+            "cat hpc.crt instrument.crt > gateways.pem.",
+        ),
+    ] = Path("server.crt"),
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            "--scope",
+            help="Scope ID (or full scope) for secured endpoints: its token goes to both S2CS. "
+            "[default: each S2CS you logged in at with s2uc login --s2cs gets its own token]",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the stream and both servers' replies as JSON, for scripts.")
+    ] = False,
+    uid_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--uid-file",
+            "--uid_file",
+            help="Write the UID to this file (mode 0600) instead of printing it.",
+        ),
+    ] = None,
+) -> None:
+    """Set up both sides of a stream at once: the inbound proxy in front of the service, then the
+    outbound proxy the instrument sends to; prints the UID and the address(es) to send to.
+
+    When the outbound side fails, the inbound side is released again: nothing is left half made.
+    """
+    service, local = _ports(receiver_ports), _ports(local_port)
+    try:
+        target = UidFile.prepare(uid_file) if uid_file is not None else None
+        try:
+            stream = api.connect(
+                inbound=inbound_s2cs,
+                outbound=outbound_s2cs,
+                remote_ip=remote_ip,
+                receiver_ports=service or [],
+                server_cert=server_cert,
+                num_conn=num_conn,
+                rate=rate,
+                scope=scope,
+                local_ports=local,
+                local_ip=local_ip,
+            )
+        except BaseException:
+            if target is not None:
+                target.discard()
+            raise
+        if target is not None:
+            _write_uid(target, stream)
+    except ScistreamError as exc:
+        _fail(exc)  # connect's messages name the server of each side
+    if as_json:
+        return _print_json(_stream_json(stream))
+    _warn_unenforced(stream.limits, stream.outbound.note, by="either server")
+    _uid_lines(stream.uid, uid_file)
+    typer.echo(f"Listeners: {','.join(stream.listeners)}")
+    inbound, outbound = stream.inbound, stream.outbound
+    pairs = ", ".join(
+        f"{a} -> {remote_ip}:{p}" for a, p in zip(inbound.listeners, service or [], strict=True)
+    )
+    typer.echo(f"Inbound proxy on {inbound.server}: {pairs}; {inbound.limits.summary()}.")
+    pairs = ", ".join(f"{a} -> {b}" for a, b in zip(outbound.listeners, inbound.listeners, strict=True))
+    typer.echo(f"Outbound proxy on {outbound.server}: {pairs} (TLS); {outbound.limits.summary()}.")
+    typer.echo(f"Send the instrument's data to {_ports_phrase(stream.listeners)} of the instrument gateway.")
+    handed = stream.uid if uid_file is None else f"--uid-file {shlex.quote(str(uid_file))}"
+    both = f"--s2cs {outbound.server} --s2cs {inbound.server}"
+    cert = "" if server_cert == Path("server.crt") else f" --server_cert {shlex.quote(str(server_cert))}"
+    typer.echo(f"When done, release both sides: s2uc release {handed} {both}{cert}")
+
+
+def _uid_lines(uid: str, uid_file: Path | None) -> None:
+    if uid_file is None:
+        typer.echo(f"UID: {uid}")
+    else:
+        typer.echo(f"UID file: {uid_file} (readable by you only; hand it over privately)")
+
+
+def _write_uid(target: UidFile, stream: Stream) -> None:
+    """The UID into --uid-file; if that fails, release the stream: unnamed, nobody could use it."""
+    try:
+        target.write(stream.uid)
+    except ConfigError as exc:
+        try:
+            stream.release()
+            exc.message += "; the stream was released on both servers"
+        except ScistreamError as also:
+            exc.message += f"; {also.message}"
+        raise
+
+
+def _stream_json(stream: Stream) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "uid": stream.uid,
+        "listeners": list(stream.listeners),
+        "inbound_listeners": list(stream.inbound.listeners),
+        "limits": stream.limits.as_dict(),
+        "inbound": {"s2cs": stream.inbound.server, **stream.inbound.reply},
+        "outbound": {"s2cs": stream.outbound.server, **stream.outbound.reply},
+    }
 
 
 def _bytes(n: int | None) -> str:
@@ -390,67 +601,65 @@ def status(
     if log and uid is None:
         _fail(ConfigError("--log shows the logs of one stream: give its UID"))
 
-    def body(conn: Connection) -> None:
-        # `log` only when asked: a server older than it refuses a field it does not know.
-        reply = conn.call("status", uid=None if uid is None else normalize_uid(uid), log=log or None)
+    def body(client: Client) -> None:
+        found = client.status(uid, log=log)
         if as_json:
-            return _print_json(reply)
-        streams = reply["streams"]
-        if not streams:
-            typer.echo(f"No streams on {conn.server}.")
+            return _print_json(found.reply)
+        if not found.streams:
+            typer.echo(f"No streams on {client.server}.")
             return
         header = (
             f"{'UID':36}  {'ROLE':8}  {'STATE':8}  {'CONN':>4}  {'IN':>10}  {'OUT':>10}  {'RESTARTS':>8}  "
             "LISTENERS"
         )
         typer.echo(header)
-        for s in streams:
+        for s in found.streams:
+            conns = "-" if s.connections is None else str(s.connections)
             typer.echo(
-                f"{s['uid']:36}  {s['role']:8}  {s['state']:8}  {s.get('connections', '-')!s:>4}  "
-                f"{_bytes(s.get('bytes_in')):>10}  {_bytes(s.get('bytes_out')):>10}  {s['restarts']:>8}  "
-                f"{','.join(s['listeners'])}"
+                f"{s.uid:36}  {s.role:8}  {s.state:8}  {conns:>4}  "
+                f"{_bytes(s.bytes_in):>10}  {_bytes(s.bytes_out):>10}  {s.restarts:>8}  "
+                f"{','.join(s.listeners)}"
             )
-            if s.get("last_error"):
-                lines = s["last_error"].splitlines()
+            if s.last_error:
+                lines = s.last_error.splitlines()
                 typer.echo(f"    last error: {lines[0]}")
                 for line in lines[1:]:
                     typer.echo(f"                {line}")
-            for failure in s.get("failures", []):
-                typer.echo(f"    failed: {failure['message']} ({_occurrences(failure)})")
-            for proc in s.get("processes", []):
-                if "log" in proc:
-                    typer.echo(f"    {proc['name']} log, last {len(proc['log'])} line(s):")
-                    for line in proc["log"]:
+            for failure in s.failures:
+                typer.echo(f"    failed: {failure.message} ({_occurrences(failure)})")
+            for proc in s.processes:
+                if proc.log is not None:
+                    typer.echo(f"    {proc.name} log, last {len(proc.log)} line(s):")
+                    for line in proc.log:
                         typer.echo(f"      {line}")
 
     _run(s2cs, server_cert, scope, body)
 
 
-def _occurrences(failure: dict[str, Any]) -> str:
+def _occurrences(failure: Failure) -> str:
     """'3 times, last at 14:12:50' (with the date when not today)."""
-    count = failure["count"]
-    times = "once" if count == 1 else f"{count} times"
-    if failure.get("last") is None:
+    times = "once" if failure.count == 1 else f"{failure.count} times"
+    if failure.last is None:
         return times
-    when = datetime.datetime.fromtimestamp(failure["last"])
+    when = datetime.datetime.fromtimestamp(failure.last)
     shown = when.strftime("%H:%M:%S" if when.date() == datetime.date.today() else "%Y-%m-%d %H:%M:%S")
     return f"{times}, last at {shown}"
 
 
-def _policy_lines(policy: dict[str, Any]) -> list[str]:
+def _policy_lines(policy: Policy) -> list[str]:
     """What `info` says of the server's target policy: where a user's proxies may lead."""
-    targets = ", ".join(policy.get("targets") or []) or "none"
-    if policy.get("targets_default"):
+    targets = ", ".join(policy.targets) or "none"
+    if policy.targets_default:
         targets += " (the networks of the gateway's interfaces)"
-    peers = policy.get("peers")
+    peers = policy.peers
     lines = [
         f"  targets    {targets}",
-        f"  never      {', '.join(policy.get('never') or [])}",
+        f"  never      {', '.join(policy.never)}",
         f"  peers      {'any' if peers is None else ', '.join(peers) or 'none'}",
     ]
-    quota = policy.get("quota") or {}
+    quota = policy.quota.items()
     if quota:
-        lines.append(f"  quota      {', '.join(f'{k} {v}' for k, v in quota.items())}")
+        lines.append(f"  quota      {', '.join(f'{k} {v}' for k, v in quota)}")
     return lines
 
 
@@ -461,32 +670,28 @@ def info(
 ) -> None:
     """Show what a server offers: version, backend, enforced limits, authentication, ports."""
 
-    def body(conn: Connection) -> None:
-        reply = conn.call("info")
+    def body(client: Client) -> None:
+        found = client.info()
         if as_json:
-            return _print_json(reply)
-        backend = reply["backend"]
-        caps = backend["capabilities"]
-        typer.echo(f"{conn.server}: s2cs {reply['version']}, protocol {reply['protocol']}")
-        typer.echo(f"  backend    {backend['type']} ({backend['version']})")
-        for name, cap in caps.items():
-            state = "enforced" if cap["enforced"] else f"NOT enforced: {cap.get('reason', '')}"
+            return _print_json(found.reply)
+        backend = found.backend
+        typer.echo(f"{client.server}: s2cs {found.version}, protocol {found.protocol}")
+        typer.echo(f"  backend    {backend.type} ({backend.version})")
+        for name, cap in (("num_conn", backend.capabilities.num_conn), ("rate", backend.capabilities.rate)):
+            state = "enforced" if cap.enforced else f"NOT enforced: {cap.reason or ''}"
             typer.echo(f"  {name:10} {state}")
-        auth = reply["auth"]
-        typer.echo(f"  auth       {'on, scope ' + str(auth['scope']) if auth['enabled'] else 'off'}")
-        if auth["enabled"] and isinstance(auth.get("scope"), str):
+        auth = found.auth
+        typer.echo(f"  auth       {'on, scope ' + str(auth.scope) if auth.enabled else 'off'}")
+        if auth.enabled and auth.scope is not None:
             from .scopes import login_form
 
-            here = f"s2uc login --s2cs {conn.server}"
+            here = f"s2uc login --s2cs {client.server}"
             if server_cert != Path("server.crt"):
                 here += f" --server_cert {shlex.quote(str(server_cert))}"
-            typer.echo(f"  login      {here} (or --scope {login_form(auth['scope'])})")
-        typer.echo(
-            f"  ports      {reply['port_range']} ({reply['free_ports']} free), {reply['streams']} stream(s)"
-        )
-        policy = reply.get("policy")  # s2cs before the target policy sends none
-        if isinstance(policy, dict):
-            for line in _policy_lines(policy):
+            typer.echo(f"  login      {here} (or --scope {login_form(auth.scope)})")
+        typer.echo(f"  ports      {found.port_range} ({found.free_ports} free), {found.streams} stream(s)")
+        if found.policy is not None:  # s2cs before the target policy sends none
+            for line in _policy_lines(found.policy):
                 typer.echo(line)
 
     _run(s2cs, server_cert, None, body)
@@ -541,7 +746,7 @@ def login(
         if server is not None:
             ServerScopes(home()).bind(server, named)
     except ScistreamError as exc:
-        _fail(exc, server)
+        _fail(exc, None if server is None else str(server))
     who = f" as {found.identity}" if found.identity else ""
     typer.echo(f"Logged in{who} for {named}; the token is valid until {found.until}, then refreshed.")
     if server is not None:
@@ -551,7 +756,8 @@ def login(
 def _scope_of(server: Server, server_cert: Path, named: str | None) -> str:
     from .scopes import to_bind
 
-    return to_bind(advertised_auth(server, tls_context(server_cert)), named, str(server))
+    auth = Client(str(server), server_cert).info().auth
+    return to_bind({"enabled": auth.enabled, "scope": auth.scope}, named, str(server))
 
 
 def check_auth(
@@ -598,6 +804,7 @@ def logout(
 for _name, _fn in (("inbound_request", inbound_request), ("outbound_request", outbound_request)):
     app.command(_name)(_fn)
     app.command(_name.replace("_", "-"), hidden=True)(_fn)
+app.command()(connect)
 app.command()(release)
 app.command()(status)
 app.command()(info)

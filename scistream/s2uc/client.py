@@ -1,7 +1,8 @@
 """One request to one S2CS: connect with TLS, send a line, read a line.
 
-The client trusts exactly the certificate given with --server_cert (the file the S2CS operator
-hands out), and checks that it names the host it connects to.
+The client trusts exactly the certificates in the file given with --server_cert (the one the S2CS
+operator hands out, or a bundle of several gateways' certificates), and checks that the server's
+certificate names the host it connects to.
 """
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ def parse_server(text: str) -> Server:
     return Server(host, int(port) if port else DEFAULT_PORT)
 
 
+class NoReply(Unreachable):
+    """The request went out but no reply came back: the server may have carried it out."""
+
+
 def tls_context(server_cert: Path) -> ssl.SSLContext:
+    """A context that trusts the certificate(s) of `server_cert` and nothing else."""
     if not server_cert.is_file():
         raise ConfigError(
             f"no server certificate at {server_cert}: pass --server_cert with the certificate of the "
@@ -77,6 +83,12 @@ def tls_context(server_cert: Path) -> ssl.SSLContext:
             f"{server_cert} holds no PEM certificate that can be read ({exc.reason or exc}): {ask}"
         ) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Each certificate of the file is trusted as it is. Without this flag OpenSSL looks for a
+    # server certificate's issuer by name and takes the first it finds: in a bundle of two
+    # gateways' generated certificates with the same name (the same listener IP at both, as on
+    # one test host), the second gateway is then refused as self-signed, and an operator's
+    # certificate handed out without its CA could never be trusted at all.
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return ctx
 
 
@@ -85,12 +97,14 @@ def call(
 ) -> dict[str, Any]:
     """Send one request, return the reply's fields; error replies raise their ScistreamError."""
     data = encode(request(op, token, **fields))
+    sent = False
     try:
         with (
             socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT) as raw,
             context.wrap_socket(raw, server_hostname=server.host) as sock,
         ):
             sock.settimeout(REPLY_TIMEOUT)
+            sent = True  # from here on, the server may have read the request
             sock.sendall(data)
             line = _read_line(sock)
     except ssl.SSLCertVerificationError as exc:
@@ -101,12 +115,15 @@ def call(
     except ssl.SSLError as exc:
         raise Unreachable(f"TLS with {server} failed: {exc.reason or exc}") from None
     except TimeoutError:
-        raise Unreachable(f"{server} did not answer within {REPLY_TIMEOUT:.0f}s") from None
+        failed = NoReply if sent else Unreachable
+        raise failed(f"{server} did not answer within {REPLY_TIMEOUT:.0f}s") from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
+        if sent:
+            raise NoReply(f"the connection to s2cs at {server} failed before its reply: {reason}") from None
         raise Unreachable(f"cannot reach s2cs at {server}: {reason}") from None
     if not line:
-        raise Unreachable(f"{server} closed the connection without a reply")
+        raise NoReply(f"{server} closed the connection without a reply")
     try:
         message = decode(line)
     except BadRequest:
@@ -189,8 +206,3 @@ def _read_line(sock: ssl.SSLSocket) -> bytes:
         if chunk.endswith(b"\n"):
             break
     return b"".join(chunks)
-
-
-def advertised_auth(server: Server, context: ssl.SSLContext) -> Any:
-    """The `auth` part of a server's `info`: whether it wants tokens, and of which scope."""
-    return call(server, context, "info").get("auth")

@@ -218,3 +218,70 @@ def test_the_token_goes_where_the_user_named_its_scope_or_logged_in(gateway, tmp
     with pytest.raises(ScistreamError):
         Connection(Server("hpc.facility.org", 5001), ssl.create_default_context()).call("status")
     assert gateway.tokens[-1] is None  # another port is another server
+
+
+# --- a bundle: the certificates of several gateways in one --server_cert -------------------------
+
+
+def _tls_server(tmp_path, name: str, ips=("127.0.0.1",)):
+    """A TLS server on 127.0.0.1 with a certificate of its own (all of them named alike, as two
+    gateways' generated certificates are when they have the same listener IP); its port, its PEM."""
+    import datetime
+    import socket
+    import threading
+
+    from tests.certificates import pair_pem
+
+    now = datetime.datetime.now(datetime.UTC)
+    cert_pem, key_pem = pair_pem(now - datetime.timedelta(days=1), now + datetime.timedelta(days=1), ips)
+    (tmp_path / f"{name}.crt").write_bytes(cert_pem)
+    (tmp_path / f"{name}.key").write_bytes(key_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"hello\n")
+            except (ssl.SSLError, OSError):
+                pass  # the client refused this certificate
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, cert_pem
+
+
+def _greeting(context: ssl.SSLContext, port: int, host: str = "127.0.0.1") -> bytes:
+    import socket
+
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        return tls.recv(16)
+
+
+def test_a_bundle_of_two_gateways_certificates_vouches_for_each_of_them_and_no_other(tmp_path):
+    hpc, hpc_pem = _tls_server(tmp_path, "hpc")
+    inst, inst_pem = _tls_server(tmp_path, "instrument")
+    other, _ = _tls_server(tmp_path, "other")
+    try:
+        bundle = tmp_path / "gateways.pem"
+        bundle.write_bytes(hpc_pem + b"# the instrument gateway\n" + inst_pem)
+        ctx = tls_context(bundle)
+        assert ctx.cert_store_stats()["x509"] == 2
+        assert _greeting(ctx, hpc.getsockname()[1]) == b"hello\n"
+        assert _greeting(ctx, inst.getsockname()[1]) == b"hello\n"  # the second of the same name too
+        with pytest.raises(ssl.SSLCertVerificationError, match="self-signed"):
+            _greeting(ctx, other.getsockname()[1])
+        # and the certificate must still name the host: one trusted for 127.0.0.1 is not for another
+        with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+            _greeting(ctx, hpc.getsockname()[1], host="hpc.facility.org")
+    finally:
+        for listener in (hpc, inst, other):
+            listener.close()
