@@ -509,8 +509,13 @@ class Gateway:
                 self._process(session, files, launch) for launch in self._prepare(session, files)
             ]
             self._persist(strict=True)  # before the spawn: a crash now still leaves a trace of these ports
-            for proc in session.procs:  # the shaper first: the proxy connects through it
-                proc.start()
+            # All at once, then each waited for: the request takes as long as the slowest. None
+            # needs the other to be up to start (each connects to the other only when a
+            # connection comes), and none is reachable before the reply names its ports.
+            for proc in session.procs:
+                proc.launch()
+            for proc in session.procs:
+                proc.wait_started()
                 self.supervisor.add(proc)
         except BaseException as exc:
             self.registry.remove(session)

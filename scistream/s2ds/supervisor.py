@@ -172,8 +172,19 @@ class ProxyProcess:
 
     def start(self) -> None:
         """First start, from a request: returns when RUNNING, raises BackendFailed otherwise."""
+        self.launch()
+        self.wait_started()
+
+    def launch(self) -> None:
+        """The first start's first half: the process is spawned, and STARTING unless it could
+        not be; `wait_started` follows. A session's processes are launched together and then
+        waited for, so that a request waits for the slowest of them, not for their sum."""
         with self.lock:
             self._spawn(first=True)
+
+    def wait_started(self) -> None:
+        """Returns when RUNNING, raises BackendFailed otherwise (after `launch`)."""
+        with self.lock:
             while self.state == State.STARTING:
                 self._check_starting(first=True)
                 if self.state == State.STARTING:
