@@ -1,4 +1,5 @@
-"""`make bench`: throughput of one iperf3 stream through SciStream and through hand-written pairs.
+"""`make bench`: how long a user waits for a request, and the throughput of one iperf3 stream
+through SciStream and through hand-written pairs.
 
 Run it in a private network namespace (scripts/run-isolated does, as root) so that nothing else
 on the machine shares its loopback. Every configuration carries the same single TCP stream for
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -20,9 +22,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .credentials import stream_credentials
-from .loopback import S2csProcess, free_port, free_port_range
+from .loopback import BIN, S2csProcess, free_port, free_port_range
 from .s2ds.haproxy import find_binary
 
 UID = "7c9e6679-7425-40de-944b-e07fc1f90ae7"  # any UID: the pairs only need one stream's certificate
@@ -114,11 +117,114 @@ def gateways(directory: Path, backend: str) -> tuple[S2csProcess, S2csProcess]:
     return hpc, inst
 
 
+def s2uc_seconds(*args: str) -> tuple[float, dict[str, Any]]:
+    """How long a user waits for one `s2uc` command, from its start to its exit; its --json reply."""
+    began = time.perf_counter()
+    done = subprocess.run([str(BIN / "s2uc"), *args, "--json"], capture_output=True, text=True, timeout=120)
+    took = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"s2uc {args[0]} failed: {done.stderr.strip()}")
+    reply: dict[str, Any] = json.loads(done.stdout)
+    return took, reply
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    """p50 and p95, in milliseconds."""
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+    return statistics.median(ordered) * 1000, p95 * 1000
+
+
+def request_latency(directory: Path, runs: int) -> list[tuple[str, float, float]]:
+    """p50 and p95 of what a user waits for: `s2uc --version` (the client starting), `s2uc
+    inbound_request` and `s2uc connect` (both sides) at the default limits, each stream released
+    after it is measured; with the control call alone, in this process, for the server's part."""
+    hpc = S2csProcess("hpc", directory / "latency-hpc", free_port_range(8)).start()
+    inst = S2csProcess("inst", directory / "latency-inst", free_port_range(8)).start()
+    service = free_port()
+    both = directory / "both.crt"
+    both.write_bytes(hpc.cert.read_bytes() + inst.cert.read_bytes())
+    at_hpc = ("--s2cs", hpc.address, "--server_cert", str(hpc.cert))
+    target = ("--remote_ip", "127.0.0.1", "--receiver_ports", str(service))
+    times: dict[str, list[float]] = {name: [] for name in LATENCY}
+    try:
+        for _ in range(runs):
+            began = time.perf_counter()
+            subprocess.run([str(BIN / "s2uc"), "--version"], capture_output=True, check=True, timeout=60)
+            times["s2uc --version"].append(time.perf_counter() - began)
+            began = time.perf_counter()
+            reply = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service])
+            times["inbound, the control call alone"].append(time.perf_counter() - began)
+            hpc.call("release", uid=reply["uid"])
+            took, reply = s2uc_seconds("inbound_request", *at_hpc, *target)
+            times["s2uc inbound_request"].append(took)
+            hpc.call("release", uid=reply["uid"])
+            gateways = ("--inbound-s2cs", hpc.address, "--outbound-s2cs", inst.address)
+            took, reply = s2uc_seconds("connect", *gateways, "--server_cert", str(both), *target)
+            times["s2uc connect"].append(took)
+            for gw in (inst, hpc):
+                gw.call("release", uid=reply["uid"])
+    finally:
+        hpc.stop()
+        inst.stop()
+    results = []
+    for name, values in times.items():
+        p50, p95 = percentiles(values)
+        goal = LATENCY[name]
+        shown = f"   goal p50 <= {goal * 1000:.0f} ms" if goal else ""
+        print(f"  {name:36} p50 {p50:5.0f} ms   p95 {p95:5.0f} ms{shown}", flush=True)
+        results.append((name, p50, p95))
+    return results
+
+
+LATENCY = {  # what is measured, and the p50 it should not exceed (None: no goal of its own)
+    "s2uc --version": None,
+    "inbound, the control call alone": None,
+    "s2uc inbound_request": 0.15,
+    "s2uc connect": 0.35,
+}
+
+
+def throughput(
+    directory: Path, service: int, seconds: int, runs: int
+) -> list[tuple[str, float, list[float]]]:
+    """One iperf3 stream to `service`: direct, through the hand-written pairs, through SciStream."""
+    results = []
+    print(f"One iperf3 stream, {seconds} s, median of {runs} runs:", flush=True)
+    time.sleep(0.5)
+    results.append(measure("direct (no proxy)", service, seconds, runs))
+    for name, pair in (
+        ("hand-written HAProxy 2.8 TLS 1.3 pair", haproxy_pair),
+        ("hand-written stunnel TLS 1.3 pair", stunnel_pair),
+    ):
+        sub = directory / name.split()[1]
+        sub.mkdir()
+        argvs, port = pair(sub, service)
+        with processes(*argvs, directory=sub):
+            results.append(measure(name, port, seconds, runs))
+    for backend in ("haproxy", "stunnel"):
+        for rate, label in ((0, "unlimited"), (5_000_000, "--rate 5000000 (5 Gbit/s)")):
+            hpc, inst = gateways(directory, backend)
+            try:
+                inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service], rate=rate)
+                outbound = inst.call(
+                    "outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], rate=rate
+                )
+                port = int(outbound["listeners"][0].rpartition(":")[2])
+                results.append(measure(f"SciStream {backend}, {label}", port, seconds, runs))
+            finally:
+                hpc.stop()
+                inst.stop()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scistream.bench", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--requests", type=int, default=30, help="requests measured for each latency")
+    parser.add_argument("--latency-only", action="store_true", help="only the request latencies")
     args = parser.parse_args(argv)
     for tool in ("iperf3", "stunnel"):
         if not shutil.which(tool) and not (tool == "stunnel" and shutil.which("stunnel4")):
@@ -129,39 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen(
         ["iperf3", "-s", "-p", str(service)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    results = []
-    print(f"One iperf3 stream, {args.seconds} s, median of {args.runs} runs:", flush=True)
+    results: list[tuple[str, float, list[float]]] = []
+    latencies: list[tuple[str, float, float]] = []
     try:
-        time.sleep(0.5)
-        results.append(measure("direct (no proxy)", service, args.seconds, args.runs))
-        for name, pair in (
-            ("hand-written HAProxy 2.8 TLS 1.3 pair", haproxy_pair),
-            ("hand-written stunnel TLS 1.3 pair", stunnel_pair),
-        ):
-            sub = directory / name.split()[1]
-            sub.mkdir()
-            argvs, port = pair(sub, service)
-            with processes(*argvs, directory=sub):
-                results.append(measure(name, port, args.seconds, args.runs))
-        for backend in ("haproxy", "stunnel"):
-            for rate, label in ((0, "unlimited"), (5_000_000, "--rate 5000000 (5 Gbit/s)")):
-                hpc, inst = gateways(directory, backend)
-                try:
-                    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service], rate=rate)
-                    outbound = inst.call(
-                        "outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], rate=rate
-                    )
-                    port = int(outbound["listeners"][0].rpartition(":")[2])
-                    results.append(measure(f"SciStream {backend}, {label}", port, args.seconds, args.runs))
-                finally:
-                    hpc.stop()
-                    inst.stop()
+        print(f"Request latency, {args.requests} of each, default limits (a shaper per stream):", flush=True)
+        latencies = request_latency(directory, args.requests)
+        if not args.latency_only:
+            results = throughput(directory, service, args.seconds, args.runs)
     finally:
         server.terminate()
         server.wait(10)
         shutil.rmtree(directory, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps([{"name": n, "gbps": g, "runs": r} for n, g, r in results], indent=1))
+        found = {
+            "throughput": [{"name": n, "gbps": g, "runs": r} for n, g, r in results],
+            "latency": [{"name": n, "p50_ms": p50, "p95_ms": p95} for n, p50, p95 in latencies],
+        }
+        args.json.write_text(json.dumps(found, indent=1))
     return 0
 
 
