@@ -8,6 +8,7 @@ import logging
 import resource
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from ..errors import ConfigError, ScistreamError
 from ..protocol import DEFAULT_PORT, hostport, parse_ip
 from ..s2ds import preflight
 from ..s2ds.backend import Backend
-from ..s2ds.containers import DockerRuntime
+from ..s2ds.containers import ENGINE_TIMEOUT, DockerRuntime, engine_error
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
 from ..s2ds.runtime import ProcessRuntime, Runtime, SpawnFailed
@@ -32,6 +33,7 @@ from .metrics import Metrics, MetricsServer, serve_metrics
 from .policy import Own, Policy, PolicyFile, build_policy, parse_policy
 from .ports import parse_range
 from .server import MAX_PER_ADDRESS, ControlServer, server_context
+from .swarm import SwarmGateway, describe, facility_name
 
 log = logging.getLogger("s2cs")
 
@@ -52,21 +54,41 @@ def backend_type(value: str) -> str:
 
 
 DEFAULT_IMAGE = f"scistream:{__version__}"
-RUNTIMES = ("process", "docker")
+RUNTIMES = ("process", "docker", "swarm")
 
 
 def runtime_type(value: str) -> str:
     if value.lower() not in RUNTIMES:
-        raise typer.BadParameter(f"unknown runtime {value!r}; use process or docker")
+        raise typer.BadParameter(f"unknown runtime {value!r}; use process, docker or swarm")
     return value.lower()
 
 
 def make_runtime(name: str, image: str | None, state_dir: Path) -> Runtime:
-    if name == "docker":
+    """The runtime of the proxies; with swarm, the engine's, which `--check` judges as docker's."""
+    if name in ("docker", "swarm"):
         return DockerRuntime(image or DEFAULT_IMAGE, state_dir)
     if image is not None:
-        raise ConfigError("--image goes with --runtime docker")
+        raise ConfigError("--image goes with --runtime docker or swarm")
     return ProcessRuntime()
+
+
+def swarm_view(settings: Settings, image: str | None, facility: str) -> Callable[[], str]:
+    """What `--check` says of the swarm, as a start would find it (swarm.describe)."""
+
+    def look() -> str:
+        import docker
+
+        facility_name(facility)
+        try:
+            client = docker.from_env(timeout=ENGINE_TIMEOUT)
+        except docker.errors.DockerException as exc:
+            raise ConfigError(engine_error(exc, image or DEFAULT_IMAGE)) from None
+        bind = settings.bind_ip or settings.listener_ip
+        return (
+            f"facility {facility}, " + describe(client, image or DEFAULT_IMAGE, settings.listener_ip, bind)[0]
+        )
+
+    return look
 
 
 def runtime_lines(runtime: Runtime) -> list[str]:
@@ -185,17 +207,26 @@ def run(
         str,
         typer.Option(
             "--runtime",
-            metavar="process|docker",
+            metavar="process|docker|swarm",
             callback=runtime_type,
-            help="Where each stream's proxy runs: processes of this host, or one Docker container each.",
+            help="Where each stream's proxy runs: processes of this host, one Docker container each, "
+            "or one Docker Swarm service each (docs/scale-out.md).",
         ),
     ] = "process",
+    facility: Annotated[
+        str,
+        typer.Option(
+            "--facility",
+            help="With --runtime swarm: the facility's name in the swarm; s2cs replicas with the same "
+            "one serve the same streams.",
+        ),
+    ] = "scistream",
     image: Annotated[
         str | None,
         typer.Option(
             "--image",
-            help="With --runtime docker: the image of the proxies' containers (make images builds it). "
-            f"[default: {DEFAULT_IMAGE}]",
+            help="With --runtime docker or swarm: the image of the proxies' containers "
+            f"(make images builds it). [default: {DEFAULT_IMAGE}]",
         ),
     ] = None,
     server_crt: Annotated[
@@ -412,6 +443,7 @@ def run(
                 backend=lambda k: make_backend(k, templates, haproxy_bin),
                 runtime=make_runtime(runtime_name, image, state),
                 policy=read_policy,
+                swarm=swarm_view(settings, image, facility) if runtime_name == "swarm" else None,
             )
             raise typer.Exit(examine.main(setup, as_json))
         backend = make_backend(kind, templates, haproxy_bin)
@@ -426,7 +458,13 @@ def run(
         if isinstance(auth, GlobusAuth):
             auth.lookup_groups = policy.needs_groups
         runtime = make_runtime(runtime_name, image, state)
-        gateway = Gateway(settings, backend, auth, runtime=runtime, policy=policy)
+        if runtime_name == "swarm":
+            gateway: Gateway = SwarmGateway(
+                settings, backend, auth, image or DEFAULT_IMAGE, facility=facility, policy=policy
+            )
+            runtime = gateway.runtime
+        else:
+            gateway = Gateway(settings, backend, auth, runtime=runtime, policy=policy)
         if isinstance(runtime, DockerRuntime):
             runtime.limits = lambda: gateway.policy.containers  # as a SIGHUP leaves it
         gateway.supervisor.limit_logs(log_max_bytes)
@@ -458,6 +496,10 @@ def run(
             )
         typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
         typer.echo(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}", err=True)
+        if isinstance(gateway, SwarmGateway):
+            typer.echo(
+                f"  runtime swarm: a service per stream, facility {facility}, {gateway.check()}", err=True
+            )
         for line in runtime_lines(runtime):
             typer.echo(line, err=True)
         typer.echo(

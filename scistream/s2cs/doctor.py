@@ -346,6 +346,18 @@ def docker_check(found: str, usable: bool) -> Check:
     return Check("docker engine", Status.FAIL, found, fix)
 
 
+def swarm_check(found: str, usable: bool) -> Check:
+    """--runtime swarm: this engine is a manager of an active swarm (`found` says which), or why not."""
+    if usable:
+        return Check("docker swarm", Status.OK, found)
+    fix = (
+        "label a node: docker node update --label-add scistream.gateway=true NODE"
+        if "no swarm node" in found
+        else "docker swarm init (or join the facility's swarm as a manager); see docs/scale-out.md"
+    )
+    return Check("docker swarm", Status.FAIL, found, fix)
+
+
 def everything(rule: TargetRule) -> bool:
     return rule.network.prefixlen == 0 and rule.ports is None
 

@@ -57,6 +57,7 @@ class Setup:
     backend: Callable[[str], Backend]  # make_backend, for either kind
     runtime: Runtime  # where the proxies would run: made, not yet used
     policy: Callable[[], Policy]  # make_policy with these options; ConfigError when it is wrong
+    swarm: Callable[[], str] | None = None  # --runtime swarm: what the swarm is, or ConfigError
 
 
 def main(setup: Setup, json: bool) -> int:
@@ -83,6 +84,11 @@ def examine(setup: Setup) -> list[Check]:
             checks.append(doctor.docker_check(setup.runtime.check(), True))
         except SpawnFailed as exc:
             checks.append(doctor.docker_check(str(exc), False))
+    if setup.swarm is not None:
+        try:
+            checks.append(doctor.swarm_check(setup.swarm(), True))
+        except ConfigError as exc:
+            checks.append(doctor.swarm_check(exc.message, False))
     checks.append(_auth(setup))
     try:
         checks.append(doctor.policy_check(setup.policy()))

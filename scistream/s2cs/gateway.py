@@ -52,6 +52,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Place:
+    """Where a new session runs: its ports, the address users are given, and where its inbound
+    proxy listens; `node` is the swarm node's id (swarm.py), empty on a gateway of its own."""
+
+    ports: list[int]
+    advertise: str
+    inbound_bind: str
+    node: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     listener_ip: str  # advertised in listener addresses
     bind_ip: str | None  # where inbound proxies listen; None = listener_ip if local, else all
@@ -339,13 +350,14 @@ class Gateway:
         limits_verdict(grant, req.limits).enforce()
         uid = str(uuid.uuid4())  # random from os.urandom: the stream's secret
         sid = secrets.token_hex(6)  # the session's local name, and the owner of its ports
-        ports = self.pool.reserve(len(req.receiver_ports), owner=sid)
+        place = self._place(sid, len(req.receiver_ports))
         listeners = tuple(
-            ListenerSpec(self.inbound_bind, port, req.remote_ip, target)
-            for port, target in zip(ports, req.receiver_ports, strict=True)
+            ListenerSpec(place.inbound_bind, port, req.remote_ip, target)
+            for port, target in zip(place.ports, req.receiver_ports, strict=True)
         )
-        advertised = tuple(hostport(self.settings.listener_ip, port) for port in ports)
+        advertised = tuple(hostport(place.advertise, port) for port in place.ports)
         session = self._session(uid, sid, "inbound", who, listeners, advertised, req.limits)
+        session.node = place.node
         self._launch(session, grant)
         return ok(uid=uid, role="inbound", listeners=list(advertised), **self._limits(req.limits))
 
@@ -364,14 +376,15 @@ class Gateway:
             bind = any_address(req.bind_ip)
             note = f"{req.bind_ip} is not an address of this host; listening on all interfaces"
         sid = secrets.token_hex(6)
-        ports = self.pool.reserve(len(req.remote_listeners), req.receiver_ports, owner=sid)
+        place = self._place(sid, len(req.remote_listeners), req.receiver_ports)
         listeners = tuple(
             ListenerSpec(bind, port, remote.ip, remote.port)
-            for port, remote in zip(ports, req.remote_listeners, strict=True)
+            for port, remote in zip(place.ports, req.remote_listeners, strict=True)
         )
-        shown = self.settings.listener_ip if ipaddress.ip_address(bind).is_unspecified else bind
-        advertised = tuple(hostport(shown, port) for port in ports)
+        shown = place.advertise if ipaddress.ip_address(bind).is_unspecified else bind
+        advertised = tuple(hostport(shown, port) for port in place.ports)
         session = self._session(req.uid, sid, "outbound", who, listeners, advertised, req.limits)
+        session.node = place.node
         self._launch(session, grant)
         reply = ok(
             uid=req.uid, role="outbound", listeners=list(advertised), bind=bind, **self._limits(req.limits)
@@ -417,6 +430,11 @@ class Gateway:
         return ok(streams=[self._describe(s, full=False) for s in self.registry.all()])
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _place(self, sid: str, count: int, requested: Sequence[int] = ()) -> Place:
+        """`requested` ports, else `count` free ones, for session `sid`, on this host."""
+        ports = self.pool.reserve(count, requested, owner=sid)
+        return Place(ports, self.settings.listener_ip, self.inbound_bind)
 
     def _session(
         self,

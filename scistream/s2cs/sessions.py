@@ -48,6 +48,7 @@ class Session:
     created: float = field(default_factory=time.time)
     procs: list[ProxyProcess] = field(default_factory=list)
     phase: Phase = Phase.ACTIVE
+    node: str = ""  # the swarm node it runs on (swarm.py); empty on a gateway of its own
 
     @property
     def label(self) -> str:

@@ -5,11 +5,18 @@ scripts/run-isolated), since containers cannot see a private one; ports they pub
 are taken free at run time (scistream.loopback.free_port). A missing engine or image fails them
 loudly, never skips them: `make test` starts the engine and builds the image first, or says in
 one line why it could not, and then does not run these tests at all.
+
+The swarm tests need this engine in a swarm: `swarm` makes a single-node one when there is none,
+and leaves it again afterwards; a swarm that was there before is used and left as it was.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import docker
 import pytest
@@ -41,3 +48,47 @@ def image(docker_client: docker.DockerClient) -> str:
     except ImageNotFound:
         pytest.fail(f"the image {tag} does not exist; build it with make images", pytrace=False)
     return tag
+
+
+def _swarm_state(client: docker.DockerClient) -> str:
+    return str(client.info().get("Swarm", {}).get("LocalNodeState", ""))
+
+
+@pytest.fixture(scope="session")
+def swarm(docker_client: docker.DockerClient) -> Iterator[str]:
+    """This engine as a manager of an active swarm; its node's id."""
+    created = False
+    state = _swarm_state(docker_client)
+    if state != "active":
+        if state not in ("inactive", ""):
+            pytest.fail(f"this engine's swarm is {state}: neither active nor absent", pytrace=False)
+        made = subprocess.run(
+            ["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=ENGINE_TIMEOUT,
+        )
+        if made.returncode != 0:
+            pytest.fail(f"docker swarm init failed: {made.stderr.strip()}", pytrace=False)
+        created = True
+    info = docker_client.info().get("Swarm", {})
+    if info.get("LocalNodeState") != "active" or not info.get("ControlAvailable"):
+        if created:
+            subprocess.run(
+                ["docker", "swarm", "leave", "--force"], capture_output=True, timeout=ENGINE_TIMEOUT
+            )
+        pytest.fail("this engine is not a manager of an active swarm", pytrace=False)
+    yield str(info["NodeID"])
+    if created:
+        left = subprocess.run(
+            ["docker", "swarm", "leave", "--force"], capture_output=True, text=True, timeout=ENGINE_TIMEOUT
+        )
+        if left.returncode != 0:
+            pytest.fail(f"docker swarm leave --force failed: {left.stderr.strip()}", pytrace=False)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))  # short: Unix socket paths below it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

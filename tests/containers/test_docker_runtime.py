@@ -11,11 +11,9 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,13 +38,6 @@ def engine() -> Iterator[Any]:
     client = docker.from_env(timeout=60)
     yield client
     client.close()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))  # short: Unix socket paths below it
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def containers_of(engine: Any, gw: S2csProcess) -> list[Any]:

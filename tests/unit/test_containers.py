@@ -62,3 +62,13 @@ def test_doctor_says_what_to_do_when_the_engine_or_the_image_is_missing():
     assert image.status == Status.FAIL and "make images" in image.fix
     fine = doctor.docker_check("Docker Engine 20.10.24, image scistream:9 (1a2b3c)", True)
     assert (fine.status, fine.detail) == (Status.OK, "Docker Engine 20.10.24, image scistream:9 (1a2b3c)")
+
+
+def test_doctor_says_how_to_make_a_swarm_or_a_gateway_node():
+    alone = doctor.swarm_check("this Docker engine is not part of a swarm: docker swarm init", False)
+    assert alone.status == Status.FAIL and "docker swarm init" in alone.fix
+    unlabelled = doctor.swarm_check("no swarm node can run streams: none is labelled", False)
+    assert unlabelled.status == Status.FAIL
+    assert unlabelled.fix == "label a node: docker node update --label-add scistream.gateway=true NODE"
+    fine = doctor.swarm_check("facility f, swarm abc, 1 gateway node(s), image scistream:9", True)
+    assert (fine.check, fine.status) == ("docker swarm", Status.OK)

@@ -1,0 +1,662 @@
+"""`s2cs --runtime swarm`: each session one Docker Swarm service, and the swarm is the state.
+
+A facility that outgrows one DTN runs several, as the nodes of a swarm; any number of s2cs
+replicas, each stateless, serve them together (docs/scale-out.md):
+
+- **A session is a service** of one replica on host networking, placed on a gateway node (label
+  `scistream.gateway=true`; the one with the fewest streams). Its container runs every process
+  of the session (`python -m scistream.s2ds.task`, task.py), in a tmpfs at the session
+  directory's path; the config and the plan are swarm configs, the stream's key and certificate
+  swarm secrets, mounted at the paths they were rendered for. The swarm restarts the task when it
+  fails (restart policy on failure); s2cs supervises nothing.
+- **The state is the services' labels.** The session's record (UID, role, owner, listeners,
+  limits) is a label of its service, so a replica finds every stream of the facility, lists and
+  releases any of them, and loses nothing when it dies. The service's name derives from the
+  facility, the UID and the role: a second proxy of the same stream and role is refused by the
+  swarm itself.
+- **Ports are claimed by names.** A listener port of a node is a swarm config named after the
+  facility, the node and the port: the swarm refuses a second object of that name, so two
+  replicas never hand out the same port, without a lock service. A claim left by a replica that
+  died before it made its service is removed once older than STALE_CLAIM.
+- The address a user gets is the node's `scistream.address` label; a node without one (a
+  single-node swarm) advertises `--listener-ip`; `scistream.bind-ip` is where its inbound proxies
+  listen, `scistream.max-streams` the most streams placed on it.
+
+Not here (docs/scale-out.md says so): byte counts and failure diagnosis in `s2uc status` (they
+are inside the task's container, on another node), and metrics of the streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ..errors import BackendFailed, BadRequest, ConfigError, Conflict, NoPorts, NotFound, ScistreamError
+from ..protocol import hostport, ok
+from ..s2ds.backend import Backend
+from ..s2ds.containers import ENGINE_LOGS, ENGINE_TIMEOUT, LABEL, engine_error, image_command
+from ..s2ds.render import SessionFiles
+from ..s2ds.runtime import bound_endpoints
+from ..s2ds.task import READY
+from .auth import Authenticator, Identity
+from .gateway import Gateway, Place, Settings, any_address, port_is_free
+from .policy import Grant, Policy, streams_verdict
+from .sessions import Phase, Session, short
+
+log = logging.getLogger(__name__)
+
+FACILITY = re.compile(r"[a-z0-9][a-z0-9-]{0,19}")
+START_TIMEOUT = 60.0  # seconds for a new task to be placed, started and listening
+STALE_CLAIM = 180.0  # seconds after which a port claim without its service is a dead replica's
+RELEASE_WAIT = 15.0  # seconds for a released task's container to end on this node
+GATEWAY_NODE = "scistream.gateway"  # node label: "true" on the nodes that run streams
+ADDRESS = "scistream.address"  # node label: the address users are given for that node
+BIND = "scistream.bind-ip"  # node label: where its inbound proxies listen (default: every address)
+MAX_STREAMS = "scistream.max-streams"  # node label: the most streams placed on it
+RESTARTS = 5  # the swarm gives a task up after this many failures within RESTART_WINDOW
+RESTART_WINDOW = 60  # seconds
+GIVEN_UP = 3.0  # seconds after which an ended newest task has no successor: the swarm gave up
+SECRETS = ("stream.key", "stream.crt", "stream.pem")  # files the swarm keeps as secrets
+
+_RUNNING = {"running"}
+_STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
+
+
+def facility_name(value: str) -> str:
+    if not FACILITY.fullmatch(value):
+        raise ConfigError(
+            f"--facility {value!r}: use 1-20 lower-case letters, digits and -, a letter or digit first"
+        )
+    return value
+
+
+def session_key(facility: str, uid: str, role: str) -> str:
+    """What names the service of a stream's session of a role: the same from every replica, so
+    the swarm, which refuses a second object of a name, refuses a second such session. Every other
+    object of a session is labelled with its sid, random, one request's."""
+    return hashlib.sha256(f"{facility}\0{uid}\0{role}".encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    address: str  # what users are given
+    bind: str  # where inbound proxies listen
+    local: bool  # the node of this s2cs's own engine: its ports can be probed here
+    max_streams: int | None = None  # label scistream.max-streams: what this DTN may carry
+
+
+def gateway_nodes(nodes: Sequence[dict[str, Any]], own: str, listener_ip: str, own_bind: str) -> list[Node]:
+    """The nodes that may run streams, from the swarm's node list. Pure.
+
+    Nodes labelled `scistream.gateway=true`; without any such label in the swarm, this s2cs's own
+    node alone (a single-node swarm), advertising --listener-ip."""
+    found = []
+    labelled = [n for n in nodes if n.get("Spec", {}).get("Labels", {}).get(GATEWAY_NODE) == "true"]
+    for node in labelled or [n for n in nodes if n.get("ID") == own]:
+        spec, status = node.get("Spec", {}), node.get("Status", {})
+        if status.get("State") != "ready" or spec.get("Availability", "active") != "active":
+            continue
+        labels = spec.get("Labels", {})
+        local = node.get("ID") == own
+        address = labels.get(ADDRESS) or (listener_ip if local or not labelled else status.get("Addr", ""))
+        if not _is_ip(address) or not _is_ip(labels.get(BIND) or address):
+            log.warning(
+                "swarm node %s: no usable %s label (an IP address): it runs no stream", node["ID"], ADDRESS
+            )
+            continue
+        bind = labels.get(BIND) or (own_bind if local else any_address(address))
+        most = labels.get(MAX_STREAMS, "")
+        found.append(Node(node["ID"], address, bind, local, int(most) if most.isdigit() else None))
+    return found
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def least_loaded(nodes: Sequence[Node], streams: dict[str, int]) -> list[Node]:
+    """Nodes with room (below their scistream.max-streams), by how many streams they run, fewest
+    first (then by id, so replicas agree). Pure."""
+    room = [n for n in nodes if n.max_streams is None or streams.get(n.id, 0) < n.max_streams]
+    return sorted(room, key=lambda n: (streams.get(n.id, 0), n.id))
+
+
+def task_state(tasks: Sequence[dict[str, Any]]) -> tuple[str, int, dict[str, Any] | None]:
+    """A service's state as a session's (RUNNING, STARTING, BACKOFF, FATAL), the restarts the
+    swarm reports (tasks it started again, within its task history), and its newest task. Pure
+    but for the clock.
+
+    The swarm queues the next task as soon as one fails (it starts it after its delay): a newest
+    task that has ended, and for longer than the delay, has no successor coming: the swarm gave
+    the session up (RESTARTS failures within RESTART_WINDOW)."""
+    if not tasks:
+        return "STARTING", 0, None
+    ordered = sorted(tasks, key=lambda t: t.get("CreatedAt", ""))
+    newest = ordered[-1]
+    restarts = len(ordered) - 1
+    status = newest.get("Status", {})
+    state = status.get("State", "")
+    if state in _RUNNING:
+        return "RUNNING", restarts, newest
+    if state in _STARTING:
+        return ("BACKOFF" if restarts else "STARTING"), restarts, newest
+    given_up = _age(status.get("Timestamp", "")) > GIVEN_UP
+    return ("FATAL" if given_up else "BACKOFF"), restarts, newest
+
+
+def failure(tasks: Sequence[dict[str, Any]]) -> str:
+    """The swarm's words for the newest task that failed or was rejected; empty when none. Pure."""
+    ended = [t for t in tasks if t.get("Status", {}).get("State") in ("failed", "rejected")]
+    if not ended:
+        return ""
+    status = max(ended, key=lambda t: t.get("CreatedAt", "")).get("Status", {})
+    return str(status.get("Err") or status.get("Message") or status.get("State"))
+
+
+def _age(created: str) -> float:
+    """Seconds since a swarm time stamp (RFC 3339, nanoseconds)."""
+    stamp = re.sub(r"(\.\d{6})\d*", r"\1", created.rstrip("Z")) + "+00:00"
+    try:
+        return time.time() - datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def describe(client: Any, image: str, listener_ip: str, own_bind: str) -> tuple[str, str]:
+    """What the swarm of this engine is, and this engine's node id; ConfigError says why this
+    engine cannot serve (no swarm, not a manager, no image, no gateway node)."""
+    try:
+        info = client.info()
+        client.images.get(image)
+    except Exception as exc:
+        raise ConfigError(engine_error(exc, image)) from None
+    swarm = info.get("Swarm", {})
+    if swarm.get("LocalNodeState") != "active":
+        raise ConfigError(
+            "this Docker engine is not part of a swarm: docker swarm init (or join one), "
+            "or use --runtime docker"
+        )
+    if not swarm.get("ControlAvailable"):
+        raise ConfigError("this engine's node is not a swarm manager: run s2cs on a manager node")
+    node_id = str(swarm.get("NodeID", ""))
+    try:
+        nodes = gateway_nodes([n.attrs for n in client.nodes.list()], node_id, listener_ip, own_bind)
+    except Exception as exc:
+        raise ConfigError(engine_error(exc, image)) from None
+    if not nodes:
+        raise ConfigError(f"no swarm node can run streams: none is labelled {GATEWAY_NODE}=true and ready")
+    cluster = str(swarm.get("Cluster", {}).get("ID", "?"))[:12]
+    return f"swarm {cluster}, {len(nodes)} gateway node(s), image {image}", node_id
+
+
+class SwarmGateway(Gateway):
+    """The gateway's operations on a swarm: sessions are services, found again by their labels."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        auth: Authenticator,
+        image: str,
+        facility: str = "scistream",
+        policy: Policy | None = None,
+        client: Any = None,
+    ) -> None:
+        super().__init__(settings, backend, auth, policy=policy)
+        self.image = image
+        self.facility = facility_name(facility)
+        self._client = client
+        self.node_id = ""
+
+    # --- the swarm -------------------------------------------------------------------------------
+
+    def client(self) -> Any:
+        if self._client is None:
+            import docker
+
+            try:
+                self._client = docker.from_env(timeout=ENGINE_TIMEOUT)
+            except docker.errors.DockerException as exc:
+                raise ConfigError(engine_error(exc, self.image)) from None
+        return self._client
+
+    def _engine(self, what: str, exc: Exception) -> ScistreamError:
+        return BackendFailed(f"{what}: {engine_error(exc, self.image)}")
+
+    def check(self) -> str:
+        """What the swarm is, or ConfigError with why this s2cs cannot use it."""
+        summary, self.node_id = describe(
+            self.client(), self.image, self.settings.listener_ip, self.inbound_bind
+        )
+        return summary
+
+    def _labels(self, **more: str) -> dict[str, str]:
+        return {f"{LABEL}.facility": self.facility, **{f"{LABEL}.{k}": v for k, v in more.items()}}
+
+    def _filter(self, **more: str) -> dict[str, Any]:
+        return {"label": [f"{k}={v}" for k, v in self._labels(**more).items()]}
+
+    def _service_name(self, key: str) -> str:
+        return f"scistream-{self.facility}-{key}"
+
+    def _nodes(self) -> list[Node]:
+        return gateway_nodes(
+            [n.attrs for n in self.client().nodes.list()],
+            self.node_id,
+            self.settings.listener_ip,
+            self.inbound_bind,
+        )
+
+    def _services(self, **more: str) -> list[Any]:
+        try:
+            return list(self.client().services.list(filters=self._filter(**more)))
+        except Exception as exc:
+            raise self._engine("cannot list the swarm's services", exc) from None
+
+    def _sessions(self, **more: str) -> list[tuple[Session, Any]]:
+        found = []
+        for service in self._services(**more):
+            labels = service.attrs["Spec"].get("Labels", {})
+            try:
+                session = Session.from_record(json.loads(labels[f"{LABEL}.record"]))
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("service %s has no session record a s2cs can read: %s", service.name, exc)
+                continue
+            session.node = labels.get(f"{LABEL}.node", "")
+            found.append((session, service))
+        return sorted(found, key=lambda pair: pair[0].created)
+
+    # --- life of the server ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.state.open()  # this replica's own scratch space and control-plane certificate
+        self.check()
+
+    def start(self) -> None:
+        for path in self.state.sessions.iterdir():  # scratch of requests a killed s2cs was serving
+            shutil.rmtree(path, ignore_errors=True)
+        self.supervisor.start()
+
+    def close(self, keep_streams: bool = False) -> None:
+        """The streams are the swarm's: they outlive every replica, and any other one serves them."""
+        self.supervisor.close()
+        log.info("the swarm keeps the facility's streams; release them with s2uc release")
+
+    # --- ports -----------------------------------------------------------------------------------
+
+    def _claim_name(self, node: str, port: int) -> str:
+        return f"scistream-{self.facility}-port-{node[:12]}-{port}"
+
+    def _claimed(self, node: Node) -> set[int]:
+        """The ports of a node claimed by a stream; the claims of dead replicas are removed."""
+        client = self.client()
+        claims = client.configs.list(filters=self._filter(**{"port-node": node.id}))
+        live = {s.attrs["Spec"]["Labels"].get(f"{LABEL}.session") for s in self._services()}
+        taken = set()
+        for claim in claims:
+            labels = claim.attrs["Spec"].get("Labels", {})
+            if (
+                labels.get(f"{LABEL}.session") not in live
+                and _age(claim.attrs.get("CreatedAt", "")) > STALE_CLAIM
+            ):
+                log.warning("removing the port claim %s: its stream was never made", claim.name)
+                with contextlib.suppress(Exception):
+                    claim.remove()
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                taken.add(int(labels[f"{LABEL}.port"]))
+        return taken
+
+    def _claim(self, node: Node, port: int, sid: str) -> bool:
+        """True when this port of the node is now the session's; False when another has it."""
+        import docker.errors
+
+        try:
+            self.client().configs.create(
+                name=self._claim_name(node.id, port),
+                data=sid.encode(),
+                labels=self._labels(**{"port-node": node.id, "port": str(port), "session": sid}),
+            )
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                return False
+            raise
+        return True
+
+    def _unclaim(self, sid: str) -> None:
+        for claim in self.client().configs.list(filters=self._filter(session=sid)):
+            with contextlib.suppress(Exception):
+                claim.remove()
+
+    def _place(self, sid: str, count: int, requested: Sequence[int] = ()) -> Place:
+        first, last = self.settings.port_range
+        if len(set(requested)) != len(requested):
+            raise BadRequest("the same port is requested twice")
+        for port in requested:
+            if not first <= port <= last:
+                raise BadRequest(f"port {port} is outside this server's port range {first}-{last}")
+        try:
+            nodes = self._nodes()
+            if not nodes:
+                raise BackendFailed(
+                    "no swarm node can run streams: label one "
+                    f"(docker node update --label-add {GATEWAY_NODE}=true NODE)"
+                )
+            load: dict[str, int] = {}
+            for session, _ in self._sessions():
+                load[session.node] = load.get(session.node, 0) + 1
+            ranked = least_loaded(nodes, load)
+            if not ranked:
+                raise NoPorts(
+                    f"every gateway node carries as many streams as its {MAX_STREAMS} label allows: "
+                    "release some, or raise the label"
+                )
+            node = ranked[0]
+            taken = self._claimed(node)
+            chosen: list[int] = []
+            try:
+                for port in requested or range(first, last + 1):
+                    if len(chosen) == count:
+                        break
+                    free = port not in taken and (not node.local or port_is_free(port))
+                    if free and self._claim(node, port, sid):
+                        chosen.append(port)
+                    elif requested:
+                        raise Conflict(f"port {port} of {node.address} is already used by another stream")
+                if len(chosen) < count:
+                    raise NoPorts(f"no free port in {first}-{last} on {node.address}: {count} needed")
+            except BaseException:
+                self._unclaim(sid)
+                raise
+        except ScistreamError:
+            raise
+        except Exception as exc:
+            raise self._engine("cannot place the stream on the swarm", exc) from None
+        return Place(chosen, node.address, node.bind, node.id)
+
+    # --- operations ------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        reply = super().info()
+        sessions = self._sessions()
+        reply["streams"] = len(sessions)
+        first, last = self.settings.port_range
+        reply["free_ports"] = (last - first + 1) * max(1, len(self._nodes())) - sum(
+            len(s.ports) for s, _ in sessions
+        )
+        reply["runtime"] = {"type": "swarm", "facility": self.facility, "image": self.image}
+        return reply
+
+    def _launch(self, session: Session, grant: Grant) -> None:
+        """Make the session's service and wait until its task listens; on any failure nothing
+        of it is left (service, configs, secrets, port claims, scratch files)."""
+        import docker.errors
+
+        owned = sum(1 for s, _ in self._sessions() if s.owner == session.owner)
+        name = self._service_name(session_key(self.facility, session.uid, session.role))
+        files = SessionFiles(self.state.session_dir(session.sid))
+        made: list[Any] = []
+        service = None
+        try:
+            streams_verdict(grant, owned).enforce()
+            if self.client().services.list(filters={"name": name}):
+                raise Conflict(f"stream {short(session.uid)} already has an {session.role} proxy here")
+            files.directory.mkdir(mode=0o700)
+            launches = self._prepare(session, files)
+            plan = {
+                "processes": [
+                    {"name": launch.name, "argv": image_command(launch.argv), "ready": list(launch.ready)}
+                    for launch in launches
+                ]
+            }
+            (files.directory / "task.json").write_text(json.dumps(plan))
+            service = self._create(session, files, name, made)
+            self._wait_ready(session, service)
+        except BaseException as exc:
+            self._remove(session.sid, service, made)
+            shutil.rmtree(files.directory, ignore_errors=True)
+            if isinstance(exc, docker.errors.APIError) and exc.status_code == 409:
+                raise Conflict(
+                    f"stream {short(session.uid)} already has an {session.role} proxy here"
+                ) from None
+            if isinstance(exc, ScistreamError | KeyboardInterrupt | SystemExit):
+                raise
+            if isinstance(exc, Exception):
+                raise self._engine(f"{session.label} did not start", exc) from None
+            raise
+        shutil.rmtree(files.directory, ignore_errors=True)  # the swarm has it all now
+        session.phase = Phase.ACTIVE
+        log.info(
+            "%s: service %s on node %s: %s -> %s",
+            session.label,
+            name,
+            session.node[:12],
+            ", ".join(session.advertised),
+            ", ".join(hostport(lst.target_ip, lst.target_port) for lst in session.listeners),
+        )
+
+    def _create(self, session: Session, files: SessionFiles, name: str, made: list[Any]) -> Any:
+        from docker.types import ConfigReference, Mount, Resources, RestartPolicy, SecretReference
+
+        client = self.client()
+        uid, gid = str(os.getuid()), str(os.getgid())
+        labels = self._labels(session=session.sid)
+        secrets, configs = [], []
+        for path in sorted(files.directory.iterdir()):
+            if not path.is_file():
+                continue
+            object_name = f"{name}-{path.name}"
+            if path.name in SECRETS:
+                secret = client.secrets.create(name=object_name, data=path.read_bytes(), labels=labels)
+                made.append(secret)
+                secrets.append(SecretReference(secret.id, object_name, str(path), uid, gid, 0o400))
+            else:
+                config = client.configs.create(name=object_name, data=path.read_bytes(), labels=labels)
+                made.append(config)
+                configs.append(ConfigReference(config.id, object_name, str(path), uid, gid, 0o400))
+        record = session.to_record()
+        del record["processes"], record["phase"]
+        limits = self.policy.containers
+        resources = None
+        if limits is not None and (limits.memory or limits.cpus):
+            resources = Resources(
+                mem_limit=limits.memory, cpu_limit=int(limits.cpus * 1e9) if limits.cpus else None
+            )
+        return client.services.create(
+            self.image,
+            ["python", "-m", "scistream.s2ds.task", str(files.directory / "task.json")],
+            name=name,
+            labels={
+                **labels,
+                f"{LABEL}.uid-hash": hashlib.sha256(session.uid.encode()).hexdigest(),
+                f"{LABEL}.node": session.node,
+                f"{LABEL}.record": json.dumps(record),
+            },
+            container_labels=labels,
+            workdir=str(files.directory),
+            user=f"{uid}:{gid}",
+            networks=["host"],
+            constraints=[f"node.id=={session.node}"],
+            mounts=[Mount(str(files.directory), None, type="tmpfs")],
+            secrets=secrets,
+            configs=configs,
+            read_only=True,
+            init=True,
+            cap_drop=["ALL"],
+            cap_add=["NET_BIND_SERVICE"],
+            restart_policy=RestartPolicy(
+                condition="on-failure",
+                delay=500_000_000,
+                max_attempts=RESTARTS,
+                window=RESTART_WINDOW * 10**9,
+            ),
+            resources=resources,
+            log_driver="json-file",
+            log_driver_options=ENGINE_LOGS,
+            stop_grace_period=5 * 10**9,
+        )
+
+    def _wait_ready(self, session: Session, service: Any) -> None:
+        """Until the task listens (its READY line); a first task that fails or is rejected (no
+        such image, say) fails the request with the swarm's words, as a first start does."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            tasks = service.tasks()
+            state, _, task = task_state(tasks)
+            if state == "RUNNING" and READY in self._output(service):
+                return
+            why = failure(tasks)
+            if why or (task is not None and state not in ("RUNNING", "STARTING")):
+                status = (task or {}).get("Status", {})
+                why = why or status.get("Message") or status.get("State")
+                raise BackendFailed(
+                    f"{session.label} did not start: {why}; {self._output(service, 5) or 'no output'}"
+                )
+            if time.monotonic() > deadline:
+                where = (task or {}).get("Status", {}).get("State", "not scheduled")
+                raise BackendFailed(
+                    f"{session.label} did not start within {START_TIMEOUT:.0f}s: the task is {where}; "
+                    + (self._output(service, 5) or "no output")
+                )
+            time.sleep(0.05)
+
+    def _listening(self, task: dict[str, Any] | None, session: Session) -> bool:
+        """Whether the task's processes listen on all the session's ports: where this s2cs sees
+        them (its node, its process namespace: the pid is the container's), else as the swarm says."""
+        status = (task or {}).get("Status", {}).get("ContainerStatus", {})
+        pid, container = int(status.get("PID") or 0), str(status.get("ContainerID") or "")
+        try:
+            if not container or container not in Path(f"/proc/{pid}/cgroup").read_text():
+                return True  # not a process this s2cs can see: the swarm's "running" it is
+            first = psutil.Process(pid)
+            processes = [first, *first.children(recursive=True)]
+        except (OSError, psutil.Error, ValueError):
+            return True
+        return set(session.ports) <= bound_endpoints(processes)
+
+    def _output(self, service: Any, lines: int | None = None) -> str:
+        """What the service's tasks printed (the newest `lines`), as the swarm has it."""
+        try:
+            chunks = service.logs(stdout=True, stderr=True, tail=lines or "all")
+            text = b"".join(chunks).decode("utf-8", "replace")
+        except Exception:
+            return ""
+        return "\n".join(line for line in text.splitlines() if line.strip() and "[NOTICE]" not in line)
+
+    def _remove(self, sid: str, service: Any, made: Sequence[Any] = ()) -> None:
+        """The service, then its configs and secrets and port claims, once its task has ended here.
+
+        A task of this node is stopped first, by the engine: its processes end at once (a
+        task stopped by SIGTERM exits 0, which the restart policy leaves alone), where the
+        swarm would take seconds to get round to it; and its ports are free when this returns."""
+        client = self.client()
+        if service is not None:
+            running = f"com.docker.swarm.service.id={service.id}"
+            with contextlib.suppress(Exception):
+                for container in client.containers.list(filters={"label": running}):
+                    container.stop(timeout=5)
+            with contextlib.suppress(Exception):
+                service.remove()
+            deadline = time.monotonic() + RELEASE_WAIT
+            while time.monotonic() < deadline:
+                try:
+                    if not client.containers.list(filters={"label": running}):
+                        break
+                except Exception:
+                    break
+                time.sleep(0.1)
+        objects = list(made) or [
+            *client.configs.list(filters=self._filter(session=sid)),
+            *client.secrets.list(filters=self._filter(session=sid)),
+        ]
+        for obj in objects:
+            with contextlib.suppress(Exception):
+                obj.remove()
+        self._unclaim(sid)
+
+    def _of_uid(self, uid: str, who: Identity | None) -> list[tuple[Session, Any]]:
+        """The sessions of a stream that `who` may see, with their services."""
+        digest = hashlib.sha256(uid.encode()).hexdigest()
+        found = [(s, svc) for s, svc in self._sessions(**{"uid-hash": digest}) if s.uid == uid]
+        visible = {id(s) for s in self._visible([s for s, _ in found], who)}
+        return [(s, svc) for s, svc in found if id(s) in visible]
+
+    def release(self, uid: str, who: Identity | None) -> dict[str, Any]:
+        mine = self._of_uid(uid, who)
+        if not mine:
+            raise NotFound(f"no stream {short(uid)} on this server (already released?)")
+        for session, service in mine:
+            self._remove(session.sid, service)
+            log.info("%s: released (service %s)", session.label, service.name)
+        return ok(uid=uid, released=[s.role for s, _ in mine])
+
+    def status(self, uid: str | None, who: Identity | None, log: bool = False) -> dict[str, Any]:
+        if uid is not None:
+            mine = self._of_uid(uid, who)
+            if not mine:
+                raise NotFound(f"no stream {short(uid)} on this server")
+            return ok(streams=[self._describe_service(s, svc, True, log) for s, svc in mine])
+        everything = self._sessions()
+        if self.auth.enabled:
+            everyone = self._admin(who)
+            mine = [(s, svc) for s, svc in everything if everyone or (who is not None and s.owner == who.id)]
+            return ok(streams=[self._describe_service(s, svc, True) for s, svc in mine])
+        return ok(streams=[self._describe_service(s, svc, False) for s, svc in everything])
+
+    def _describe_service(
+        self, session: Session, service: Any, full: bool, log: bool = False
+    ) -> dict[str, Any]:
+        try:
+            tasks = service.tasks()
+        except Exception:
+            tasks = []
+        state, restarts, task = task_state(tasks)
+        if state == "RUNNING" and session.node == self.node_id and not self._listening(task, session):
+            state = "STARTING"  # its container runs, its proxy does not listen yet
+        entry: dict[str, Any] = {
+            "uid": session.uid if full else short(session.uid),
+            "role": session.role,
+            "state": state,
+            "listeners": list(session.advertised),
+            "created": session.created,
+            "restarts": restarts,
+            **self._limits(session.limits),
+        }
+        if full:
+            status = (task or {}).get("Status", {})
+            entry["targets"] = [hostport(lst.target_ip, lst.target_port) for lst in session.listeners]
+            shown: dict[str, Any] = {
+                "name": "task",
+                "pid": status.get("ContainerStatus", {}).get("PID") or None,
+                "state": str(status.get("State", "none")).upper(),
+                "restarts": restarts,
+            }
+            if log:
+                shown["log"] = self._output(service, 20)
+            entry["processes"] = [shown]
+            entry["service"] = service.name
+            entry["node"] = session.node
+            why = failure(tasks)
+            if why and state != "RUNNING":
+                entry["last_error"] = f"task: {why}"
+            entry["failures"] = []
+        return entry
