@@ -476,6 +476,12 @@ def run(
         context = server_context(str(crt), str(key))
         metrics: Metrics | None = None
         exporter: MetricsServer | None = None
+        if metrics_port is not None and runtime_name == "swarm":
+            # Its streams' counts live in their tasks, on other nodes: a scrape would show none.
+            raise ConfigError(
+                "--metrics-port is not available with --runtime swarm yet: the streams' counts are "
+                "in their tasks; see docs/scale-out.md"
+            )
         if metrics_port is not None:
             metrics = Metrics(gateway)
             exporter = serve_metrics(metrics, parse_ip(metrics_address, "--metrics-address"), metrics_port)

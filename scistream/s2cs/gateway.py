@@ -158,6 +158,8 @@ class _Recording:
 
 
 class Gateway:
+    streams_outlive_s2cs = False  # True where the streams are not this s2cs's (swarm.py)
+
     def __init__(
         self,
         settings: Settings,

@@ -292,7 +292,8 @@ class ControlServer:
                 on_ready()
                 await stop.wait()
             server.close()
-        log.info("stopping: %s", "leaving streams running" if keep_streams else "releasing every stream")
+        keeps = keep_streams or self.gateway.streams_outlive_s2cs
+        log.info("stopping: %s", "leaving streams running" if keeps else "releasing every stream")
         # Requests under way finish first (those still queued are dropped): a stream being set up
         # now must be known to the gateway before it releases everything.
         await loop.run_in_executor(

@@ -211,6 +211,8 @@ def describe(client: Any, image: str, listener_ip: str, own_bind: str) -> tuple[
 class SwarmGateway(Gateway):
     """The gateway's operations on a swarm: sessions are services, found again by their labels."""
 
+    streams_outlive_s2cs = True
+
     def __init__(
         self,
         settings: Settings,
@@ -522,7 +524,7 @@ class SwarmGateway(Gateway):
         while True:
             tasks = service.tasks()
             state, _, task = task_state(tasks)
-            if state == "RUNNING" and READY in self._output(service):
+            if state == "RUNNING" and READY in self._output(service, 50):
                 return
             why = failure(tasks)
             if why or (task is not None and state not in ("RUNNING", "STARTING")):

@@ -389,3 +389,20 @@ def test_a_missing_image_fails_with_one_line_and_leaves_nothing_in_the_swarm(
     assert len(lines) == 1, failed.stderr
     assert lines[0].startswith("error: ") and gone in lines[0], lines[0]  # which image is missing
     sink.close()
+
+
+def test_metrics_are_refused_on_swarm_rather_than_showing_no_streams(swarm, facility, workdir):
+    """A replica holds no stream: its scrape would say 0 streams whatever the swarm runs."""
+    first, last = free_port_range(4)
+    refused = subprocess.run(
+        [str(BIN / "s2cs"), "--runtime", "swarm", "--facility", facility, "--metrics-port", str(free_port()),
+         "--listener-ip", "127.0.0.1", "--port", str(free_port()), "--port-range", f"{first}-{last}",
+         "--state-dir", str(workdir / "metrics")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: --metrics-port is not available with --runtime swarm yet")
+    ), refused.stderr
