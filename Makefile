@@ -76,8 +76,13 @@ format: setup
 	$(BIN)/ruff format scistream tests containers
 	$(BIN)/ruff check --fix scistream tests containers
 
+# The swarm part (the swarm runtime against processes) runs on the host's own network, where
+# swarm tasks on host networking listen, so as a second command; it sets up the engine, the image
+# and a swarm itself, or says in one line why it cannot. BENCH_ARGS go to both, e.g.
+# `make bench BENCH_ARGS="--json bench.json"` (both parts fill the one file).
 bench: setup bench-deps
-	scripts/run-isolated $(BIN)/python -m scistream.bench
+	scripts/run-isolated $(BIN)/python -m scistream.bench --no-swarm $(BENCH_ARGS)
+	$(BIN)/python -m scistream.bench --swarm-only $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache .ruff_cache .hypothesis

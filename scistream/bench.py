@@ -1,11 +1,13 @@
 """`make bench`: how long a user waits for a request, and the throughput of one iperf3 stream
-through SciStream and through hand-written pairs.
+through SciStream and through hand-written pairs; then the swarm runtime against processes
+(bench_swarm.py).
 
-Run it in a private network namespace (scripts/run-isolated does, as root) so that nothing else
-on the machine shares its loopback. Every configuration carries the same single TCP stream for
-the same time; each is measured several times and the median is shown. The hand-written pairs
-are the baselines SciStream must beat while being encrypted: HAProxy 2.8 with TLS 1.3 and its
-default settings, and stunnel with TLS 1.3.
+Run the first parts in a private network namespace (scripts/run-isolated does, as root) so that
+nothing else on the machine shares its loopback; the swarm part cannot run there, as its tasks
+listen on the host's network: make bench runs it as a second command, `--swarm-only`. Every
+configuration carries the same single TCP stream for the same time; each is measured several
+times and the median is shown. The hand-written pairs are the baselines SciStream must beat while
+being encrypted: HAProxy 2.8 with TLS 1.3 and its default settings, and stunnel with TLS 1.3.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -136,22 +138,27 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1000, p95 * 1000
 
 
-def request_latency(directory: Path, runs: int) -> list[tuple[str, float, float]]:
+def request_latency(
+    directory: Path, runs: int, extra: tuple[Sequence[str], Sequence[str]] = ((), ())
+) -> list[tuple[str, float, float]]:
     """p50 and p95 of what a user waits for: `s2uc --version` (the client starting), `s2uc
     inbound_request` and `s2uc connect` (both sides) at the default limits, each stream released
-    after it is measured; with the control call alone, in this process, for the server's part."""
+    after it is measured; with the control call alone, in this process, for the server's part.
+    `extra`: more arguments of the inbound and the outbound s2cs (their runtime)."""
     # Bytecode, as an installed package has it: where PYTHONDONTWRITEBYTECODE is set (CI, some
     # containers) an editable install's modules would be compiled again at every command.
     compileall.compile_dir(Path(__file__).parent, quiet=1)
-    hpc = S2csProcess("hpc", directory / "latency-hpc", free_port_range(8)).start()
-    inst = S2csProcess("inst", directory / "latency-inst", free_port_range(8)).start()
+    hpc = S2csProcess("hpc", directory / "latency-hpc", free_port_range(8), extra[0])
+    inst = S2csProcess("inst", directory / "latency-inst", free_port_range(8), extra[1])
     service = free_port()
-    both = directory / "both.crt"
-    both.write_bytes(hpc.cert.read_bytes() + inst.cert.read_bytes())
-    at_hpc = ("--s2cs", hpc.address, "--server_cert", str(hpc.cert))
-    target = ("--remote_ip", "127.0.0.1", "--receiver_ports", str(service))
     times: dict[str, list[float]] = {name: [] for name in LATENCY}
     try:
+        hpc.start()
+        inst.start()
+        both = directory / "both.crt"
+        both.write_bytes(hpc.cert.read_bytes() + inst.cert.read_bytes())
+        at_hpc = ("--s2cs", hpc.address, "--server_cert", str(hpc.cert))
+        target = ("--remote_ip", "127.0.0.1", "--receiver_ports", str(service))
         for _ in range(runs):
             began = time.perf_counter()
             subprocess.run([str(BIN / "s2uc"), "--version"], capture_output=True, check=True, timeout=60)
@@ -169,8 +176,8 @@ def request_latency(directory: Path, runs: int) -> list[tuple[str, float, float]
             for gw in (inst, hpc):
                 gw.call("release", uid=reply["uid"])
     finally:
-        hpc.stop()
         inst.stop()
+        hpc.stop()
     results = []
     for name, values in times.items():
         p50, p95 = percentiles(values)
@@ -222,19 +229,66 @@ def throughput(
     return results
 
 
+def write_json(path: Path, parts: dict[str, Any]) -> None:
+    """The parts measured now into `path`, keeping the other parts a bench wrote there before:
+    make bench runs the swarm part as a second command, on the host's network."""
+    found: dict[str, Any] = {}
+    if path.exists():
+        try:
+            found = json.loads(path.read_text())
+        except ValueError:
+            found = {}
+        if not isinstance(found, dict):
+            found = {}
+    found.update(parts)
+    path.write_text(json.dumps(found, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scistream.bench", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--json", type=Path, help="also write the results to this file (the other parts in it are kept)"
+    )
     parser.add_argument("--requests", type=int, default=30, help="requests measured for each latency")
-    parser.add_argument("--latency-only", action="store_true", help="only the request latencies")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only the request latencies, of the swarm part too"
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--swarm-only", action="store_true", help="only the swarm runtime against processes (host network)"
+    )
+    which.add_argument("--no-swarm", action="store_true", help="everything but the swarm part")
+    parser.add_argument("--swarm-mib", type=int, default=256, help="MiB each stream carries, swarm part")
+    parser.add_argument(
+        "--swarm-requests", type=int, default=20, help="requests measured for each latency, swarm part"
+    )
     args = parser.parse_args(argv)
     for tool in ("iperf3", "stunnel"):
         if not shutil.which(tool) and not (tool == "stunnel" and shutil.which("stunnel4")):
             print(f"error: {tool} is not installed (make bench installs it)", file=sys.stderr)
             return 1
     directory = Path(tempfile.mkdtemp(prefix="ss-bench-", dir="/tmp"))
+    parts: dict[str, Any] = {}
+    try:
+        if not args.swarm_only:
+            parts.update(single(directory, args))
+        if not args.no_swarm:
+            from .bench_swarm import run
+
+            parts["swarm"] = run(
+                directory, args.runs, args.swarm_mib, args.swarm_requests, not args.latency_only
+            )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if args.json and parts:
+            write_json(args.json, parts)
+    return 1 if "failed" in parts.get("swarm", {}) else 0
+
+
+def single(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The request latencies and the throughput of one stream, with the process runtime."""
     service = free_port()
     server = subprocess.Popen(
         ["iperf3", "-s", "-p", str(service)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -249,14 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait(10)
-        shutil.rmtree(directory, ignore_errors=True)
-    if args.json:
-        found = {
-            "throughput": [{"name": n, "gbps": g, "runs": r} for n, g, r in results],
-            "latency": [{"name": n, "p50_ms": p50, "p95_ms": p95} for n, p50, p95 in latencies],
-        }
-        args.json.write_text(json.dumps(found, indent=1))
-    return 0
+    return {
+        "throughput": [{"name": n, "gbps": g, "runs": r} for n, g, r in results],
+        "latency": [{"name": n, "p50_ms": p50, "p95_ms": p95} for n, p50, p95 in latencies],
+    }
 
 
 if __name__ == "__main__":
