@@ -32,7 +32,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .loopback import S2csProcess, free_port_range
+from .loopback import S2csProcess, free_port_range, serve_each
 from .s2ds.containers import LABEL
 
 ROOT = Path(__file__).resolve().parent.parent  # the source tree: scripts/, the Makefile
@@ -218,15 +217,7 @@ class Counter:
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
         self.port = int(self.sock.getsockname()[1])
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._count, args=(conn,), daemon=True).start()
+        serve_each(self.sock, self._count)
 
     def _count(self, conn: socket.socket) -> None:
         buffer = bytearray(CHUNK)

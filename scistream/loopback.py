@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,20 @@ class Received:
         return (self.nbytes - start[1]) * 8 / (self.last - start[0])
 
 
+def serve_each(sock: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Accept connections on a listening socket until it is closed, each handled in a thread."""
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
 class Sink:
     """A service that reads each connection to its end, then answers `<bytes> <sha256>\\n`."""
 
@@ -86,20 +100,11 @@ class Sink:
         self.connections = 0
         self.received = 0  # bytes so far, all connections
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        serve_each(self.sock, self._handle)
 
     def _handle(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.connections += 1
         got = Received()
         digest = hashlib.sha256()
         with conn:
@@ -135,15 +140,7 @@ class Echo:
         self.port = int(self.sock.getsockname()[1])
         self.marks: list[tuple[float, int]] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+        serve_each(self.sock, self._echo)
 
     def _echo(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
