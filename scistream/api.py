@@ -14,12 +14,10 @@ cryptography, and no typer: `import scistream` stays light. Tokens come from the
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from .errors import BadRequest, NotFound, ScistreamError
 from .protocol import (
@@ -53,6 +51,10 @@ from .s2uc.replies import (
     Status,
 )
 from .s2uc.uids import normalize_uid
+
+TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "Auth",
@@ -414,6 +416,8 @@ def _undo(made: Inbound, hpc: Client, instrument: Client | None) -> str:
 
 def _release_command(uid: str, clients: Sequence[Client]) -> str:
     """The s2uc command that releases the stream at these gateways."""
+    import shlex
+
     words = ["s2uc", "release", uid, *(f"--s2cs {c.server}" for c in clients)]
     cert = clients[0].server_cert if clients else Path("server.crt")
     if cert != Path("server.crt"):

@@ -14,9 +14,12 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import BadRequest, ScistreamError, from_wire
+
+TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024  # bytes, newline included

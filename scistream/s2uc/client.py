@@ -7,15 +7,17 @@ certificate names the host it connects to.
 
 from __future__ import annotations
 
-import shlex
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import BadRequest, ConfigError, ScistreamError, Unauthenticated, Unreachable
 from ..protocol import DEFAULT_PORT, MAX_MESSAGE, check_reply, decode, encode, hostport, request
+
+TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
+if TYPE_CHECKING:
+    from typing import Any
 
 CONNECT_TIMEOUT = 15.0
 # A request waits for a proxy to start, and maybe behind other requests: be generous.
@@ -25,6 +27,8 @@ _PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 @dataclass(frozen=True)
 class Server:
+    """An S2CS: the host and port a request goes to."""
+
     host: str
     port: int
 
@@ -187,6 +191,8 @@ class Connection:
             return refused
         here = f"s2uc login --s2cs {self.server}"
         if self.server_cert is not None and self.server_cert != Path("server.crt"):
+            import shlex
+
             here += f" --server_cert {shlex.quote(str(self.server_cert))}"
         return Unauthenticated(
             f"{self.server} requires a Globus login: run {here} once "

@@ -13,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeVar
 
 from ..errors import Internal
 from ..protocol import format_rate
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 
 
 class _Reader:
@@ -120,6 +123,8 @@ class Capability:
 
 @dataclass(frozen=True)
 class Capabilities:
+    """Which limits a gateway enforces: num_conn and rate."""
+
     num_conn: Capability
     rate: Capability
 
@@ -153,6 +158,8 @@ class Limit:
 
 @dataclass(frozen=True)
 class Limits:
+    """The limits of one stream: num_conn and rate."""
+
     num_conn: Limit
     rate: Limit
 
@@ -269,6 +276,8 @@ class Failure:
 
 @dataclass(frozen=True)
 class Process:
+    """One process of a stream: its proxy or its shaper."""
+
     name: str  # "proxy" or "shaper"
     pid: int | None
     state: str
@@ -300,6 +309,8 @@ class Session:
 
 @dataclass(frozen=True)
 class Status:
+    """The streams a gateway shows the caller (`status`)."""
+
     server: str
     streams: tuple[Session, ...]
     reply: Mapping[str, Any] = field(repr=False, compare=False)
@@ -307,6 +318,8 @@ class Status:
 
 @dataclass(frozen=True)
 class Backend:
+    """The proxy a gateway runs streams with, and the limits it enforces."""
+
     type: str  # "haproxy" or "stunnel"
     version: str
     capabilities: Capabilities
@@ -314,6 +327,8 @@ class Backend:
 
 @dataclass(frozen=True)
 class Auth:
+    """Whether a gateway wants a Globus token, and for which scope."""
+
     enabled: bool
     scope: str | None  # the Globus Auth scope a token must carry
 
@@ -347,6 +362,8 @@ class Policy:
 
 @dataclass(frozen=True)
 class Info:
+    """What a gateway offers (`info`): version, backend, authentication, ports, policy."""
+
     server: str
     version: str
     protocol: int

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError
 from ..protocol import hostport
 from .client import Server
+
+TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
+if TYPE_CHECKING:
+    from typing import Any
 
 FILE = "servers.json"
 VERSION = 1
@@ -95,6 +97,8 @@ class ServerScopes:
 
     def _write(self, bindings: dict[str, str]) -> None:
         """Write a private temporary file, then swap it into place: never half a file."""
+        import tempfile  # with shutil and random: only a login pays for it, not each request
+
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{FILE}.")  # mode 0600

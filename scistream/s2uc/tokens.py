@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError, Unauthenticated, Unreachable
+
+TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
+if TYPE_CHECKING:
+    from typing import Any
 
 # The native-app client id `s2uc login` presents to Globus Auth. A placeholder: no client has been
 # registered at Globus for the project yet, so facilities register one and set
@@ -53,6 +56,8 @@ def registered_client_id() -> str:
 
 @dataclass(frozen=True)
 class Login:
+    """A stored token for one scope, and whose it is."""
+
     scope: str
     access_token: str
     expires_at: int

@@ -10,13 +10,15 @@ what is not a UID is shown in full here, on its owner's terminal, and never sent
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 from ..errors import BadRequest, ConfigError
 from ..protocol import parse_uid
+
+TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
+if TYPE_CHECKING:
+    from typing import TextIO
 
 STDIN = "-"
 MAX_FILE = 4096  # a UID file holds one line of 36 characters
@@ -68,6 +70,8 @@ class UidFile:
     def prepare(cls, path: Path) -> UidFile:
         if str(path) == STDIN:
             raise ConfigError("--uid-file - reads stdin; give inbound_request a file to write the UID to")
+        import tempfile  # with shutil and random: only inbound_request --uid-file pays for it
+
         try:
             fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
         except OSError as exc:

@@ -420,7 +420,7 @@ def test_a_client_with_a_bad_address_or_no_certificate_fails_before_any_request(
     assert gateways.calls == []
 
 
-def test_release_everywhere_reports_each_gateway_and_names_a_gateway_once(gateways, cert):
+def test_release_everywhere_reports_each_gateway_and_names_a_gateway_once(gateways, cert, s2uc):
     gateways.sessions[HPC][UID] = "inbound"
     outcomes = scistream.release(UID.upper(), s2cs=[INST, HPC, "HPC.facility.org:5000"], server_cert=cert)
     assert [(o.server, o.roles, o.gone, o.failed) for o in outcomes] == [
@@ -433,17 +433,29 @@ def test_release_everywhere_reports_each_gateway_and_names_a_gateway_once(gatewa
 # --- s2uc release with several gateways, s2uc connect: what the user sees -----------------------
 
 
-def _s2uc(*args: str):
-    from typer.testing import CliRunner
-
-    from scistream.s2uc.cli import app
-
-    return CliRunner().invoke(app, list(args))
+class Ran:
+    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
 
 
-def test_s2uc_release_of_two_sides_with_one_gone_exits_0_with_a_note(gateways, cert):
+@pytest.fixture
+def s2uc(capsys):
+    """Run the real entry point of s2uc, in this process; its exit status and output."""
+    from scistream.s2uc.cli import main
+
+    def run(*args: str) -> Ran:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        out = capsys.readouterr()
+        return Ran(int(exited.value.code or 0), out.out, out.err)
+
+    return run
+
+
+def test_s2uc_release_of_two_sides_with_one_gone_exits_0_with_a_note(gateways, cert, s2uc):
     gateways.sessions[HPC][UID] = "inbound"
-    result = _s2uc("release", UID, "--s2cs", INST, "--s2cs", HPC, "--server_cert", str(cert))
+    result = s2uc("release", UID, "--s2cs", INST, "--s2cs", HPC, "--server_cert", str(cert))
     assert result.exit_code == 0
     assert result.stdout == f"Released inbound proxy of stream {UID} on {HPC}.\n"
     assert result.stderr == (
@@ -451,8 +463,8 @@ def test_s2uc_release_of_two_sides_with_one_gone_exits_0_with_a_note(gateways, c
     )
 
 
-def test_s2uc_release_on_no_gateway_that_has_the_stream_exits_5(gateways, cert):
-    result = _s2uc("release", UID, "--s2cs", INST, "--s2cs", HPC, "--server_cert", str(cert))
+def test_s2uc_release_on_no_gateway_that_has_the_stream_exits_5(gateways, cert, s2uc):
+    result = s2uc("release", UID, "--s2cs", INST, "--s2cs", HPC, "--server_cert", str(cert))
     assert result.exit_code == 5 and result.stdout == ""
     assert [line.split(" (NOT_FOUND from ")[1] for line in result.stderr.splitlines()] == [
         f"{INST})",
@@ -460,10 +472,10 @@ def test_s2uc_release_on_no_gateway_that_has_the_stream_exits_5(gateways, cert):
     ]
 
 
-def test_s2uc_release_still_releases_the_other_side_and_exits_with_the_failures_status(gateways, cert):
+def test_s2uc_release_still_releases_the_other_side_and_exits_with_the_failures_status(gateways, cert, s2uc):
     gateways.sessions[HPC][UID] = "inbound"
     gateways.fail(INST, "release", Unreachable(f"cannot reach s2cs at {INST}: Connection refused"))
-    result = _s2uc("release", UID, "--s2cs", INST, "--s2cs", HPC, "--server_cert", str(cert), "--json")
+    result = s2uc("release", UID, "--s2cs", INST, "--s2cs", HPC, "--server_cert", str(cert), "--json")
     assert result.exit_code == 3
     assert result.stderr == f"error: cannot reach s2cs at {INST}: Connection refused\n"
     report = json.loads(result.stdout)
@@ -479,22 +491,22 @@ def test_s2uc_release_still_releases_the_other_side_and_exits_with_the_failures_
     assert gateways.sessions[HPC] == {}
 
 
-def test_s2uc_release_of_one_side_is_as_it_always_was(gateways, cert):
-    result = _s2uc("release", UID, "--s2cs", HPC, "--server_cert", str(cert))
+def test_s2uc_release_of_one_side_is_as_it_always_was(gateways, cert, s2uc):
+    result = s2uc("release", UID, "--s2cs", HPC, "--server_cert", str(cert))
     assert result.exit_code == 5 and result.stdout == ""
     assert (
         result.stderr
         == f"error: no stream 5d2f8a61 on this server (already released?) (NOT_FOUND from {HPC})\n"
     )
     gateways.sessions[HPC][UID] = "inbound"
-    result = _s2uc("release", UID, "--s2cs", HPC, "--server_cert", str(cert), "--json")
+    result = s2uc("release", UID, "--s2cs", HPC, "--server_cert", str(cert), "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {"ok": True, "uid": UID, "released": ["inbound"]}
 
 
-def test_s2uc_connect_prints_the_uid_where_to_send_and_how_to_release(gateways, cert):
+def test_s2uc_connect_prints_the_uid_where_to_send_and_how_to_release(gateways, cert, s2uc):
     args = ["connect", "--inbound-s2cs", HPC, "--outbound_s2cs", INST, "--remote_ip", "10.0.1.5"]
-    result = _s2uc(*args, "--receiver_ports", "5001", "--local-port", "5150", "--server_cert", str(cert))
+    result = s2uc(*args, "--receiver_ports", "5001", "--local-port", "5150", "--server_cert", str(cert))
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"UID: {UID}",
@@ -509,21 +521,21 @@ def test_s2uc_connect_prints_the_uid_where_to_send_and_how_to_release(gateways, 
     assert result.stderr == ""
 
 
-def test_s2uc_connect_warns_only_of_a_limit_neither_side_enforces(gateways, cert):
+def test_s2uc_connect_warns_only_of_a_limit_neither_side_enforces(gateways, cert, s2uc):
     gateways.limits[INST] = _limits(rate_enforced=False)
     args = ["connect", "--inbound-s2cs", HPC, "--outbound-s2cs", INST, "--remote_ip", "10.0.1.5"]
-    assert _s2uc(*args, "--receiver_ports", "5001", "--server_cert", str(cert)).stderr == ""
+    assert s2uc(*args, "--receiver_ports", "5001", "--server_cert", str(cert)).stderr == ""
     gateways.sessions = {HPC: {}, INST: {}}
     gateways.limits[HPC] = _limits(rate_enforced=False)
-    result = _s2uc(*args, "--receiver_ports", "5001", "--server_cert", str(cert))
+    result = s2uc(*args, "--receiver_ports", "5001", "--server_cert", str(cert))
     assert result.stderr == (
         "warning: rate is NOT enforced by either server: both sides: this system has no splice(2)\n"
     )
 
 
-def test_s2uc_connect_json_has_the_stream_and_both_replies(gateways, cert):
+def test_s2uc_connect_json_has_the_stream_and_both_replies(gateways, cert, s2uc):
     args = ["connect", "--inbound-s2cs", HPC, "--outbound-s2cs", INST, "--remote_ip", "10.0.1.5"]
-    result = _s2uc(*args, "--receiver_ports", "5001", "--server_cert", str(cert), "--json")
+    result = s2uc(*args, "--receiver_ports", "5001", "--server_cert", str(cert), "--json")
     found = json.loads(result.stdout)
     assert found["uid"] == UID and found["listeners"] == ["198.51.100.20:5100"]
     assert found["inbound_listeners"] == ["203.0.113.7:5100"]
@@ -531,13 +543,13 @@ def test_s2uc_connect_json_has_the_stream_and_both_replies(gateways, cert):
     assert found["inbound"]["s2cs"] == HPC and found["outbound"]["bind"] == "0.0.0.0"
 
 
-def test_s2uc_connect_with_a_failing_outbound_side_exits_with_its_status(gateways, cert, tmp_path):
+def test_s2uc_connect_with_a_failing_outbound_side_exits_with_its_status(gateways, cert, tmp_path, s2uc):
     gateways.fail(
         INST, "outbound", from_wire("BAD_REQUEST", "port 80 is outside this server's port range 5100-5200")
     )
     args = ["connect", "--inbound-s2cs", HPC, "--outbound-s2cs", INST, "--remote_ip", "10.0.1.5"]
     uid_file = tmp_path / "stream.uid"
-    result = _s2uc(
+    result = s2uc(
         *args,
         "--receiver_ports",
         "5001",
