@@ -19,16 +19,15 @@ it keeps connection and byte counts there, for `s2uc status`.
 
 This module is the loop only: epoll (edge-triggered), splice, accept, connect, stats. What to
 read, when to pass a FIN on, who goes first and when to wake up are decided in shaping.py.
-Standard library only: one small process per session.
+Standard library only, and as little of it as will do: one small process per session, which
+every rate-limited request waits for to listen (no argparse, dataclasses or json at start).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import select
 import signal
@@ -38,7 +37,6 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .shaping import Bucket, Finish, Flow, Read, Turns, Write, share, step, wakeup
 
@@ -331,6 +329,8 @@ class Shaper:
         keys = ("connections", "total_connections", "bytes_in", "bytes_out")
         tmp = f"{self.stats_path}.tmp"
         try:
+            import json  # here: the first counts come a second after the start, which waits for none of it
+
             with open(tmp, "w") as f:
                 json.dump(dict(zip(keys, current, strict=True)), f)
             os.replace(tmp, self.stats_path)
@@ -403,32 +403,79 @@ def _listen(where: Endpoint) -> socket.socket:
     return sock
 
 
-@dataclass(frozen=True)
+USAGE = (
+    "usage: python -m scistream.s2ds.shaper --rate BYTES_PER_S [--max-conn N] [--stats FILE]\n"
+    "                                       --route LISTEN TARGET [--route LISTEN TARGET ...]\n\n"
+    "  --rate       bytes/s, each direction; 0: no limit\n"
+    "  --max-conn   most connections at once; 0 (the default): no limit\n"
+    "  --stats      file to keep connection and byte counts in (JSON)\n"
+    "  --route      listen on LISTEN, relay to TARGET; each an absolute Unix socket path or\n"
+    "               HOST:PORT (two arguments, so that a path may hold any character)\n"
+)
+
+
 class Options:
-    rate: int  # bytes/s, each direction; 0: no limit
-    max_conn: int  # 0: no limit
-    stats: str | None
-    routes: tuple[tuple[Endpoint, Endpoint], ...]
+    def __init__(
+        self, rate: int, max_conn: int, stats: str | None, routes: tuple[tuple[Endpoint, Endpoint], ...]
+    ) -> None:
+        self.rate = rate  # bytes/s, each direction; 0: no limit
+        self.max_conn = max_conn  # 0: no limit
+        self.stats = stats
+        self.routes = routes
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse(argv: Sequence[str]) -> Options:
+    """The options of a command line (without the program); UsageError says what is wrong. A
+    value follows its option as the next argument or after "=", except a route's two, which are
+    always two arguments."""
+    values: dict[str, str] = {}
+    routes: list[tuple[str, str]] = []
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        name, equals, value = arg.partition("=")
+        if name == "--route":
+            if equals or len(rest) < 2:
+                raise UsageError("--route takes two arguments: LISTEN TARGET")
+            routes.append((rest.pop(0), rest.pop(0)))
+        elif name in ("--rate", "--max-conn", "--stats"):
+            if not equals:
+                if not rest:
+                    raise UsageError(f"{name} takes a value")
+                value = rest.pop(0)
+            values[name] = value
+        else:
+            raise UsageError(f"unknown argument {arg!r}")
+    if "--rate" not in values or not routes:
+        raise UsageError("--rate and at least one --route are required")
+    numbers = {}
+    for name, default in (("--rate", None), ("--max-conn", "0")):
+        text = values.get(name, default) or ""
+        if not text.isascii() or not text.isdigit():
+            raise UsageError(f"{name} is a whole number, 0 or more, not {text!r}")
+        numbers[name] = int(text)
+    try:
+        pairs = tuple((endpoint(listen), endpoint(target)) for listen, target in routes)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return Options(numbers["--rate"], numbers["--max-conn"], values.get("--stats"), pairs)
 
 
 def options(argv: Sequence[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(prog="python -m scistream.s2ds.shaper", description=__doc__)
-    parser.add_argument("--rate", type=int, required=True, help="bytes/s, each direction; 0: no limit")
-    parser.add_argument("--max-conn", type=int, default=0, help="most connections at once; 0: no limit")
-    parser.add_argument("--stats", help="file to keep connection and byte counts in (JSON)")
-    parser.add_argument(
-        "--route", action="append", nargs=2, required=True, metavar=("LISTEN", "TARGET"),
-        help="listen on LISTEN, relay to TARGET; each an absolute Unix socket path or HOST:PORT "
-        "(two arguments, so that a path may hold any character)",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.rate < 0 or args.max_conn < 0:
-        parser.error("--rate and --max-conn are 0 or more")
+    """parse(), or the usage and exit status 2 for a wrong command line (0 for --help)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in args or "--help" in args:
+        print(USAGE + "\n" + (__doc__ or ""), end="")
+        raise SystemExit(0)
     try:
-        routes = tuple((endpoint(listen), endpoint(target)) for listen, target in args.route)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return Options(args.rate, args.max_conn, args.stats, routes)
+        return parse(args)
+    except UsageError as exc:
+        print(f"{USAGE}\nshaper: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
