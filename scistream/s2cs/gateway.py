@@ -17,6 +17,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -185,6 +186,8 @@ class Gateway:
         self._watches: weakref.WeakKeyDictionary[ProxyProcess, LogWatch] = weakref.WeakKeyDictionary()
         self._watch_lock = threading.Lock()
         self._found: list[tuple[Session, list[RecordedProcess]]] = []  # what state.json records
+        # Where a request's proxy config is checked while the request starts the shaper (_launch).
+        self._checks = ThreadPoolExecutor(thread_name_prefix="config-check")
         self.inbound_bind = inbound_bind(settings)  # checked now, not at the first request
 
     def reconfigure(self, templates: jinja2.Environment, policy: Policy) -> None:
@@ -209,6 +212,7 @@ class Gateway:
     def close(self, keep_streams: bool = False) -> None:
         """Stop supervising; release every session unless the streams are to outlive us."""
         self.supervisor.close()
+        self._checks.shutdown()
         sessions = self.registry.all()
         if keep_streams:
             for session in sessions:
@@ -525,15 +529,28 @@ class Gateway:
         try:
             files = SessionFiles(self.state.session_dir(session.sid))
             files.directory.mkdir(mode=0o700)
+            spec = self._spec(session)
             session.procs = [
-                self._process(session, files, launch) for launch in self._prepare(session, files)
+                self._process(session, files, launch) for launch in self.backend.launches(spec, files)
             ]
-            self._persist(strict=True)  # before the spawn: a crash now still leaves a trace of these ports
             # All at once, then each waited for: the request takes as long as the slowest. None
             # needs the other to be up to start (each connects to the other only when a
-            # connection comes), and none is reachable before the reply names its ports.
+            # connection comes), and none is reachable before the reply names its ports. The
+            # proxy's config is written and checked by the proxy itself (haproxy -c: about 20 ms)
+            # in a thread, while this one records the session and starts the shaper, a Python
+            # process; the proxy starts once its config passed.
+            checked = self._checks.submit(self.backend.write_config, session.uid, spec, files)
+            try:
+                self._persist(strict=True)  # before a spawn: a crash now still leaves a trace of these ports
+                for proc in session.procs:
+                    if proc.kind != "proxy":
+                        proc.launch()
+            finally:
+                checked.exception()  # waited for in any case: the release below removes its files
+            checked.result()
             for proc in session.procs:
-                proc.launch()
+                if proc.kind == "proxy":
+                    proc.launch()
             for proc in session.procs:
                 proc.wait_started()
                 self.supervisor.add(proc)

@@ -82,7 +82,8 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 class Backend(ABC):
-    """One kind of proxy. `prepare` writes and checks a session's files and returns its command."""
+    """One kind of proxy. `write_config` writes and checks a session's files, `launches` says what
+    to start for it; `prepare` does both."""
 
     name: str
     template: str
@@ -156,8 +157,12 @@ class Backend(ABC):
         return ports if kind == on_ports else sockets
 
     def prepare(self, uid: str, spec: ProxySpec, files: SessionFiles) -> list[Launch]:
-        """Validate, write, check, swap: the config only takes its place once the proxy accepts it.
-        Returns the processes to start, in order."""
+        """A session's files written and checked, and the processes to start, in order."""
+        self.write_config(uid, spec, files)
+        return self.launches(spec, files)
+
+    def write_config(self, uid: str, spec: ProxySpec, files: SessionFiles) -> None:
+        """Validate, write, check, swap: the config only takes its place once the proxy accepts it."""
         try:
             text = render(spec, files, self.template, self.templates)
         except (jinja2.TemplateError, ConfigError) as exc:
@@ -171,6 +176,9 @@ class Backend(ABC):
             os.replace(candidate, files.config)
         finally:
             candidate.unlink(missing_ok=True)
+
+    def launches(self, spec: ProxySpec, files: SessionFiles) -> list[Launch]:
+        """The processes of a session, what the other connects to first; nothing is written. Pure."""
         proxy = Launch("proxy", tuple(self.command(files)), self.ready(spec, files, "proxy"))
         if not spec.shaped:
             return [proxy]

@@ -12,7 +12,6 @@ import fcntl
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import psutil
+
+from .sockdiag import socket_inodes, tcp_listeners, unix_listeners
 
 
 class Handle(Protocol):
@@ -222,22 +223,21 @@ class ProcessRuntime:
 
 
 def bound_endpoints(processes: Sequence[psutil.Process]) -> set[int | str]:
-    """The TCP ports these processes listen on and the Unix socket paths they have bound."""
-    bound: set[int | str] = set()
+    """The TCP ports these processes listen on and the Unix socket paths they listen on: the
+    listening sockets of this network namespace (sockdiag.py) that one of them holds open."""
+    held: set[int] = set()
     for process in processes:
-        try:
-            conns = process.net_connections(kind="all")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for c in conns:
-            if c.family == socket.AF_UNIX:
-                # psutil gives Unix sockets no state; bind and listen come together. HAProxy binds
-                # PATH.PID.tmp and renames it to PATH, and the kernel keeps the name of the bind.
-                path = _HAPROXY_TEMP.sub("", str(c.laddr))
-                if path == str(c.laddr) or os.path.exists(path):
-                    bound.add(path)
-            elif c.status == psutil.CONN_LISTEN:
-                bound.add(c.laddr.port)
+        held |= socket_inodes(process.pid)
+    if not held:
+        return set()
+    bound: set[int | str] = {port for inode, port in tcp_listeners().items() if inode in held}
+    for inode, name in unix_listeners().items():
+        if inode in held:
+            # HAProxy binds PATH.PID.tmp and renames it to PATH, and the kernel keeps the name of
+            # the bind: PATH counts once the rename is done.
+            path = _HAPROXY_TEMP.sub("", name)
+            if path == name or os.path.exists(path):
+                bound.add(path)
     return bound
 
 

@@ -36,6 +36,9 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 8.0
 STOP_GRACE = 5.0
 TICK = 0.2
+# How often a request looks whether its new processes listen: it waits for the look after they
+# do, and one look (sockdiag.py) costs a fraction of a millisecond.
+START_POLL = 0.005
 # HAProxy logs every connection (option tcplog), stunnel and the shaper log too: once a process's
 # log reaches LOG_MAX_BYTES it is copied to LOG.1 (LOG.1 to LOG.2, ...) and emptied, and the
 # oldest of LOG_KEEP parts is dropped. Each process of a session keeps at most
@@ -183,15 +186,16 @@ class ProxyProcess:
             self._spawn(first=True)
 
     def wait_started(self) -> None:
-        """Returns when RUNNING, raises BackendFailed otherwise (after `launch`)."""
+        """Returns when RUNNING, raises BackendFailed otherwise (after `launch`). Unlike a restart,
+        a first start is no change to report: the request that made it records its session once
+        all of the session's processes run, and a record of this one alone would be lost work."""
         with self.lock:
             while self.state == State.STARTING:
                 self._check_starting(first=True)
                 if self.state == State.STARTING:
-                    self.runtime.sleep(0.02)
+                    self.runtime.sleep(START_POLL)
             if self.state != State.RUNNING:
                 raise BackendFailed(f"{self.name} did not start: {self.last_error or 'no output'}")
-            self.on_change(self)
 
     def adopt(self, handle: Handle) -> None:
         """Take over a proxy that an earlier s2cs started and that still runs."""

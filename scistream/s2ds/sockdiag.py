@@ -1,0 +1,110 @@
+"""Which sockets listen, asked of the kernel through NETLINK_SOCK_DIAG (what `ss -l` does).
+
+A request waits until the processes of its session listen, and the supervisor looks again and
+again meanwhile. Reading /proc/net/tcp, as psutil does, reads a line for every TCP socket of the
+host, open connections included, so each look cost more with every stream the gateway carries
+(about 5 ms with none). The kernel's socket diagnostics dump only the listening sockets, filtered
+by state in the kernel: the cost follows the number of listeners, not of connections.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+TCP_LISTEN = 10  # also the state of a listening Unix socket
+UDIAG_SHOW_NAME = 0x1
+UNIX_DIAG_NAME = 0
+
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
+# inet_diag_req_v2: family, protocol, ext, pad, states, then an empty inet_diag_sockid (48 bytes)
+_INET_REQUEST = struct.Struct("=BBBBI48x")
+# unix_diag_req: family, protocol, pad, states, inode, show, cookie
+_UNIX_REQUEST = struct.Struct("=BBHIII8x")
+_ATTRIBUTE = struct.Struct("=HH")  # rtattr: length, type
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _dump(request: bytes) -> list[bytes]:
+    """The payloads of the kernel's answer to one dump request."""
+    message = _HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    payloads: list[bytes] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
+        sock.sendall(message + request)
+        while True:
+            data = sock.recv(1 << 16)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
+                if length < _HEADER.size:
+                    raise OSError("a malformed answer from NETLINK_SOCK_DIAG")
+                body = data[offset + _HEADER.size : offset + length]
+                if kind == NLMSG_DONE:
+                    return payloads
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", body)
+                    if code:
+                        raise OSError(-code, f"NETLINK_SOCK_DIAG: {os.strerror(-code)}")
+                else:
+                    payloads.append(body)
+                offset += _align(length)
+
+
+def tcp_listeners() -> dict[int, int]:
+    """Inode -> port of every listening TCP socket (IPv4 and IPv6) of this network namespace."""
+    found: dict[int, int] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for body in _dump(_INET_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)):
+            # inet_diag_msg: family, state, timer, retrans (4 bytes), the sockid (source port
+            # first, big-endian), expires, rqueue, wqueue, uid, inode
+            (port,) = struct.unpack_from("!H", body, 4)
+            (inode,) = struct.unpack_from("=I", body, 68)
+            found[inode] = port
+    return found
+
+
+def unix_listeners() -> dict[int, str]:
+    """Inode -> bound path of every listening Unix socket with a path in the file system."""
+    found: dict[int, str] = {}
+    request = _UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, UDIAG_SHOW_NAME)
+    for body in _dump(request):
+        (inode,) = struct.unpack_from("=I", body, 4)  # after family, type, state, pad
+        offset = 16  # and the cookie
+        while offset + _ATTRIBUTE.size <= len(body):
+            length, kind = _ATTRIBUTE.unpack_from(body, offset)
+            if length < _ATTRIBUTE.size:
+                break
+            if kind == UNIX_DIAG_NAME:
+                name = body[offset + _ATTRIBUTE.size : offset + length]
+                if name[:1] not in (b"", b"\0"):  # not an abstract or unnamed socket
+                    found[inode] = os.fsdecode(name.rstrip(b"\0"))
+            offset += _align(length)
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds open; empty when it is gone."""
+    inodes: set[int] = set()
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except (FileNotFoundError, ProcessLookupError):
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(f"{fds}/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
