@@ -1,0 +1,99 @@
+"""Readiness from the kernel's socket diagnostics (scistream/s2ds/sockdiag.py), with real sockets
+of this process: a request counts a proxy as started only once it listens."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from scistream.s2ds.runtime import ProcessRuntime, bound_endpoints
+from scistream.s2ds.sockdiag import socket_inodes, tcp_listeners, unix_listeners
+
+
+@dataclass(frozen=True)
+class Me:
+    pid: int
+    create_time: float = 0.0
+
+    def poll(self) -> int | None:
+        return None
+
+
+def inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def test_listening_tcp_sockets_are_found_and_connections_are_not():
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6, socket.socket() as bound:
+        v4.bind(("127.0.0.1", 0))
+        v4.listen()
+        v6.bind(("::1", 0))
+        v6.listen()
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: nothing can connect yet
+        with socket.create_connection(v4.getsockname()) as client:
+            accepted, _ = v4.accept()
+            with accepted:
+                found = tcp_listeners()
+                assert found[inode(v4)] == v4.getsockname()[1]
+                assert found[inode(v6)] == v6.getsockname()[1]
+                for other in (bound, client, accepted):
+                    assert inode(other) not in found
+
+
+def test_listening_unix_sockets_are_found_by_path(tmp_path):
+    with socket.socket(socket.AF_UNIX) as listening, socket.socket(socket.AF_UNIX) as bound:
+        listening.bind(str(tmp_path / "shaper-0.sock"))
+        listening.listen()
+        bound.bind(str(tmp_path / "not-yet.sock"))
+        found = unix_listeners()
+        assert found[inode(listening)] == str(tmp_path / "shaper-0.sock")
+        assert inode(bound) not in found
+
+
+def test_only_the_sockets_of_the_process_asked_about_count(tmp_path):
+    """A port another process listens on does not make this one ready (a squatter)."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import socket,sys,time; s=socket.socket(); s.bind(('127.0.0.1',0)); "
+         "s.listen(); print(s.getsockname()[1], flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert other.stdout is not None
+        theirs = int(other.stdout.readline())
+        with socket.socket() as mine:
+            mine.bind(("127.0.0.1", 0))
+            mine.listen()
+            port = mine.getsockname()[1]
+            me = Me(os.getpid())
+            assert inode(mine) in socket_inodes(me.pid)
+            assert ProcessRuntime().listening(me, [port])
+            assert not ProcessRuntime().listening(me, [port, theirs])
+            assert ProcessRuntime().listening(Me(other.pid), [theirs])
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_haproxy_socket_counts_once_renamed_to_its_path(tmp_path):
+    """HAProxy binds PATH.PID.tmp and renames it to PATH; the kernel keeps the name bound."""
+    import psutil
+
+    path = tmp_path / "proxy.sock"
+    temporary = tmp_path / f"proxy.sock.{os.getpid()}.tmp"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(temporary))
+        sock.listen()
+        me = [psutil.Process(os.getpid())]
+        assert str(path) not in bound_endpoints(me)
+        os.rename(temporary, path)
+        assert str(path) in bound_endpoints(me)
+
+
+def test_a_gone_process_holds_no_socket():
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    assert socket_inodes(int(done.stdout)) == set()
