@@ -424,3 +424,40 @@ def test_secrets_stay_private(start_s2cs):
     assert uid not in hpc.log.read_text()
     assert uid[:8] in hpc.log.read_text()
     hpc.call("release", uid=uid)
+
+
+def _stream_client(uid: str, directory: Path) -> ssl.SSLContext:
+    """The TLS client of stream `uid`, holding its certificate (what an outbound proxy presents)."""
+    creds = stream_credentials(uid)
+    pem = directory / f"{uid[:8]}.pem"
+    pem.write_bytes(creds.cert_pem + creds.key_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=creds.cert_pem.decode())
+    ctx.load_cert_chain(pem)
+    return ctx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_connection_to_a_proxy_makes_a_full_handshake(start_s2cs, workdir, backend):
+    """No TLS session is resumed: each connection's certificate is checked again (and HAProxy
+    keeps no session cache, 5 MB of every session's process; docs/performance.md)."""
+    hpc = start_s2cs("hpc", backend=backend)
+    sink = Sink()
+    reply = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+    listener = port_of(reply["listeners"][0])
+    ctx = _stream_client(reply["uid"], workdir)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", listener), timeout=60)) as first:
+        first.sendall(b"frame 1")
+        with contextlib.suppress(ssl.SSLError, OSError):
+            first.unwrap()  # reads what the proxy sent after the handshake: its session, if any
+        session = first.session
+    assert session is not None
+    raw = socket.create_connection(("127.0.0.1", listener), timeout=60)
+    with ctx.wrap_socket(raw, session=session) as second:
+        second.sendall(b"frame 2")
+        assert not second.session_reused
+    deadline = time.monotonic() + 30
+    while len(sink.results) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(r.nbytes for r in sink.results) == [7, 7]
