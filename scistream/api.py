@@ -32,29 +32,27 @@ from .protocol import (
 from .s2uc import client as transport
 from .s2uc import replies
 from .s2uc.client import Connection, NoReply, Server, parse_server, tls_context
-from .s2uc.replies import (
-    Auth,
-    Backend,
-    Capabilities,
-    Capability,
-    Failure,
-    Inbound,
-    Info,
-    Limit,
-    Limits,
-    Outbound,
-    Policy,
-    Process,
-    Quota,
-    Released,
-    Session,
-    Status,
-)
+from .s2uc.replies import Capabilities, Capability, Inbound, Limit, Limits, Outbound, Released
 from .s2uc.uids import normalize_uid
 
 TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
 if TYPE_CHECKING:
     from typing import Any
+
+    from .s2uc.reports import Auth, Backend, Failure, Info, Policy, Process, Quota, Session, Status
+
+# What `status` and `info` return (s2uc/reports.py) is made at its first use, as
+# `scistream.api.Status` or by the call: a request of a stream needs none of it.
+_REPORTS = {"Auth", "Backend", "Failure", "Info", "Policy", "Process", "Quota", "Session", "Status"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REPORTS:
+        from .s2uc import reports
+
+        return getattr(reports, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Auth",
@@ -175,12 +173,16 @@ class Client:
             raise BadRequest("log shows the logs of one stream: give its UID")
         named = None if uid is None else normalize_uid(uid)
         # `log` only when asked: a server older than it refuses a field it does not know.
-        return replies.status(self.server, self._call("status", uid=named, log=log or None))
+        from .s2uc import reports
+
+        return reports.status(self.server, self._call("status", uid=named, log=log or None))
 
     def info(self) -> Info:
         """What the gateway offers: version, backend, enforced limits, authentication, ports, policy.
         Sends no token: `info` needs none."""
-        return replies.info(self.server, transport.call(self._server, self._connection.context, "info"))
+        from .s2uc import reports
+
+        return reports.info(self.server, transport.call(self._server, self._connection.context, "info"))
 
 
 def _port_list(ports: Sequence[int], name: str) -> list[int]:

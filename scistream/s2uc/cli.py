@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
     from ..api import Client, Outcome, Stream
     from .client import Server
-    from .replies import Failure, Limits, Policy
+    from .replies import Limits
+    from .reports import Failure, Policy
     from .uids import UidFile
 
 PROG = "s2uc"

@@ -29,7 +29,7 @@ from scistream.errors import (
     Unreachable,
     from_wire,
 )
-from scistream.s2uc import replies
+from scistream.s2uc import replies, reports
 from scistream.s2uc.client import NoReply
 
 HPC, INST = "hpc.facility.org:5000", "instrument.facility.org:5000"
@@ -179,15 +179,15 @@ def test_a_status_entry_has_what_the_gateway_sent_and_none_for_what_it_left_out(
         "failures": [{"kind": "handshake", "message": "the peer ...", "count": 2, "last": 1795483801}],
         "processes": [{"name": "proxy", "pid": None, "state": "BACKOFF", "restarts": 1, "log": ["a"]}],
     }
-    (session,) = replies.status(INST, {"ok": True, "streams": [entry]}).streams
+    (session,) = reports.status(INST, {"ok": True, "streams": [entry]}).streams
     assert (session.uid, session.state, session.connections, session.bytes_in) == (
         "4229423c",
         "RUNNING",
         None,
         None,
     )
-    assert session.failures == (replies.Failure("handshake", "the peer ...", 2, 1795483801.0),)
-    assert session.processes == (replies.Process("proxy", None, "BACKOFF", 1, ("a",)),)
+    assert session.failures == (reports.Failure("handshake", "the peer ...", 2, 1795483801.0),)
+    assert session.processes == (reports.Process("proxy", None, "BACKOFF", 1, ("a",)),)
     assert session.targets is None and session.last_error is None
 
 
@@ -243,11 +243,11 @@ def test_info_reads_the_policy_and_an_older_gateway_without_one():
             "quota": {"max_streams": 2, "max_num_conn": 8},
         },
     }
-    found = replies.info(HPC, reply)
+    found = reports.info(HPC, reply)
     assert found.backend.capabilities.rate == replies.Capability(False, reason="r")
     assert found.policy is not None and found.policy.peers is None
     assert found.policy.quota.items() == [("max_streams", 2), ("max_num_conn", 8)]
-    assert replies.info(HPC, {**reply, "policy": None}).policy is None
+    assert reports.info(HPC, {**reply, "policy": None}).policy is None
 
 
 # --- the limits of a whole stream ---------------------------------------------------------------
