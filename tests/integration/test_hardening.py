@@ -182,15 +182,8 @@ def test_hundreds_of_idle_connections_do_not_delay_a_real_request(start_s2cs):
 
 def _tls_to_listener(uid: str, port: int, directory: Path) -> ssl.SSLSocket:
     """A client holding stream `uid`'s certificate (what an outbound proxy presents)."""
-    creds = stream_credentials(uid)
-    pem = directory / f"{uid[:8]}.pem"
-    pem.write_bytes(creds.cert_pem + creds.key_pem)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(cadata=creds.cert_pem.decode())
-    ctx.load_cert_chain(pem)
     raw = socket.create_connection(("127.0.0.1", port), timeout=60)
-    return ctx.wrap_socket(raw)
+    return _stream_client(uid, directory).wrap_socket(raw)
 
 
 def test_a_hundred_concurrent_requests_get_their_own_ports_and_carry_their_own_data(start_s2cs, workdir):
