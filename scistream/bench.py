@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         "--swarm-only", action="store_true", help="only the swarm runtime against processes (host network)"
     )
     which.add_argument("--no-swarm", action="store_true", help="everything but the swarm part")
+    which.add_argument(
+        "--scale-only", action="store_true", help="only memory per stream and requests with 100 live streams"
+    )
     parser.add_argument("--swarm-mib", type=int, default=256, help="MiB each stream carries, swarm part")
     parser.add_argument(
         "--swarm-requests", type=int, default=20, help="requests measured for each latency, swarm part"
@@ -272,9 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="ss-bench-", dir="/tmp"))
     parts: dict[str, Any] = {}
     try:
-        if not args.swarm_only:
+        if not (args.swarm_only or args.scale_only):
             parts.update(single(directory, args))
-        if not args.no_swarm:
+        if not (args.swarm_only or args.latency_only):
+            from .bench_scale import run as scale
+
+            parts["scale"] = scale(directory, args.requests)
+        if not (args.no_swarm or args.scale_only):
             from .bench_swarm import run
 
             parts["swarm"] = run(
