@@ -93,12 +93,13 @@ def unix_listeners() -> dict[int, str]:
 
 
 def socket_inodes(pid: int) -> set[int]:
-    """The inodes of the sockets process `pid` holds open; empty when it is gone."""
+    """The inodes of the sockets process `pid` holds open; empty when it is gone or not ours to
+    look into (as psutil's AccessDenied was: such a process is never ready)."""
     inodes: set[int] = set()
     fds = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fds)
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:  # gone, or another user's: none this s2cs may count as its own
         return inodes
     for name in names:
         try:

@@ -97,3 +97,13 @@ def test_a_gone_process_holds_no_socket():
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     assert socket_inodes(int(done.stdout)) == set()
+
+
+def test_another_users_process_holds_no_socket_we_may_count(monkeypatch):
+    """Its /proc/PID/fd is closed to a non-root s2cs: it is not ready, and looking is no error."""
+
+    def closed(path: str) -> list[str]:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "listdir", closed)
+    assert socket_inodes(os.getpid()) == set()
