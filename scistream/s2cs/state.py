@@ -137,7 +137,7 @@ class StateDir:
         )
 
     def save(self, sessions: list[dict[str, Any]]) -> None:
-        data = json.dumps({"version": STATE_VERSION, "sessions": sessions}, indent=1).encode()
+        data = encode(sessions)
         write_private(self.file, data)
         # A copy, not a link or an older version: what damages one file (an edit gone wrong, a
         # bad block) leaves the other whole, and it is the state as it is now. An older one would
@@ -150,6 +150,17 @@ class StateDir:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def encode(sessions: list[dict[str, Any]]) -> bytes:
+    """A state file of these session records, one per line. Pure.
+
+    Each record on a line of its own, so that the file stays readable and a diff of two shows
+    the sessions that changed; and each by json's C encoder, which an `indent` would replace by
+    its pure-Python one: that took 5 ms per save with 100 sessions, and a request saves 3 times
+    (docs/performance.md, "Per stream, at scale")."""
+    lines = ",\n".join(json.dumps(record) for record in sessions)
+    return f'{{"version": {STATE_VERSION}, "sessions": [\n{lines}\n]}}\n'.encode()
 
 
 class UnknownVersion(ValueError):

@@ -11,7 +11,7 @@ import pytest
 
 from scistream.errors import ConfigError
 from scistream.s2cs.sessions import parse_record
-from scistream.s2cs.state import StateDir, UnknownVersion, decode
+from scistream.s2cs.state import StateDir, UnknownVersion, decode, encode
 
 
 @pytest.fixture
@@ -103,6 +103,19 @@ def test_a_good_state_file_gives_its_records():
     assert decode(b'{"version": 1, "sessions": []}') == []
     with pytest.raises(UnknownVersion, match="state version 2, not 1"):
         decode(b'{"version": 2, "sessions": []}')
+
+
+def test_a_state_file_has_one_line_per_session_and_reads_back_as_written():
+    records = [
+        {"uid": "u1", "argv": ["/usr/bin/haproxy", "-f", "/état/a b.cfg"], "pid": 12, "create_time": 1.5},
+        {"uid": "u2", "processes": [], "rate": 0, "note": 'quote " and\nnewline'},
+    ]
+    data = encode(records)
+    assert decode(data) == records
+    lines = data.decode().splitlines()
+    assert len(lines) == 2 + len(records)  # the head, a line per session, the end
+    assert [decode(encode([r])) for r in records] == [[r] for r in records]
+    assert decode(encode([])) == []
 
 
 def test_a_damaged_state_file_is_refused_naming_it_and_its_copy(held):
