@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 system-deps:
 	@scripts/system-deps stunnel4 prometheus systemd
 
-bench-deps:
+# matplotlib draws the benchmark's plot (docs/performance.png); no dependency of SciStream itself.
+bench-deps: setup
 	@scripts/system-deps stunnel4 iperf3
+	$(BIN)/python -m pip install --quiet 'matplotlib>=3.6'
 
 demo: setup
 	$(BIN)/scistream demo
@@ -81,7 +83,7 @@ format: setup
 # and a swarm itself, or says in one line why it cannot. BENCH_ARGS go to both, e.g.
 # `make bench BENCH_ARGS="--json bench.json"` (both parts fill the one file).
 bench: setup bench-deps
-	scripts/run-isolated $(BIN)/python -m scistream.bench --no-swarm $(BENCH_ARGS)
+	scripts/run-isolated $(BIN)/python -m scistream.bench --no-swarm --plot docs/performance.png $(BENCH_ARGS)
 	$(BIN)/python -m scistream.bench --swarm-only $(BENCH_ARGS)
 
 clean:

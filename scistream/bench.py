@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import importlib
 import json
 import math
 import shutil
@@ -214,7 +215,7 @@ def throughput(
         with processes(*argvs, directory=sub):
             results.append(measure(name, port, seconds, runs))
     for backend in ("haproxy", "stunnel"):
-        for rate, label in ((0, "unlimited"), (5_000_000, "--rate 5000000 (5 Gbit/s)")):
+        for rate, label in ((0, "unlimited"), (HIGH_RATE, f"--rate {HIGH_RATE} (40 Gbit/s)")):
             hpc, inst = gateways(directory, backend)
             try:
                 inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service], rate=rate)
@@ -227,6 +228,55 @@ def throughput(
                 hpc.stop()
                 inst.stop()
     return results
+
+
+HIGH_RATE = 40_000_000  # kb/s: a limit above what any configuration reaches here (direct ~20 Gbit/s)
+TLS_PAIR = "hand-written stunnel TLS 1.3 pair"
+
+
+def ratios(results: Sequence[tuple[str, float, list[float]]]) -> list[tuple[str, float, float]]:
+    """The issue's two throughput figures with their goals: a stream with a limit above what the
+    machine reaches against the same stream unlimited, per backend, and SciStream's encrypted
+    stream (HAProxy, unlimited) against the hand-written stunnel pair. Pure."""
+    gbps = {name: value for name, value, _ in results}
+    found = []
+    for backend in ("haproxy", "stunnel"):
+        limited = gbps.get(f"SciStream {backend}, --rate {HIGH_RATE} (40 Gbit/s)")
+        unlimited = gbps.get(f"SciStream {backend}, unlimited")
+        if limited is not None and unlimited:
+            found.append((f"{backend}: 40 Gbit/s limit / unlimited", limited / unlimited, 0.85))
+    ours, pair = gbps.get("SciStream haproxy, unlimited"), gbps.get(TLS_PAIR)
+    if ours is not None and pair:
+        found.append(("SciStream haproxy, unlimited / stunnel pair", ours / pair, 1.3))
+    return found
+
+
+def plot(results: Sequence[tuple[str, float, list[float]]], path: Path) -> str:
+    """A bar per configuration (its median) with a dot per run, as a PNG at `path`; what was done,
+    in one line. matplotlib comes with make bench (bench-deps): without it, no plot, said so."""
+    try:
+        # By name: matplotlib is no dependency of SciStream, only of its benchmark.
+        matplotlib = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")  # no display: a file
+        plt = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        return f"no plot: matplotlib is not installed (make bench-deps installs it); {path} unchanged"
+    names = [name for name, _, _ in results][::-1]  # the first configuration at the top
+    medians = [value for _, value, _ in results][::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2), dpi=100)
+    colours = ["#4c72b0" if name.startswith("SciStream") else "#aaaaaa" for name in names]
+    ax.barh(range(len(names)), medians, color=colours)
+    for i, (_, _, runs) in enumerate(results[::-1]):
+        ax.plot(runs, [i] * len(runs), "k.", markersize=4)
+    for i, value in enumerate(medians):
+        ax.text(value, i, f" {value:.2f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("Gbit/s, one iperf3 stream (bar: median; dots: runs)")
+    ax.set_title("Throughput per configuration, make bench", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"plot written to {path}"
 
 
 def write_json(path: Path, parts: dict[str, Any]) -> None:
@@ -262,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--no-swarm", action="store_true", help="everything but the swarm part")
     which.add_argument(
         "--scale-only", action="store_true", help="only memory per stream and requests with 100 live streams"
+    )
+    parser.add_argument(
+        "--plot", type=Path, help="also draw the throughput per configuration into this PNG file"
     )
     parser.add_argument("--swarm-mib", type=int, default=256, help="MiB each stream carries, swarm part")
     parser.add_argument(
@@ -310,8 +363,14 @@ def single(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.terminate()
         server.wait(10)
+    found = ratios(results)
+    for name, ratio, goal in found:
+        print(f"  {name:44} {ratio:6.2f}x   goal >= {goal}x", flush=True)
+    if results and args.plot:
+        print(f"  {plot(results, args.plot)}", flush=True)
     return {
         "throughput": [{"name": n, "gbps": g, "runs": r} for n, g, r in results],
+        "ratios": [{"name": n, "ratio": r, "goal": g} for n, r, g in found],
         "latency": [{"name": n, "p50_ms": p50, "p95_ms": p95} for n, p50, p95 in latencies],
     }
 
