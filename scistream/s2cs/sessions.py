@@ -86,7 +86,7 @@ class Session:
             "processes": [
                 {
                     "name": p.kind,
-                    "argv": p.argv,
+                    "argv": list(p.argv),  # a copy: the record is kept (StateDir.save)
                     "pid": p.pid,
                     "create_time": p.handle.create_time if p.handle else None,
                     "restarts": p.restarts,

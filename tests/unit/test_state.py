@@ -118,6 +118,19 @@ def test_a_state_file_has_one_line_per_session_and_reads_back_as_written():
     assert decode(encode([])) == []
 
 
+def test_a_save_writes_what_changed_in_a_session_since_the_last(held):
+    first = [{"sid": "a", "phase": "starting", "pid": None}, {"sid": "b", "phase": "running"}]
+    held.save(first)
+    changed = [{"sid": "a", "phase": "running", "pid": 7}, {"sid": "b", "phase": "running"}]
+    held.save(changed)
+    assert held.load() == changed
+    held.save([{"sid": "b", "phase": "stopping"}])  # a released, b changed
+    assert held.load() == [{"sid": "b", "phase": "stopping"}]
+    assert decode(held.copy.read_bytes()) == [{"sid": "b", "phase": "stopping"}]
+    held.save([{"sid": "a", "phase": "starting", "pid": None}])  # a sid seen before, made again
+    assert held.load() == [{"sid": "a", "phase": "starting", "pid": None}]
+
+
 def test_a_damaged_state_file_is_refused_naming_it_and_its_copy(held):
     held.save([{"n": 1}])
     held.save([{"n": 2}])
