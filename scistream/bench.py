@@ -215,7 +215,7 @@ def throughput(
         with processes(*argvs, directory=sub):
             results.append(measure(name, port, seconds, runs))
     for backend in ("haproxy", "stunnel"):
-        for rate, label in ((0, "unlimited"), (HIGH_RATE, f"--rate {HIGH_RATE} (40 Gbit/s)")):
+        for rate, label in ((0, "unlimited"), (HIGH_RATE, LIMITED)):
             hpc, inst = gateways(directory, backend)
             try:
                 inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service], rate=rate)
@@ -231,6 +231,7 @@ def throughput(
 
 
 HIGH_RATE = 40_000_000  # kb/s: a limit above what any configuration reaches here (direct ~20 Gbit/s)
+LIMITED = "limit 40 Gbit/s"  # how a configuration with HIGH_RATE is named
 TLS_PAIR = "hand-written stunnel TLS 1.3 pair"
 
 
@@ -241,7 +242,7 @@ def ratios(results: Sequence[tuple[str, float, list[float]]]) -> list[tuple[str,
     gbps = {name: value for name, value, _ in results}
     found = []
     for backend in ("haproxy", "stunnel"):
-        limited = gbps.get(f"SciStream {backend}, --rate {HIGH_RATE} (40 Gbit/s)")
+        limited = gbps.get(f"SciStream {backend}, {LIMITED}")
         unlimited = gbps.get(f"SciStream {backend}, unlimited")
         if limited is not None and unlimited:
             found.append((f"{backend}: 40 Gbit/s limit / unlimited", limited / unlimited, 0.85))
