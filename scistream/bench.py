@@ -269,8 +269,8 @@ def plot(results: Sequence[tuple[str, float, list[float]]], path: Path) -> str:
     ax.barh(range(len(names)), medians, color=colours)
     for i, (_, _, runs) in enumerate(results[::-1]):
         ax.plot(runs, [i] * len(runs), "k.", markersize=4)
-    for i, value in enumerate(medians):
-        ax.text(value, i, f" {value:.2f}", va="center", fontsize=8)
+    for i, (_, value, runs) in enumerate(results[::-1]):
+        ax.text(max(value, *runs), i, f"  {value:.2f}", va="center", fontsize=8)  # beside every dot
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("Gbit/s, one iperf3 stream (bar: median; dots: runs)")
     ax.set_title("Throughput per configuration, make bench", fontsize=10)
