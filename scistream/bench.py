@@ -146,9 +146,6 @@ def request_latency(
     inbound_request` and `s2uc connect` (both sides) at the default limits, each stream released
     after it is measured; with the control call alone, in this process, for the server's part.
     `extra`: more arguments of the inbound and the outbound s2cs (their runtime)."""
-    # Bytecode, as an installed package has it: where PYTHONDONTWRITEBYTECODE is set (CI, some
-    # containers) an editable install's modules would be compiled again at every command.
-    compileall.compile_dir(Path(__file__).parent, quiet=1)
     hpc = S2csProcess("hpc", directory / "latency-hpc", free_port_range(8), extra[0])
     inst = S2csProcess("inst", directory / "latency-inst", free_port_range(8), extra[1])
     service = free_port()
@@ -262,16 +259,13 @@ def plot(results: Sequence[tuple[str, float, list[float]]], path: Path) -> str:
         plt = importlib.import_module("matplotlib.pyplot")
     except ImportError:
         return f"no plot: matplotlib is not installed (make bench-deps installs it); {path} unchanged"
-    names = [name for name, _, _ in results][::-1]  # the first configuration at the top
-    medians = [value for _, value, _ in results][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2), dpi=100)
-    colours = ["#4c72b0" if name.startswith("SciStream") else "#aaaaaa" for name in names]
-    ax.barh(range(len(names)), medians, color=colours)
-    for i, (_, _, runs) in enumerate(results[::-1]):
+    shown = list(results)[::-1]  # the first configuration at the top
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2), dpi=100)
+    for i, (name, value, runs) in enumerate(shown):
+        ax.barh(i, value, color="#4c72b0" if name.startswith("SciStream") else "#aaaaaa")
         ax.plot(runs, [i] * len(runs), "k.", markersize=4)
-    for i, (_, value, runs) in enumerate(results[::-1]):
         ax.text(max(value, *runs), i, f"  {value:.2f}", va="center", fontsize=8)  # beside every dot
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_yticks(range(len(shown)), [name for name, _, _ in shown], fontsize=8)
     ax.set_xlabel("Gbit/s, one iperf3 stream (bar: median; dots: runs)")
     ax.set_title("Throughput per configuration, make bench", fontsize=10)
     fig.tight_layout()
@@ -326,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(tool) and not (tool == "stunnel" and shutil.which("stunnel4")):
             print(f"error: {tool} is not installed (make bench installs it)", file=sys.stderr)
             return 1
+    # Bytecode, as an installed package has it: where PYTHONDONTWRITEBYTECODE is set (CI, some
+    # containers) an editable install's modules would be compiled again at every command.
+    compileall.compile_dir(Path(__file__).parent, quiet=1)
     directory = Path(tempfile.mkdtemp(prefix="ss-bench-", dir="/tmp"))
     parts: dict[str, Any] = {}
     try:

@@ -8,7 +8,6 @@ call's time with none and with 100 streams live. `python -m scistream.bench --sc
 
 from __future__ import annotations
 
-import compileall
 import time
 from pathlib import Path
 from typing import Any
@@ -91,7 +90,6 @@ def marginal(memory: list[dict[str, Any]]) -> tuple[int, float]:
 
 
 def run(directory: Path, requests: int) -> list[dict[str, Any]]:
-    compileall.compile_dir(Path(__file__).parent, quiet=1)  # as in an installed package (bench.py)
     results = []
     for backend in BACKENDS:
         print(f"Scale, {backend}: memory per stream at the default limits, and the control call", flush=True)

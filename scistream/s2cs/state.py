@@ -166,18 +166,13 @@ class StateDir:
             os.close(fd)
 
 
-def encode(sessions: list[dict[str, Any]]) -> bytes:
-    """A state file of these session records, one per line. Pure.
-
-    Each record on a line of its own, so that the file stays readable and a diff of two shows
-    the sessions that changed; and each by json's C encoder, which an `indent` would replace by
-    its pure-Python one: that took 5 ms per save with 100 sessions, and a request saves 3 times
-    (docs/performance.md, "Per stream, at scale")."""
-    return assemble([json.dumps(record) for record in sessions])
-
-
 def assemble(lines: list[str]) -> bytes:
-    """A state file of session records already encoded, one per line. Pure."""
+    """A state file of session records, each already encoded as JSON, one per line. Pure.
+
+    A line per record keeps the file readable, and a diff of two shows the sessions that
+    changed. Each is encoded by json's C encoder, which an `indent` would replace by its
+    pure-Python one: that took 5 ms per save with 100 sessions, and a request saves 3 times
+    (docs/performance.md, "Per stream, at scale")."""
     body = ",\n".join(lines)
     return f'{{"version": {STATE_VERSION}, "sessions": [\n{body}\n]}}\n'.encode()
 
