@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +103,6 @@ def stunnel_pair(directory: Path, service: int) -> tuple[list[list[str]], int]:
     )
     binary = shutil.which("stunnel") or shutil.which("stunnel4") or "stunnel"
     return [[binary, str(directory / f"{n}.conf")] for n in ("in", "out")], local
-
-
-def measure(name: str, port: int, seconds: int, runs: int) -> tuple[str, float, list[float]]:
-    values = []
-    for _ in range(runs):
-        values.append(iperf3(port, seconds))
-    result = statistics.median(values)
-    print(f"  {name:44} {result:6.2f} Gbit/s   (runs: {', '.join(f'{v:.2f}' for v in values)})", flush=True)
-    return name, result, values
 
 
 def gateways(directory: Path, backend: str) -> tuple[S2csProcess, S2csProcess]:
@@ -197,33 +188,42 @@ LATENCY = {  # what is measured, and the p50 it should not exceed (None: no goal
 def throughput(
     directory: Path, service: int, seconds: int, runs: int
 ) -> list[tuple[str, float, list[float]]]:
-    """One iperf3 stream to `service`: direct, through the hand-written pairs, through SciStream."""
-    results = []
-    print(f"One iperf3 stream, {seconds} s, median of {runs} runs:", flush=True)
-    time.sleep(0.5)
-    results.append(measure("direct (no proxy)", service, seconds, runs))
-    for name, pair in (
-        ("hand-written HAProxy 2.8 TLS 1.3 pair", haproxy_pair),
-        ("hand-written stunnel TLS 1.3 pair", stunnel_pair),
-    ):
-        sub = directory / name.split()[1]
-        sub.mkdir()
-        argvs, port = pair(sub, service)
-        with processes(*argvs, directory=sub):
-            results.append(measure(name, port, seconds, runs))
-    for backend in ("haproxy", "stunnel"):
-        for rate, label in ((0, "unlimited"), (HIGH_RATE, LIMITED)):
-            hpc, inst = gateways(directory, backend)
-            try:
+    """One iperf3 stream to `service`: direct, through the hand-written pairs, through SciStream.
+    Every configuration is started first, then measured once per round, all of them in each
+    round: what the machine does meanwhile (another load, its clock) weighs on every
+    configuration alike, and a ratio between two of them compares runs minutes apart at most."""
+    print(f"One iperf3 stream, {seconds} s, median of {runs} runs, one run of each per round:", flush=True)
+    ports = {"direct (no proxy)": service}
+    with ExitStack() as stack:
+        for name, pair in (
+            ("hand-written HAProxy 2.8 TLS 1.3 pair", haproxy_pair),
+            ("hand-written stunnel TLS 1.3 pair", stunnel_pair),
+        ):
+            sub = directory / name.split()[1]
+            sub.mkdir()
+            argvs, ports[name] = pair(sub, service)
+            stack.enter_context(processes(*argvs, directory=sub))
+        for backend in ("haproxy", "stunnel"):
+            for rate, label in ((0, "unlimited"), (HIGH_RATE, LIMITED)):
+                hpc, inst = gateways(directory / f"{backend}-{rate}", backend)
+                stack.callback(inst.stop)
+                stack.callback(hpc.stop)
                 inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service], rate=rate)
                 outbound = inst.call(
                     "outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], rate=rate
                 )
-                port = int(outbound["listeners"][0].rpartition(":")[2])
-                results.append(measure(f"SciStream {backend}, {label}", port, seconds, runs))
-            finally:
-                hpc.stop()
-                inst.stop()
+                ports[f"SciStream {backend}, {label}"] = int(outbound["listeners"][0].rpartition(":")[2])
+        time.sleep(0.5)
+        values: dict[str, list[float]] = {name: [] for name in ports}
+        for _ in range(runs):
+            for name, port in ports.items():
+                values[name].append(iperf3(port, seconds))
+    results = []
+    for name, found in values.items():
+        result = statistics.median(found)
+        shown = ", ".join(f"{v:.2f}" for v in found)
+        print(f"  {name:44} {result:6.2f} Gbit/s   (runs: {shown})", flush=True)
+        results.append((name, result, found))
     return results
 
 

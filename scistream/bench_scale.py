@@ -8,12 +8,13 @@ call's time with none and with 100 streams live. `python -m scistream.bench --sc
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from .bench import percentiles, s2uc_seconds
-from .loopback import S2csProcess, free_port, free_port_range, proxies_of
+from .loopback import BIN, S2csProcess, free_port, free_port_range, proxies_of
 
 COUNTS = (1, 10, 100)
 GOAL_MIB = 8  # per live default-rate stream, every process serving it
@@ -35,8 +36,10 @@ def pss_kib(pid: int) -> int:
 
 def _requests(gw: S2csProcess, service: int, requests: int, live: int) -> dict[str, float]:
     """p50 and p95 of the inbound control call alone and of `s2uc inbound_request`, with `live`
-    streams on the gateway; each stream released after it is measured."""
-    calls, commands = [], []
+    streams on the gateway; each stream released after it is measured. And `s2uc --version`
+    beside them, which does not reach the gateway: what the machine itself, loaded with the live
+    streams' processes, adds to any command."""
+    calls, commands, starts = [], [], []
     at_gw = ("--s2cs", gw.address, "--server_cert", str(gw.cert))
     for _ in range(requests):
         began = time.perf_counter()
@@ -47,9 +50,13 @@ def _requests(gw: S2csProcess, service: int, requests: int, live: int) -> dict[s
                                    "--receiver_ports", str(service))  # fmt: skip
         commands.append(took)
         gw.call("release", uid=reply["uid"])
+        began = time.perf_counter()
+        subprocess.run([str(BIN / "s2uc"), "--version"], capture_output=True, check=True, timeout=60)
+        starts.append(time.perf_counter() - began)
     p50, p95 = percentiles(calls)
     s2uc_p50, s2uc_p95 = percentiles(commands)
-    return {"live": live, "p50_ms": p50, "p95_ms": p95, "s2uc_p50_ms": s2uc_p50, "s2uc_p95_ms": s2uc_p95}
+    return {"live": live, "p50_ms": p50, "p95_ms": p95, "s2uc_p50_ms": s2uc_p50, "s2uc_p95_ms": s2uc_p95,
+            "version_p50_ms": percentiles(starts)[0]}  # fmt: skip
 
 
 def measure(directory: Path, backend: str, requests: int) -> dict[str, Any]:
@@ -107,7 +114,8 @@ def run(directory: Path, requests: int) -> list[dict[str, Any]]:
             print(
                 f"  with {row['live']:3d} live: control call p50 {row['p50_ms']:4.0f} ms, "
                 f"p95 {row['p95_ms']:4.0f} ms; s2uc inbound_request p50 {row['s2uc_p50_ms']:4.0f} ms, "
-                f"p95 {row['s2uc_p95_ms']:4.0f} ms (goal p50 <= {GOAL_S2UC_MS} ms, flat)",
+                f"p95 {row['s2uc_p95_ms']:4.0f} ms (goal p50 <= {GOAL_S2UC_MS} ms, flat); "
+                f"s2uc --version p50 {row['version_p50_ms']:4.0f} ms",
                 flush=True,
             )
         results.append(found)
