@@ -553,7 +553,7 @@ class SwarmGateway(Gateway):
             processes = [first, *first.children(recursive=True)]
         except (OSError, psutil.Error, ValueError):
             return True
-        return set(session.ports) <= bound_endpoints(processes)
+        return set(session.ports) <= bound_endpoints(processes, session.ports)
 
     def _output(self, service: Any, lines: int | None = None) -> str:
         """What the service's tasks printed (the newest `lines`), as the swarm has it."""

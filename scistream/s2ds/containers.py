@@ -340,7 +340,7 @@ class DockerRuntime:
             processes = [first, *first.children(recursive=True)]
         except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
             return False
-        return set(endpoints) <= bound_endpoints(processes)
+        return set(endpoints) <= bound_endpoints(processes, endpoints)
 
     def keep_appending(self, handle: Handle) -> bool:
         return True  # s2cs writes the log itself, always appending (_follow)

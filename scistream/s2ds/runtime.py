@@ -14,14 +14,14 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import psutil
 
-from .sockdiag import socket_inodes, tcp_listeners, unix_listeners
+from .sockdiag import socket_inodes, tcp_listeners, unix_listener, unix_listeners
 
 
 class Handle(Protocol):
@@ -210,7 +210,7 @@ class ProcessRuntime:
             process = psutil.Process(handle.pid)
         except psutil.NoSuchProcess:
             return False
-        return set(endpoints) <= bound_endpoints([process])
+        return set(endpoints) <= bound_endpoints([process], endpoints)
 
     def sweep(self, sessions: set[str]) -> None:
         pass
@@ -222,23 +222,39 @@ class ProcessRuntime:
         time.sleep(seconds)
 
 
-def bound_endpoints(processes: Sequence[psutil.Process]) -> set[int | str]:
+def bound_endpoints(
+    processes: Sequence[psutil.Process], wanted: Collection[int | str] | None = None
+) -> set[int | str]:
     """The TCP ports these processes listen on and the Unix socket paths they listen on: the
-    listening sockets of this network namespace (sockdiag.py) that one of them holds open."""
+    listening sockets of this network namespace (sockdiag.py) that one of them holds open. With
+    `wanted`, only those of them, and asked of the kernel by port and by inode, not by a dump of
+    every listener of the host: what a request or the supervisor looks for again and again."""
     held: set[int] = set()
     for process in processes:
         held |= socket_inodes(process.pid)
     if not held:
         return set()
-    bound: set[int | str] = {port for inode, port in tcp_listeners().items() if inode in held}
-    for inode, name in unix_listeners().items():
-        if inode in held:
-            # HAProxy binds PATH.PID.tmp and renames it to PATH, and the kernel keeps the name of
-            # the bind: PATH counts once the rename is done.
-            path = _HAPROXY_TEMP.sub("", name)
-            if path == name or os.path.exists(path):
-                bound.add(path)
-    return bound
+    if wanted is None:
+        ports = {inode: port for inode, port in tcp_listeners().items() if inode in held}
+        names = {inode: name for inode, name in unix_listeners().items() if inode in held}
+    else:
+        ports = {}
+        for port in {w for w in wanted if isinstance(w, int)}:
+            ports.update((inode, port) for inode in tcp_listeners(port) if inode in held)
+        names = {}
+        if any(isinstance(w, str) for w in wanted):
+            for inode in held:
+                name = unix_listener(inode)
+                if name is not None:
+                    names[inode] = name
+    bound: set[int | str] = set(ports.values())
+    for name in names.values():
+        # HAProxy binds PATH.PID.tmp and renames it to PATH, and the kernel keeps the name of
+        # the bind: PATH counts once the rename is done.
+        path = _HAPROXY_TEMP.sub("", name)
+        if path == name or os.path.exists(path):
+            bound.add(path)
+    return bound if wanted is None else bound & set(wanted)
 
 
 def _append(fd: int) -> bool:

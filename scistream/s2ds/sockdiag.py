@@ -4,11 +4,14 @@ A request waits until the processes of its session listen, and the supervisor lo
 again meanwhile. Reading /proc/net/tcp, as psutil does, reads a line for every TCP socket of the
 host, open connections included, so each look cost more with every stream the gateway carries
 (about 5 ms with none). The kernel's socket diagnostics dump only the listening sockets, filtered
-by state in the kernel: the cost follows the number of listeners, not of connections.
+by state in the kernel. And a request asks only about its own: the TCP ports it wants, filtered
+by port in the kernel, and the Unix sockets its process holds, one by one by inode. The cost of
+a look follows what the session listens on, not how many streams the gateway carries.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -24,10 +27,12 @@ UDIAG_SHOW_NAME = 0x1
 UNIX_DIAG_NAME = 0
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
-# inet_diag_req_v2: family, protocol, ext, pad, states, then an empty inet_diag_sockid (48 bytes)
-_INET_REQUEST = struct.Struct("=BBBBI48x")
+NO_COOKIE = 0xFFFFFFFF  # INET_DIAG_NOCOOKIE, each half of a cookie: look a socket up by inode alone
+# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes), of which
+# only the source port (big-endian) is set: a dump of listeners skips every other port (0: none)
+_INET_REQUEST = struct.Struct("=BBBBI2s46x")
 # unix_diag_req: family, protocol, pad, states, inode, show, cookie
-_UNIX_REQUEST = struct.Struct("=BBHIII8x")
+_UNIX_REQUEST = struct.Struct("=BBHIIIII")
 _ATTRIBUTE = struct.Struct("=HH")  # rtattr: length, type
 
 
@@ -35,9 +40,10 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _dump(request: bytes) -> list[bytes]:
-    """The payloads of the kernel's answer to one dump request."""
-    message = _HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+def _dump(request: bytes, flags: int = NLM_F_DUMP) -> list[bytes]:
+    """The payloads of the kernel's answer to one dump request; without NLM_F_DUMP, to a request
+    about one socket (an empty list when there is no such socket)."""
+    message = _HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | flags, 1, 0)
     payloads: list[bytes] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
         sock.sendall(message + request)
@@ -53,18 +59,24 @@ def _dump(request: bytes) -> list[bytes]:
                     return payloads
                 if kind == NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", body)
+                    if code == -errno.ENOENT and not flags & NLM_F_DUMP:
+                        return payloads  # no socket of that inode (or not a Unix one)
                     if code:
                         raise OSError(-code, f"NETLINK_SOCK_DIAG: {os.strerror(-code)}")
                 else:
                     payloads.append(body)
                 offset += _align(length)
+            if not flags & NLM_F_DUMP:
+                return payloads  # one answer, and no NLMSG_DONE after it
 
 
-def tcp_listeners() -> dict[int, int]:
-    """Inode -> port of every listening TCP socket (IPv4 and IPv6) of this network namespace."""
+def tcp_listeners(port: int = 0) -> dict[int, int]:
+    """Inode -> port of every listening TCP socket (IPv4 and IPv6) of this network namespace; with
+    a `port`, only of those listening on it, chosen by the kernel."""
     found: dict[int, int] = {}
+    sport = struct.pack("!H", port)
     for family in (socket.AF_INET, socket.AF_INET6):
-        for body in _dump(_INET_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)):
+        for body in _dump(_INET_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN, sport)):
             # inet_diag_msg: family, state, timer, retrans (4 bytes), the sockid (source port
             # first, big-endian), expires, rqueue, wqueue, uid, inode
             (port,) = struct.unpack_from("!H", body, 4)
@@ -76,20 +88,39 @@ def tcp_listeners() -> dict[int, int]:
 def unix_listeners() -> dict[int, str]:
     """Inode -> bound path of every listening Unix socket with a path in the file system."""
     found: dict[int, str] = {}
-    request = _UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, UDIAG_SHOW_NAME)
+    request = _UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, UDIAG_SHOW_NAME, 0, 0)
     for body in _dump(request):
-        (inode,) = struct.unpack_from("=I", body, 4)  # after family, type, state, pad
-        offset = 16  # and the cookie
-        while offset + _ATTRIBUTE.size <= len(body):
-            length, kind = _ATTRIBUTE.unpack_from(body, offset)
-            if length < _ATTRIBUTE.size:
-                break
-            if kind == UNIX_DIAG_NAME:
-                name = body[offset + _ATTRIBUTE.size : offset + length]
-                if name[:1] not in (b"", b"\0"):  # not an abstract or unnamed socket
-                    found[inode] = os.fsdecode(name.rstrip(b"\0"))
-            offset += _align(length)
+        inode, name = _unix_name(body)
+        if name is not None:
+            found[inode] = name
     return found
+
+
+def unix_listener(inode: int) -> str | None:
+    """The bound path of the Unix socket of this inode if it listens and has a path in the file
+    system, else None (as for a TCP socket's inode)."""
+    cookie = (NO_COOKIE, NO_COOKIE)
+    request = _UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, inode, UDIAG_SHOW_NAME, *cookie)
+    for body in _dump(request, flags=0):
+        if body[2] == TCP_LISTEN:  # asked by inode, the kernel answers whatever its state
+            return _unix_name(body)[1]
+    return None
+
+
+def _unix_name(body: bytes) -> tuple[int, str | None]:
+    """The inode and the path of a unix_diag_msg, None for an abstract or unnamed socket."""
+    (inode,) = struct.unpack_from("=I", body, 4)  # after family, type, state, pad
+    offset = 16  # and the cookie
+    while offset + _ATTRIBUTE.size <= len(body):
+        length, kind = _ATTRIBUTE.unpack_from(body, offset)
+        if length < _ATTRIBUTE.size:
+            break
+        if kind == UNIX_DIAG_NAME:
+            name = body[offset + _ATTRIBUTE.size : offset + length]
+            if name[:1] not in (b"", b"\0"):  # not an abstract or unnamed socket
+                return inode, os.fsdecode(name.rstrip(b"\0"))
+        offset += _align(length)
+    return inode, None
 
 
 def socket_inodes(pid: int) -> set[int]:

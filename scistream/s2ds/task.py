@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
         if not ready:
             try:
                 ready = all(
-                    want <= bound_endpoints([psutil.Process(child.pid)])
+                    want <= bound_endpoints([psutil.Process(child.pid)], want)
                     for child, want in zip(children, wanted, strict=True)
                 )
             except psutil.NoSuchProcess:

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 
 from scistream.s2ds.runtime import ProcessRuntime, bound_endpoints
-from scistream.s2ds.sockdiag import socket_inodes, tcp_listeners, unix_listeners
+from scistream.s2ds.sockdiag import socket_inodes, tcp_listeners, unix_listener, unix_listeners
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,40 @@ def test_listening_unix_sockets_are_found_by_path(tmp_path):
         assert inode(bound) not in found
 
 
+def test_the_kernel_answers_only_for_the_port_asked_about():
+    """What a request asks while its proxy starts: its own port, not every listener of the host."""
+    socks = [socket.socket() for _ in range(5)] + [socket.socket(socket.AF_INET6)]
+    try:
+        for sock in socks:
+            sock.bind(("::1" if sock.family == socket.AF_INET6 else "127.0.0.1", 0))
+            sock.listen()
+        for sock in (socks[2], socks[5]):
+            assert tcp_listeners(sock.getsockname()[1]) == {inode(sock): sock.getsockname()[1]}
+        assert {inode(sock) for sock in socks} <= set(tcp_listeners())
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_unix_socket_is_asked_about_by_its_inode(tmp_path):
+    with (
+        socket.socket(socket.AF_UNIX) as listening,
+        socket.socket(socket.AF_UNIX) as bound,
+        socket.socket(socket.AF_UNIX) as abstract,
+        socket.socket() as tcp,
+    ):
+        listening.bind(str(tmp_path / "shaper-0.sock"))
+        listening.listen()
+        bound.bind(str(tmp_path / "not-yet.sock"))
+        abstract.bind(b"\0scistream-test-%d" % os.getpid())
+        abstract.listen()
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        assert unix_listener(inode(listening)) == str(tmp_path / "shaper-0.sock")
+        for other in (bound, abstract, tcp):
+            assert unix_listener(inode(other)) is None
+
+
 def test_only_the_sockets_of_the_process_asked_about_count(tmp_path):
     """A port another process listens on does not make this one ready (a squatter)."""
     other = subprocess.Popen(
@@ -88,8 +122,10 @@ def test_a_haproxy_socket_counts_once_renamed_to_its_path(tmp_path):
         sock.listen()
         me = [psutil.Process(os.getpid())]
         assert str(path) not in bound_endpoints(me)
+        assert bound_endpoints(me, [str(path)]) == set()
         os.rename(temporary, path)
         assert str(path) in bound_endpoints(me)
+        assert bound_endpoints(me, [str(path)]) == {str(path)}
 
 
 def test_a_gone_process_holds_no_socket():
