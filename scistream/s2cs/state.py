@@ -146,7 +146,8 @@ class StateDir:
         for record in sessions:
             sid = record.get("sid")
             last = self._lines.get(sid) if isinstance(sid, str) else None
-            line = last[1] if last is not None and last[0] == record else json.dumps(record)
+            same = last is not None and (last[0] is record or last[0] == record)
+            line = last[1] if last is not None and same else json.dumps(record)
             if isinstance(sid, str):
                 kept[sid] = (record, line)
             lines.append(line)

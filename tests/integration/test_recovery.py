@@ -118,6 +118,40 @@ def test_keep_streams_on_exit_leaves_the_proxies_for_the_next_s2cs(start_s2cs, b
 
 
 @EACH_BACKEND
+def test_the_next_s2cs_adopts_each_process_as_the_last_change_to_each_stream_left_it(start_s2cs, backend):
+    """state.json is saved with only the changed stream's record built again: a restart in one
+    stream, then a new stream, a release and s2cs's exit must leave every record as it is now."""
+    hpc = start_s2cs("hpc", "--keep-streams-on-exit", backend=backend)
+    sink = Sink()
+
+    def inbound() -> str:
+        return str(hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"])
+
+    first, second, gone = inbound(), inbound(), inbound()
+    killed = _pids(hpc, first)["proxy"]
+    os.kill(killed, signal.SIGKILL)
+
+    def restarted() -> bool:
+        stream = hpc.call("status", uid=first)["streams"][0]
+        return stream["state"] == "RUNNING" and stream["restarts"] == 1
+
+    wait_for(restarted, timeout=10, what="restart of the proxy")
+    hpc.call("release", uid=gone)
+    third = inbound()
+    before = {uid: _pids(hpc, uid) for uid in (first, second, third)}
+    assert before[first]["proxy"] != killed
+    assert hpc.stop(signal.SIGTERM) == 0
+    hpc.start()
+    assert {uid: _pids(hpc, uid) for uid in (first, second, third)} == before  # adopted, not restarted
+    assert len(hpc.call("status")["streams"]) == 3  # the released one did not come back
+    restarts = [hpc.call("status", uid=uid)["streams"][0]["restarts"] for uid in (first, second, third)]
+    assert restarts == [1, 0, 0]
+    for uid in (first, second, third):
+        hpc.call("release", uid=uid)
+    assert proxies_of(hpc.state_dir) == []
+
+
+@EACH_BACKEND
 def test_a_recycled_pid_in_the_state_file_is_left_alone(start_s2cs, backend):
     hpc = start_s2cs("hpc", "--keep-streams-on-exit", backend=backend)
     sink = Sink()
