@@ -3,7 +3,8 @@
 For each backend, one `s2cs` and inbound streams at the default limits (a shaper each) added up
 to 1, 10 and 100: the memory of every process serving them (PSS, so that pages the processes
 share are counted once in all), per stream, with `s2cs`'s own beside it; and the inbound control
-call's time with none and with 100 streams live. `python -m scistream.bench --scale-only`.
+call's time with 100 streams live, against a second gateway with none at the same time.
+`python -m scistream.bench --scale-only`.
 """
 
 from __future__ import annotations
@@ -34,35 +35,47 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def _requests(gw: S2csProcess, service: int, requests: int, live: int) -> dict[str, float]:
-    """p50 and p95 of the inbound control call alone and of `s2uc inbound_request`, with `live`
-    streams on the gateway; each stream released after it is measured. And `s2uc --version`
-    beside them, which does not reach the gateway: what the machine itself, loaded with the live
-    streams' processes, adds to any command."""
-    calls, commands, starts = [], [], []
-    at_gw = ("--s2cs", gw.address, "--server_cert", str(gw.cert))
+def _requests(gateways: list[tuple[S2csProcess, int]], service: int, requests: int) -> list[dict[str, float]]:
+    """p50 and p95 of the inbound control call alone and of `s2uc inbound_request`, on each of
+    these gateways with the number of live streams beside it; each stream released after it is
+    measured. The gateways take turns, one request each: both are measured under the same load
+    of the machine (its disk above all: a request writes and syncs its files, and the time of a
+    sync varies by several milliseconds from one minute to the next). And `s2uc --version`
+    beside them, which does not reach a gateway: what the machine itself adds to any command."""
+    times: dict[int, dict[str, list[float]]] = {
+        live: {"calls": [], "commands": [], "starts": []} for _, live in gateways
+    }
     for _ in range(requests):
-        began = time.perf_counter()
-        reply = gw.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service])
-        calls.append(time.perf_counter() - began)
-        gw.call("release", uid=reply["uid"])
-        took, reply = s2uc_seconds("inbound_request", *at_gw, "--remote_ip", "127.0.0.1",
-                                   "--receiver_ports", str(service))  # fmt: skip
-        commands.append(took)
-        gw.call("release", uid=reply["uid"])
-        began = time.perf_counter()
-        subprocess.run([str(BIN / "s2uc"), "--version"], capture_output=True, check=True, timeout=60)
-        starts.append(time.perf_counter() - began)
-    p50, p95 = percentiles(calls)
-    s2uc_p50, s2uc_p95 = percentiles(commands)
-    return {"live": live, "p50_ms": p50, "p95_ms": p95, "s2uc_p50_ms": s2uc_p50, "s2uc_p95_ms": s2uc_p95,
-            "version_p50_ms": percentiles(starts)[0]}  # fmt: skip
+        for gw, live in gateways:
+            found = times[live]
+            began = time.perf_counter()
+            reply = gw.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service])
+            found["calls"].append(time.perf_counter() - began)
+            gw.call("release", uid=reply["uid"])
+            at_gw = ("--s2cs", gw.address, "--server_cert", str(gw.cert))
+            took, reply = s2uc_seconds("inbound_request", *at_gw, "--remote_ip", "127.0.0.1",
+                                       "--receiver_ports", str(service))  # fmt: skip
+            found["commands"].append(took)
+            gw.call("release", uid=reply["uid"])
+            began = time.perf_counter()
+            subprocess.run([str(BIN / "s2uc"), "--version"], capture_output=True, check=True, timeout=60)
+            found["starts"].append(time.perf_counter() - began)
+    rows = []
+    for live, found in times.items():
+        p50, p95 = percentiles(found["calls"])
+        s2uc_p50, s2uc_p95 = percentiles(found["commands"])
+        rows.append({"live": live, "p50_ms": p50, "p95_ms": p95, "s2uc_p50_ms": s2uc_p50,
+                     "s2uc_p95_ms": s2uc_p95, "version_p50_ms": percentiles(found["starts"])[0]})  # fmt: skip
+    return rows
 
 
 def measure(directory: Path, backend: str, requests: int) -> dict[str, Any]:
-    gw = S2csProcess(
-        f"scale-{backend}", directory / f"scale-{backend}", free_port_range(max(COUNTS) + 8),
-        ("--type", backend),
+    """Memory at each count of streams on one gateway; then requests on it with all of them
+    live, taking turns with a second gateway of the same backend that carries none."""
+    gw, idle = (
+        S2csProcess(f"scale-{backend}{name}", directory / f"scale-{backend}{name}",
+                    free_port_range(max(COUNTS) + 8), ("--type", backend))
+        for name in ("", "-idle")
     )  # fmt: skip
     service = free_port()  # nothing needs to listen there: no data flows
     memory: list[dict[str, float]] = []
@@ -70,7 +83,7 @@ def measure(directory: Path, backend: str, requests: int) -> dict[str, Any]:
     uids: list[str] = []
     try:
         gw.start()
-        latency.append(_requests(gw, service, requests, 0))
+        idle.start()
         for count in COUNTS:
             while len(uids) < count:
                 reply = gw.call("inbound", remote_ip="127.0.0.1", receiver_ports=[service])
@@ -81,9 +94,10 @@ def measure(directory: Path, backend: str, requests: int) -> dict[str, Any]:
             own = pss_kib(gw.proc.pid) if gw.proc else 0
             memory.append({"streams": count, "processes": len(pids), "mib_per_stream": total / count / 1024,
                            "s2cs_mib": own / 1024})  # fmt: skip
-        latency.append(_requests(gw, service, requests, len(uids)))
+        latency = _requests([(idle, 0), (gw, len(uids))], service, requests)
     finally:
         gw.stop()  # SIGTERM: s2cs releases every stream it carries
+        idle.stop()
     return {"backend": backend, "memory": memory, "latency": latency}
 
 
