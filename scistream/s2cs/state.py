@@ -146,8 +146,10 @@ class StateDir:
         for record in sessions:
             sid = record.get("sid")
             last = self._lines.get(sid) if isinstance(sid, str) else None
-            same = last is not None and (last[0] is record or last[0] == record)
-            line = last[1] if last is not None and same else json.dumps(record)
+            if last is not None and (last[0] is record or last[0] == record):
+                line = last[1]  # the same record object when the gateway did not build it again
+            else:
+                line = json.dumps(record)
             if isinstance(sid, str):
                 kept[sid] = (record, line)
             lines.append(line)
