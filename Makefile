@@ -8,7 +8,7 @@ LOWEST       := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
 CONSTRAINTS  := constraints/lowest.txt
 
-.PHONY: setup demo test test-lowest lint format bench system-deps bench-deps images compose-demo clean
+.PHONY: setup demo test test-lowest lint format bench soak system-deps bench-deps images compose-demo clean
 
 setup: $(STAMP)
 
@@ -85,6 +85,13 @@ format: setup
 bench: setup bench-deps
 	scripts/run-isolated $(BIN)/python -m scistream.bench --no-swarm --plot docs/performance.png $(BENCH_ARGS)
 	$(BIN)/python -m scistream.bench --swarm-only $(BENCH_ARGS)
+
+# The soak (bench/soak.py, docs/reliability.md): real gateways of both backends for 10 minutes of
+# churn, byte-checked traffic and faults on a seeded schedule, then nothing may be left; exits
+# non-zero naming each goal missed. SOAK_ARGS, e.g. SOAK_ARGS="--minutes 60 --seed 7 --json soak.json"
+# (the seed replays a schedule; each run prints its own).
+soak: setup bench-deps
+	scripts/run-isolated $(BIN)/python -m bench.soak --plot docs/reliability.png $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache .ruff_cache .hypothesis

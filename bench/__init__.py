@@ -1,0 +1,1 @@
+"""Benchmarks and the soak of SciStream: run by make (make soak), never shipped in the wheel."""
