@@ -226,10 +226,11 @@ def plot(samples: list[dict[str, Any]], faults: list[Fault], began: float, path:
     """s2cs memory and descriptors, checked bytes and requests over time, faults marked: a PNG.
     Returns what was done, in words (matplotlib may be missing: make bench-deps installs it)."""
     try:
-        import matplotlib  # type: ignore[import-not-found]
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+        from matplotlib.lines import Line2D  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return "no plot: matplotlib is missing (make bench-deps installs it)"
     names = (
@@ -261,7 +262,7 @@ def plot(samples: list[dict[str, Any]], faults: list[Fault], began: float, path:
             colour = colours(kinds.index(fault.planned.kind) % 10)
             for ax in axes:
                 ax.axvline(fault.start - began, color=colour, alpha=0.35, lw=1)
-    handles = [plt.Line2D([], [], color=colours(i % 10), label=k) for i, k in enumerate(kinds)]
+    handles = [Line2D([], [], color=colours(i % 10), label=k) for i, k in enumerate(kinds)]
     axes[2].legend(handles=handles, fontsize=7, ncol=4, title="faults", title_fontsize=7)
     fig.suptitle("SciStream soak: s2cs footprint, checked traffic and requests; faults as lines")
     fig.tight_layout()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,7 @@ class CheckedService:
         self.port = 0
         self._sock: socket.socket | None = None
         self._live: set[socket.socket] = set()
+        self._killed: set[socket.socket] = set()  # cut by stop(): reset, never judged
         self._lock = threading.Lock()
         self.start()
 
@@ -134,11 +136,17 @@ class CheckedService:
             sock, self._sock = self._sock, None
             live = list(self._live)
         if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread: close alone would not
             sock.close()
         for conn in live:
-            with contextlib.suppress(OSError):  # SO_LINGER 0: close sends a reset
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                conn.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._killed.add(conn)
+            with contextlib.suppress(OSError):
+                # SO_LINGER 0: its close sends a reset. SHUT_RD only wakes the thread reading it
+                # (it sends nothing); that thread then closes it, unjudged.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.shutdown(socket.SHUT_RD)
 
     def _accept(self, sock: socket.socket) -> None:
         while True:
@@ -173,6 +181,7 @@ class CheckedService:
                 while chunk := conn.recv(1 << 16):
                     digest.update(chunk)
                     nbytes += len(chunk)
+                self._alive(conn)
                 outcome = self._verdict(conn_id, nbytes, digest.hexdigest())
                 word = "OK" if outcome == WHOLE else "BAD"
                 conn.sendall(f"{word} {nbytes} {digest.hexdigest()}\n".encode())
@@ -183,8 +192,17 @@ class CheckedService:
         finally:
             with self._lock:
                 self._live.discard(conn)
+                if conn in self._killed:
+                    self._killed.discard(conn)
+                    outcome = SVC_RESET
             conn.close()
         self.ledger.served(self.name, ServiceSeen(conn_id, outcome, nbytes, start, time.monotonic()))
+
+    def _alive(self, conn: socket.socket) -> None:
+        """A connection that stop() cut ends as a reset, whatever its read returned."""
+        with self._lock:
+            if conn in self._killed:
+                raise ConnectionResetError("the service stopped")
 
     def _verdict(self, conn_id: str, nbytes: int, sha256: str) -> str:
         expected = self.ledger.lookup(conn_id)
