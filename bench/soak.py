@@ -279,6 +279,7 @@ def inject(stage: Stage, schedule: list[Planned], began: float, seconds: float) 
             break
         fault = Fault(planned)
         faults.append(fault)
+        stage.faults.append(fault)
         print(f"soak: {planned.at:6.1f} s  {planned.kind} {planned.stream or planned.gateway}", flush=True)
         thread = threading.Thread(target=run_fault, args=(stage, fault), daemon=True)
         thread.start()

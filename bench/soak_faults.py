@@ -68,6 +68,7 @@ class Stage:
     templates: Path
     stop: threading.Event
     fs_full_seconds: float
+    faults: list[Fault] = field(default_factory=list)  # every fault so far, for the others to see
     reload_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -77,8 +78,7 @@ def run_fault(stage: Stage, fault: Fault) -> None:
     gw = stage.gateways[planned.gateway]
     if planned.kind in ON_A_STREAM:
         stream = stage.streams[planned.stream]
-        fault.streams = frozenset({stream.name})
-        fault.gateways = frozenset({gw.name})
+        fault.streams = frozenset({stream.name})  # no gateway: requests do not pass through a proxy
     else:
         fault.gateways = frozenset({gw.name})
         fault.streams = frozenset(s.name for s in stage.streams.values() if gw in (s.hpc, s.inst))
@@ -161,7 +161,31 @@ def kill_s2cs(stage: Stage, fault: Fault) -> None:
         for s in stage.streams.values()
         if gw in (s.hpc, s.inst)
     )
-    _verdict(fault, running and not died, "a stream was not RUNNING again" if not running else "")
+    # Re-adopted, not started anew (which would cut its connections); a process another fault
+    # killed meanwhile is new, and is left out.
+    after = {s.name: pids_of(gw, s.uid) for s in stage.streams.values() if gw in (s.hpc, s.inst)}
+    renewed = [
+        f"{name} {kind}"
+        for name, pids in before.items()
+        for kind, pid in pids.items()
+        if after.get(name, {}).get(kind, pid) != pid and not _hit_meanwhile(stage, name, fault)
+    ]
+    if renewed:
+        fault.detail += f"; started anew instead of re-adopted: {', '.join(renewed)}"
+    why = "a stream was not RUNNING again" if not running else "processes died or were not re-adopted"
+    _verdict(fault, running and not died and not renewed, why)
+
+
+def _hit_meanwhile(stage: Stage, stream: str, fault: Fault) -> bool:
+    """Whether another fault aimed at this stream overlapped this one."""
+    return any(
+        other is not fault
+        and other.planned.stream == stream
+        and other.start
+        and other.start <= fault.end + 1
+        and (other.recovered or time.monotonic()) >= fault.start
+        for other in stage.faults
+    )
 
 
 def restart(gw: Gateway, within: float) -> bool:
