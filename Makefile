@@ -56,8 +56,8 @@ test: setup system-deps lint test-lowest
 # reused; mypy keeps its cache there, as one of another version would be rebuilt every run.
 test-lowest: $(LOWEST_STAMP)
 	@echo "== lint and unit tests with every dependency at its floor ($(CONSTRAINTS))"
-	$(LOWEST)/bin/ruff check scistream tests containers
-	$(LOWEST)/bin/ruff format --check scistream tests containers
+	$(LOWEST)/bin/ruff check scistream tests containers bench
+	$(LOWEST)/bin/ruff format --check scistream tests containers bench
 	$(LOWEST)/bin/mypy --cache-dir $(LOWEST)/.mypy_cache
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
@@ -70,21 +70,29 @@ $(LOWEST_STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $@
 
 lint: setup
-	$(BIN)/ruff check scistream tests containers
-	$(BIN)/ruff format --check scistream tests containers
+	$(BIN)/ruff check scistream tests containers bench
+	$(BIN)/ruff format --check scistream tests containers bench
 	$(BIN)/mypy
 
 format: setup
-	$(BIN)/ruff format scistream tests containers
-	$(BIN)/ruff check --fix scistream tests containers
+	$(BIN)/ruff format scistream tests containers bench
+	$(BIN)/ruff check --fix scistream tests containers bench
 
-# The swarm part (the swarm runtime against processes) runs on the host's own network, where
-# swarm tasks on host networking listen, so as a second command; it sets up the engine, the image
-# and a swarm itself, or says in one line why it cannot. BENCH_ARGS go to both, e.g.
+# The benchmarks (bench/, no part of the package) run from this checkout. The swarm part (the
+# swarm runtime against processes) runs on the host's own network, where swarm tasks on host
+# networking listen, so as a command of its own, first; it sets up the engine, the image and a
+# swarm itself, or says in one line why it cannot. Then the rest in a private network namespace,
+# which names each missed goal (bench/goals.py) in a line at the end. Both always run; make bench
+# fails when a goal was missed or a part failed, and says which. BENCH_ARGS go to both, e.g.
 # `make bench BENCH_ARGS="--json bench.json"` (both parts fill the one file).
 bench: setup bench-deps
-	scripts/run-isolated $(BIN)/python -m scistream.bench --no-swarm --plot docs/performance.png $(BENCH_ARGS)
-	$(BIN)/python -m scistream.bench --swarm-only $(BENCH_ARGS)
+	@swarm=0; failed=0; \
+	echo "$(BIN)/python -m bench --swarm-only $(BENCH_ARGS)"; \
+	$(BIN)/python -m bench --swarm-only $(BENCH_ARGS) || swarm=1; \
+	echo "scripts/run-isolated $(BIN)/python -m bench --no-swarm --plot docs/performance.png $(BENCH_ARGS)"; \
+	scripts/run-isolated $(BIN)/python -m bench --no-swarm --plot docs/performance.png $(BENCH_ARGS) || failed=1; \
+	[ $$swarm = 0 ] || echo "FAILED: the swarm part (its error is above, at its end)"; \
+	[ $$swarm = 0 ] && exit $$failed || exit 1
 
 # The soak (bench/soak.py, docs/reliability.md): real gateways of both backends for 10 minutes of
 # churn, byte-checked traffic and faults on a seeded schedule, then nothing may be left; exits

@@ -1,1 +1,2 @@
-"""Benchmarks and the soak of SciStream: run by make (make soak), never shipped in the wheel."""
+"""SciStream's benchmarks (`make bench`, `python -m bench` from a checkout) and its soak (`make soak`,
+`python -m bench.soak`): not part of the package."""

@@ -11,7 +11,7 @@ weighs on both alike), both with the haproxy backend at `--rate 0`:
   Both gateways of each stream run on the runtime measured (on the swarm: two facilities of one
   single-node swarm), as between two facilities that both run it; whatever the swarm costs a
   stream is paid on both sides, so the ratio is its cost for a whole stream.
-- **request latency**, bench.request_latency run once with each runtime.
+- **request latency**, latency.request_latency run once with each runtime (no goals: goals.py).
 
 It runs on the host's own network, never in a private namespace (scripts/run-isolated): a swarm
 task on host networking listens on the host's loopback. It sets up what it needs (the engine with
@@ -39,11 +39,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .loopback import S2csProcess, free_port_range, serve_each
-from .s2ds.containers import LABEL
+from scistream import __version__
+from scistream.loopback import S2csProcess, free_port_range, serve_each
+from scistream.s2ds.containers import LABEL
 
-ROOT = Path(__file__).resolve().parent.parent  # the source tree: scripts/, the Makefile
+from .latency import request_latency
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: scripts/, the Makefile
 IMAGE = f"scistream:{__version__}"
 COUNTS = (1, 2, 4)  # concurrent streams
 RUNTIMES = ("process", "swarm")
@@ -79,7 +81,7 @@ def swarm(log: Path) -> Iterator[None]:
     if os.environ.get("SCISTREAM_PRIVATE_NETNS") == "1":
         raise NotRun(
             "this runs in a private network namespace, and swarm tasks on host networking listen "
-            "on the host's: run python -m scistream.bench --swarm-only outside it (make bench does)"
+            "on the host's: run python -m bench --swarm-only outside it (make bench does)"
         )
     engine = ROOT / "scripts" / "docker-engine"
     if engine.exists():
@@ -308,16 +310,14 @@ def throughput(directory: Path, names: tuple[str, str], mib: int, runs: int) -> 
 
 
 def latency(directory: Path, names: tuple[str, str], requests: int) -> list[dict[str, Any]]:
-    """bench.request_latency with each runtime, one after the other."""
-    from .bench import request_latency
-
+    """latency.request_latency with each runtime, one after the other."""
     results = []
     for runtime in RUNTIMES:
         print(f"Request latency, {runtime} runtime, {requests} of each, default limits:", flush=True)
         sub = directory / f"latency-{runtime}"
         extra = (gateway_args(runtime, names[0]), gateway_args(runtime, names[1]))
-        for name, p50, p95 in request_latency(sub, requests, extra):
-            results.append({"runtime": runtime, "name": name, "p50_ms": p50, "p95_ms": p95})
+        for name, p50, p95 in request_latency(sub, requests, extra, goals=False):
+            results.append({"runtime": runtime, "name": name, "p50_ms": p50 * 1000, "p95_ms": p95 * 1000})
     return results
 
 

@@ -4,7 +4,7 @@ For each backend, one `s2cs` and inbound streams at the default limits (a shaper
 to 1, 10 and 100: the memory of every process serving them (PSS, so that pages the processes
 share are counted once in all), per stream, with `s2cs`'s own beside it; and the inbound control
 call's time with 100 streams live, against a second gateway with none at the same time.
-`python -m scistream.bench --scale-only`.
+`python -m bench --scale-only`. The goals are goals.py's MEMORY_PER_STREAM and INBOUND_REQUEST.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import percentiles, s2uc_seconds
-from .loopback import BIN, S2csProcess, free_port, free_port_range, proxies_of
+from scistream.loopback import BIN, S2csProcess, free_port, free_port_range, proxies_of
+
+from .figures import percentiles
+from .goals import INBOUND_REQUEST, MEMORY_PER_STREAM, Measured
+from .latency import s2uc_seconds
 
 COUNTS = (1, 10, 100)
-GOAL_MIB = 8  # per live default-rate stream, every process serving it
-GOAL_S2UC_MS = 250  # `s2uc inbound_request` p50, whatever the number of live streams
 BACKENDS = ("haproxy", "stunnel")
 
 
@@ -36,7 +37,7 @@ def pss_kib(pid: int) -> int:
 
 
 def _requests(gateways: list[tuple[S2csProcess, int]], service: int, requests: int) -> list[dict[str, float]]:
-    """p50 and p95 of the inbound control call alone and of `s2uc inbound_request`, on each of
+    """p50 and p95 (in ms) of the inbound control call alone and of `s2uc inbound_request`, on each of
     these gateways with the number of live streams beside it; each stream released after it is
     measured. The gateways take turns, one request each: both are measured under the same load
     of the machine (its disk above all: a request writes and syncs its files, and the time of a
@@ -62,10 +63,11 @@ def _requests(gateways: list[tuple[S2csProcess, int]], service: int, requests: i
             found["starts"].append(time.perf_counter() - began)
     rows = []
     for live, found in times.items():
-        p50, p95 = percentiles(found["calls"])
-        s2uc_p50, s2uc_p95 = percentiles(found["commands"])
+        p50, p95 = (1000 * value for value in percentiles(found["calls"]))
+        s2uc_p50, s2uc_p95 = (1000 * value for value in percentiles(found["commands"]))
+        version_p50 = 1000 * percentiles(found["starts"])[0]
         rows.append({"live": live, "p50_ms": p50, "p95_ms": p95, "s2uc_p50_ms": s2uc_p50,
-                     "s2uc_p95_ms": s2uc_p95, "version_p50_ms": percentiles(found["starts"])[0]})  # fmt: skip
+                     "s2uc_p95_ms": s2uc_p95, "version_p50_ms": version_p50})  # fmt: skip
     return rows
 
 
@@ -110,6 +112,20 @@ def marginal(memory: list[dict[str, Any]]) -> tuple[int, float]:
     return low["streams"], added / (high["streams"] - low["streams"])
 
 
+def measured(found: list[dict[str, Any]]) -> list[Measured]:
+    """What the goals are checked against: per backend, the memory of one more stream at scale
+    and `s2uc inbound_request` with each number of live streams. Pure."""
+    checked = []
+    for part in found:
+        backend = f"{part['backend']} backend"
+        if "marginal_mib" in part:
+            checked.append(Measured(MEMORY_PER_STREAM, backend, part["marginal_mib"]))
+        for row in part["latency"]:
+            subject = f"{backend}, {row['live']} live streams"
+            checked.append(Measured(INBOUND_REQUEST, subject, row["s2uc_p50_ms"] / 1000))
+    return checked
+
+
 def run(directory: Path, requests: int) -> list[dict[str, Any]]:
     results = []
     for backend in BACKENDS:
@@ -123,12 +139,14 @@ def run(directory: Path, requests: int) -> list[dict[str, Any]]:
             )
         beyond, found["marginal_mib"] = marginal(found["memory"])
         each = found["marginal_mib"]
-        print(f"  each stream beyond the first {beyond}: {each:.1f} MiB (goal <= {GOAL_MIB} MiB)", flush=True)
+        print(
+            f"  each stream beyond the first {beyond}: {each:.1f} MiB (goal {MEMORY_PER_STREAM})", flush=True
+        )
         for row in found["latency"]:
             print(
                 f"  with {row['live']:3d} live: control call p50 {row['p50_ms']:4.0f} ms, "
                 f"p95 {row['p95_ms']:4.0f} ms; s2uc inbound_request p50 {row['s2uc_p50_ms']:4.0f} ms, "
-                f"p95 {row['s2uc_p95_ms']:4.0f} ms (goal p50 <= {GOAL_S2UC_MS} ms, flat); "
+                f"p95 {row['s2uc_p95_ms']:4.0f} ms (goal p50 {INBOUND_REQUEST}, flat); "
                 f"s2uc --version p50 {row['version_p50_ms']:4.0f} ms",
                 flush=True,
             )

@@ -1,0 +1,175 @@
+"""`make bench`: how long a user waits for a request, the throughput and CPU per gigabyte of one
+iperf3 stream through SciStream and through hand-written pairs (throughput.py), what a gateway
+pays per live stream (scale.py); then the swarm runtime against processes (swarm.py). Each goal
+of goals.py is checked against what was measured: a missed one is named, one line each, at the
+end, and the exit status is then 1 (also when the swarm part failed).
+
+Run it from a checkout, `python -m bench`. Run the first parts in a private network namespace
+(scripts/run-isolated does, as root) so that nothing else on the machine shares its loopback;
+the swarm part cannot run there, as its tasks listen on the host's network: make bench runs it
+as a command of its own, `--swarm-only`, before the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import scistream
+from scistream.loopback import free_port
+
+from . import goals, scale, swarm, throughput
+from .goals import Measured
+from .latency import LATENCY, request_latency
+from .plot import plot
+
+
+def parser() -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    found.add_argument("--seconds", type=int, default=5, help="seconds of each iperf3 run (5)")
+    found.add_argument(
+        "--runs", type=int, default=3, help="rounds of the throughput part, runs of the swarm part (3)"
+    )
+    found.add_argument(
+        "--seed", type=int, help="the seed of the rounds' order (default: a new one, printed to repeat a run)"
+    )
+    found.add_argument(
+        "--json", type=Path, help="also write the results to this file (the other parts in it are kept)"
+    )
+    found.add_argument("--requests", type=int, default=30, help="requests measured for each latency (30)")
+    found.add_argument(
+        "--latency-only", action="store_true", help="only the request latencies, of the swarm part too"
+    )
+    which = found.add_mutually_exclusive_group()
+    which.add_argument(
+        "--swarm-only", action="store_true", help="only the swarm runtime against processes (host network)"
+    )
+    which.add_argument("--no-swarm", action="store_true", help="everything but the swarm part")
+    which.add_argument(
+        "--scale-only", action="store_true", help="only memory per stream and requests with 100 live streams"
+    )
+    found.add_argument(
+        "--plot", type=Path, help="also draw the throughput per configuration into this PNG file"
+    )
+    found.add_argument("--swarm-mib", type=int, default=256, help="MiB each stream carries, swarm part")
+    found.add_argument(
+        "--swarm-requests", type=int, default=20, help="requests measured for each latency, swarm part"
+    )
+    found.add_argument("--goals", action="store_true", help="print the goals as a Markdown table, and exit")
+    return found
+
+
+def write_json(path: Path, parts: dict[str, Any]) -> None:
+    """The parts measured now into `path`, keeping the other parts a bench wrote there before:
+    make bench runs the swarm part as a command of its own, on the host's network."""
+    found: dict[str, Any] = {}
+    if path.exists():
+        try:
+            found = json.loads(path.read_text())
+        except ValueError:
+            found = {}
+        if not isinstance(found, dict):
+            found = {}
+    found.update(parts)
+    path.write_text(json.dumps(found, indent=1))
+
+
+def single(directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], list[Measured]]:
+    """The request latencies and the throughput of one stream, with the process runtime."""
+    server_port = free_port()
+    server = subprocess.Popen(
+        ["iperf3", "-s", "-p", str(server_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    results: list[throughput.Result] = []
+    latencies: list[tuple[str, float, float]] = []
+    seed = secrets.randbelow(1 << 32) if args.seed is None else args.seed
+    try:
+        print(f"Request latency, {args.requests} of each, default limits (a shaper per stream):", flush=True)
+        latencies = request_latency(directory, args.requests)
+        if not args.latency_only:
+            results = throughput.throughput(directory, server.pid, server_port, args.seconds, args.runs, seed)
+    finally:
+        server.terminate()
+        server.wait(10)
+    checked = [
+        Measured(goal, "default backend", p50) for name, p50, _ in latencies if (goal := LATENCY[name])
+    ]
+    found = throughput.ratios(results)
+    if found:
+        throughput.show_ratios(found)
+    checked += throughput.measured(found)
+    if results and args.plot:
+        print(f"  {plot(results, args.plot)}", flush=True)
+    part = {
+        **throughput.as_json(results, found),
+        "seed": seed,
+        "latency": [{"name": n, "p50_ms": p50 * 1000, "p95_ms": p95 * 1000} for n, p50, p95 in latencies],
+    }
+    return part, checked
+
+
+def verdict(checked: list[Measured], swarm_failed: bool) -> int:
+    """The goals checked, and a line for each missed one (and for a failed swarm part), last of
+    all; the exit status."""
+    missed = goals.missed(checked)
+    if checked:  # the swarm part alone checks none
+        print(f"Goals (bench/goals.py): {len(checked)} checked, {len(missed)} missed", flush=True)
+    for miss in missed:
+        print(miss.missed_line(), flush=True)
+    if swarm_failed:
+        print("FAILED: the swarm part (its error is above)", flush=True)
+    return 1 if missed or swarm_failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.goals:
+        print(goals.table())
+        return 0
+    needed = () if args.swarm_only else ("iperf3", "stunnel")
+    for tool in needed:
+        if not shutil.which(tool) and not (tool == "stunnel" and shutil.which("stunnel4")):
+            print(f"error: {tool} is not installed (make bench-deps installs it)", file=sys.stderr)
+            return 1
+    # Bytecode, as an installed package has it: where PYTHONDONTWRITEBYTECODE is set (CI, some
+    # containers) an editable install's modules would be compiled again at every command.
+    compileall.compile_dir(Path(scistream.__file__).parent, quiet=1)
+    directory = Path(tempfile.mkdtemp(prefix="ss-bench-", dir="/tmp"))
+    parts: dict[str, Any] = {}
+    checked: list[Measured] = []
+    try:
+        if not (args.swarm_only or args.scale_only):
+            part, checked = single(directory, args)
+            parts.update(part)
+        if not (args.swarm_only or args.latency_only):
+            parts["scale"] = scale.run(directory, args.requests)
+            checked += scale.measured(parts["scale"])
+        if not (args.no_swarm or args.scale_only):
+            parts["swarm"] = swarm.run(
+                directory, args.runs, args.swarm_mib, args.swarm_requests, not args.latency_only
+            )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if checked:
+            parts["goals"] = [
+                {"figure": m.goal.figure, "subject": m.subject, "value": m.value, "goal": str(m.goal),
+                 "issues": list(m.goal.issues), "met": m.met}
+                for m in checked
+            ]  # fmt: skip
+        if args.json and parts:
+            write_json(args.json, parts)
+    return verdict(checked, "failed" in parts.get("swarm", {}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
