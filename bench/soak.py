@@ -359,9 +359,13 @@ def footprints_of(gateways: list[Gateway], samples: list[dict[str, Any]]) -> dic
     shown: dict[str, dict[str, Any]] = {}
     for gw in gateways:
         early = [s[gw.name] for s in samples if s["t"] <= 60 and s.get(gw.name)]
+        every = [s[gw.name] for s in samples if s.get(gw.name)]
         now = gw.footprint()
         shown[gw.name] = {
             "first minute": early[-1] if early else None,
+            "peak": {"rss": max(p["rss"] for p in every), "fds": max(p["fds"] for p in every)}
+            if every
+            else None,
             "end": {"rss": now[0], "fds": now[1]} if now else None,
             "baseline fds": gw.baseline_fds,
             "starts": gw.starts,

@@ -191,7 +191,8 @@ def report(fig: dict[str, Any], missed: list[str], command: str, machine: str) -
     for name, fp in fig["s2cs"].items():
         first, end = fp.get("first minute"), fp.get("end")
         lines.append(
-            f"  s2cs {name}: RSS {_mib(first)} -> {_mib(end)} MiB, fds {_fds(first)} -> {_fds(end)} "
+            f"  s2cs {name}: RSS {_mib(first)} -> {_mib(end)} MiB (peak {_mib(fp.get('peak'))}), "
+            f"fds {_fds(first)} -> {_fds(end)} (peak {_fds(fp.get('peak'))}) "
             f"(baseline {fp.get('baseline fds')}, started {fp.get('starts')} time(s))"
         )
     for title, items in (
