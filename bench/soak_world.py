@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from scistream import api
-from scistream.errors import ScistreamError
+from scistream.errors import ExitStatus, ScistreamError
 from scistream.loopback import BIN, S2csProcess, free_port_range
 
 from .soak_traffic import OK, REFUSED, CheckedService, Ledger, Route, send_checked
@@ -140,21 +140,15 @@ def s2uc(book: Book, kind: str, gateways: tuple[str, ...], *args: str) -> tuple[
         )
         reply = json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else None
         error = "" if reply is not None else (done.stderr.strip() or f"exit status {done.returncode}")
-        if reply is None and args[0] == "release" and _gone_everywhere(done.stdout):
-            reply, error = {"gone": True}, ""  # released before, by a try whose answer was lost
+        if reply is None and args[0] == "release" and done.returncode == ExitStatus.NOT_FOUND:
+            reply, error = (
+                {"gone": True},
+                "",
+            )  # on no gateway: released before, by a try whose answer was lost
     except subprocess.TimeoutExpired:
         reply, error = None, f"no answer within {COMMAND_TIMEOUT:.0f} s"
     book.note(Request(kind, gateways, start, time.monotonic(), reply is not None, error[-300:]))
     return reply, error
-
-
-def _gone_everywhere(stdout: str) -> bool:
-    """Whether a release's --json says no gateway had the stream (NOT_FOUND from each)."""
-    try:
-        outcomes = json.loads(stdout).get("gateways", [])
-    except (ValueError, AttributeError):
-        return False
-    return bool(outcomes) and all(o.get("error", {}).get("code") == "NOT_FOUND" for o in outcomes)
 
 
 @dataclass

@@ -8,6 +8,7 @@ namespace; it stops by itself, and the limits below are generous for a busy 2-co
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,4 +35,5 @@ def test_a_short_soak_loses_nothing_silently_and_leaves_nothing(tmp_path):
     assert fig["leaks"] == [], f"left behind after every stream was released:\n{shown}"
     assert fig["streams"]["made"] == fig["streams"]["released"] > 0, shown
     assert fig["connections"]["delivered whole"] > 0, shown
-    assert sum(k["injected"] for k in fig["faults"].values()) >= 8, shown
+    kinds = {kind for kind, count in fig["faults"].items() if count["injected"]}
+    assert len(kinds) >= (8 if os.geteuid() == 0 else 7), shown  # a full disk needs root (a tmpfs)
