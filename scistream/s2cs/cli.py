@@ -28,7 +28,7 @@ from . import examine, logs
 from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import server_certificate
-from .gateway import Gateway, Settings, interfaces, own_addresses
+from .gateway import Gateway, Settings, interfaces, told_addresses
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .policy import Own, Policy, PolicyFile, build_policy, parse_policy
 from .ports import parse_range
@@ -148,11 +148,11 @@ def policy_lines(policy: Policy, policy_path: Path | None, audit_log: Path | Non
     targets = ", ".join(described["targets"]) or "none"
     if policy.default_targets:
         targets += " (the networks of this gateway's interfaces; --allow-targets to choose others)"
-    first, last = policy.own.port_range
+    *ports, last = policy.own.never
     lines = [
         f"  inbound proxies open to: {targets}",
-        f"  never to this gateway's control port {policy.own.control_port} or ports {first}-{last}, "
-        "on any of its addresses",
+        f"  never to this gateway's {', '.join(ports)} or {last}, on any of its addresses; to its "
+        "other ports only by a rule that names the address",
     ]
     if policy.peers is None:
         lines.append("  outbound proxies connect to any remote listener (--allow-peers to restrict)")
@@ -297,7 +297,8 @@ def run(
             "--allow-targets",
             metavar="CIDR[:PORT[-PORT]][,...]",
             help="Targets inbound proxies may open to; IPv6 with ports as [fd00::/64]:5001. Repeatable. "
-            "[default: the networks of this host's interfaces, never loopback or link-local]",
+            "Loopback, link-local and this host's own addresses only where a rule names them "
+            "(10.0.1.1/32:6000). [default: the networks of this host's interfaces]",
         ),
     ] = None,
     allow_peers: Annotated[
@@ -411,7 +412,8 @@ def run(
         control = parse_ip(control_ip, "--control-ip") if control_ip else None
         state = (state_dir or Path.home() / ".scistream" / f"s2cs-{port}").expanduser()
         settings = Settings(listener_ip, bind, parse_range(port_range), state)
-        own = Own(own_addresses(listener_ip, bind, control), port, settings.port_range)
+        # Its interfaces' addresses are read again for every request (Gateway.addresses).
+        own = Own(told_addresses(listener_ip, bind, control), port, settings.port_range, metrics_port)
 
         def read_policy() -> Policy:  # at start, for --check, and again at each SIGHUP
             return make_policy(

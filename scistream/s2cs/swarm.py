@@ -53,8 +53,8 @@ from ..s2ds.render import SessionFiles
 from ..s2ds.runtime import bound_endpoints
 from ..s2ds.task import READY
 from .auth import Authenticator, Identity
-from .gateway import Gateway, Place, Settings, any_address, port_is_free
-from .policy import Grant, Policy, streams_verdict
+from .gateway import Gateway, Place, Settings, any_address, port_is_free, within_quota
+from .policy import Grant, IPAddress, Policy, normalised
 from .sessions import Phase, Session, short
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,13 @@ def gateway_nodes(nodes: Sequence[dict[str, Any]], own: str, listener_ip: str, o
         most = labels.get(MAX_STREAMS, "")
         found.append(Node(node["ID"], address, bind, local, int(most) if most.isdigit() else None))
     return found
+
+
+def node_addresses(nodes: Sequence[Node]) -> frozenset[IPAddress]:
+    """The addresses of the gateway nodes, where streams listen: to a stream, each is the
+    gateway itself as much as this s2cs's host is. Pure."""
+    found = {normalised(ip) for node in nodes for ip in (node.address, node.bind)}
+    return frozenset(ip for ip in found if not ip.is_unspecified)
 
 
 def _is_ip(text: str) -> bool:
@@ -287,6 +294,15 @@ class SwarmGateway(Gateway):
             found.append((session, service))
         return sorted(found, key=lambda pair: pair[0].created)
 
+    def addresses(self) -> frozenset[IPAddress]:
+        """This host's addresses and those of every gateway node: a target on another node's
+        port range would reach that node's listeners, a plain entry among them."""
+        try:
+            nodes = self._nodes()
+        except Exception as exc:
+            raise self._engine("cannot list the swarm's gateway nodes", exc) from None
+        return super().addresses() | node_addresses(nodes)
+
     # --- life of the server ----------------------------------------------------------------------
 
     def open(self) -> None:
@@ -413,13 +429,13 @@ class SwarmGateway(Gateway):
         of it is left (service, configs, secrets, port claims, scratch files)."""
         import docker.errors
 
-        owned = sum(1 for s, _ in self._sessions() if s.owner == session.owner)
+        owned = [s for s, _ in self._sessions() if s.owner == session.owner]
         name = self._service_name(session_key(self.facility, session.uid, session.role))
         files = SessionFiles(self.state.session_dir(session.sid))
         made: list[Any] = []
         service = None
         try:
-            streams_verdict(grant, owned).enforce()
+            within_quota(grant, owned, session)
             if self.client().services.list(filters={"name": name}):
                 raise Conflict(f"stream {short(session.uid)} already has an {session.role} proxy here")
             files.directory.mkdir(mode=0o700)
