@@ -18,9 +18,10 @@ import pytest
 
 from scistream.errors import Forbidden, NotFound, Unauthenticated
 from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_range, send
+from scistream.protocol import MAX_MESSAGE
 
 from ..globus_standin import GlobusStandIn
-from .conftest import open_stream, port_of, s2uc
+from .conftest import open_stream, port_of, s2uc, wait_for
 
 S2CS_ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
 S2CS_SECRET = "s2cs-secret-for-tests"
@@ -498,6 +499,83 @@ def test_a_non_owner_can_neither_see_nor_release_another_users_stream(start_s2cs
         ("refuse", "bob@example.org", "NOT_FOUND"),
         ("release", "alice@example.org", "ok"),
     ]
+
+
+def _raw(gw: S2csProcess, line: bytes, source: str = "127.0.0.1") -> dict:
+    """One request line as a client of our own might send it; the reply."""
+    with _idle_from(gw, source) as tls:
+        tls.sendall(line)
+        return json.loads(tls.makefile("rb").readline())
+
+
+def test_every_refused_request_has_its_audit_line_and_never_its_raw_line(start_s2cs, globus, workdir):
+    sink = Sink()
+    audit = workdir / "audit.jsonl"
+    policy = workdir / "policy.toml"
+    policy.write_text("max_ports = 1\n")
+    hpc = secured(
+        start_s2cs, globus, "--policy", str(policy), "--allow-targets", f"127.0.0.1/32:{sink.port}",
+        "--audit-log", str(audit), "--max-clients-per-address", "1",
+    )  # fmt: skip
+    alice = globus.issue("alice", SCOPE)
+
+    def inbound(remote_ip: object, port: object) -> bytes:
+        request = {"v": 1, "op": "inbound", "token": alice, "remote_ip": remote_ip, "receiver_ports": [port]}
+        return json.dumps(request).encode() + b"\n"
+
+    refused = [
+        _raw(hpc, inbound("gw.example.org", sink.port)),  # a host name: the gateway resolves none
+        _raw(hpc, inbound("127.0.0.1", 0)),
+        _raw(hpc, b"hello, is this thing on\n"),
+        _raw(hpc, b"x" * MAX_MESSAGE + b"\n"),
+    ]
+    assert [r["error"]["code"] for r in refused] == ["BAD_REQUEST"] * 4
+    forbidden(hpc, "inbound", alice, remote_ip="169.254.169.254", receiver_ports=[80])
+    uid = hpc.call("inbound", alice, remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    assert "(max_ports)" in forbidden(
+        hpc, "inbound", alice, remote_ip="127.0.0.1", receiver_ports=[sink.port]
+    )
+
+    # One address with as many requests under way as it may have: the next one is refused.
+    globus.answering.clear()  # a new token's introspection waits: its request stays under way
+    asked = globus.calls.get("/v2/oauth2/token/introspect", 0)
+    with _idle_from(hpc, "127.0.0.2") as waiting:
+        waiting.sendall(
+            json.dumps({"v": 1, "op": "status", "token": globus.issue("bob", SCOPE)}).encode() + b"\n"
+        )
+        wait_for(lambda: globus.calls.get("/v2/oauth2/token/introspect", 0) > asked, what="the introspection")
+        assert _raw(hpc, b'{"v": 1, "op": "info"}\n', "127.0.0.2")["error"]["code"] == "CONFLICT"
+        globus.answering.set()
+        assert json.loads(waiting.makefile("rb").readline())["ok"]
+    hpc.call("release", alice, uid=uid)
+
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    refusals = [
+        (x["op"], x["client"], x["result"], x.get("reason", "")) for x in lines if x["event"] == "refuse"
+    ]
+    assert [r[:3] for r in refusals] == [
+        ("inbound", "127.0.0.1", "BAD_REQUEST"),
+        ("inbound", "127.0.0.1", "BAD_REQUEST"),
+        ("unknown", "127.0.0.1", "BAD_REQUEST"),
+        ("unknown", "127.0.0.1", "BAD_REQUEST"),
+        ("inbound", "127.0.0.1", "FORBIDDEN"),
+        ("inbound", "127.0.0.1", "FORBIDDEN"),
+        ("unknown", "127.0.0.2", "CONFLICT"),
+    ]
+    reasons = [r[3] for r in refusals]
+    assert reasons[0] == "remote_ip is not an IP address: 'gw.example.org'"
+    assert reasons[1] == "receiver_ports: 0 is not a TCP port (1-65535)"
+    assert reasons[2].startswith("message is not JSON")
+    assert reasons[3] == f"message larger than {MAX_MESSAGE // 1024} KiB"
+    assert reasons[4].startswith(
+        "target 169.254.169.254:80 (link-local) is not allowed for alice@example.org"
+    )
+    assert reasons[5].startswith(
+        "alice@example.org may hold at most 1 listener port(s) at once on this gateway"
+    )
+    assert reasons[6].startswith("127.0.0.2 has 1 request(s) under way already")
+    text = audit.read_text()
+    assert alice not in text and "hello" not in text and "xxx" not in text  # nothing a client sent
 
 
 def test_bogus_tokens_are_refused_without_asking_globus_again_and_again(start_s2cs, globus):
