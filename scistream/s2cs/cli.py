@@ -332,7 +332,9 @@ def run(
     audit_log: Annotated[
         Path | None,
         typer.Option(
-            "--audit-log", metavar="FILE", help="Append a JSON line per stream created, refused or released."
+            "--audit-log",
+            metavar="FILE",
+            help="Append a JSON line per stream created or released and per refused request.",
         ),
     ] = None,
     max_clients_per_address: Annotated[
