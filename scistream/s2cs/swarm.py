@@ -299,6 +299,8 @@ class SwarmGateway(Gateway):
         port range would reach that node's listeners, a plain entry among them."""
         try:
             nodes = self._nodes()
+        except ScistreamError:
+            raise
         except Exception as exc:
             raise self._engine("cannot list the swarm's gateway nodes", exc) from None
         return super().addresses() | node_addresses(nodes)
