@@ -27,7 +27,7 @@ from ..s2ds.stunnel import StunnelBackend
 from . import examine, logs
 from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
-from .certs import server_certificate
+from .certs import is_ca, server_certificate
 from .gateway import Gateway, Settings, interfaces, told_addresses
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .policy import Own, Policy, PolicyFile, build_policy, parse_policy
@@ -502,7 +502,15 @@ def run(
         typer.echo(f"s2cs {__version__}: control server on {shown}, TLS certificate {crt}", err=True)
         if generated:
             typer.echo(
-                f"  generated that certificate; give it to users: s2uc ... --server_cert {crt}", err=True
+                f"  generated that certificate ({generated}); give it to users: s2uc ... --server_cert {crt}",
+                err=True,
+            )
+        elif is_ca(crt):
+            typer.echo(
+                f"  warning: {crt} is a CA certificate (CA:TRUE); s2uc trusts it only for this "
+                "gateway, but a CA's key can sign certificates for others: give the control port "
+                "a leaf certificate (CA:FALSE)",
+                err=True,
             )
         typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
         typer.echo(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}", err=True)
