@@ -74,6 +74,9 @@ def generate(crt: Path, key: Path, listener_ip: str, *more_ips: str) -> None:
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+FIRST = "none in the state dir yet"  # why a pair is generated on a gateway's first start
+
+
 def server_certificate(
     crt: Path | None, key: Path | None, state_dir: Path, listener_ip: str, *more_ips: str
 ) -> tuple[Path, Path, str | None]:
@@ -94,7 +97,7 @@ def server_certificate(
 def _unfit(crt: Path, key: Path, ips: tuple[str, ...]) -> str | None:
     """Why the generated pair in the state dir must be made anew; None when it may stay."""
     if not crt.exists() and not key.exists():
-        return "none in the state dir yet"
+        return FIRST
     try:
         check_pair(crt, key)
     except ConfigError as exc:

@@ -27,7 +27,7 @@ from ..s2ds.stunnel import StunnelBackend
 from . import examine, logs
 from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
-from .certs import is_ca, server_certificate
+from .certs import FIRST, is_ca, server_certificate
 from .gateway import Gateway, Settings, interfaces, told_addresses
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .policy import Own, Policy, PolicyFile, build_policy, parse_policy
@@ -501,8 +501,9 @@ def run(
         """What this s2cs is and does, once it has the control port: a busy port is one line."""
         typer.echo(f"s2cs {__version__}: control server on {shown}, TLS certificate {crt}", err=True)
         if generated:
+            anew = "" if generated == FIRST else f" anew ({generated})"
             typer.echo(
-                f"  generated that certificate ({generated}); give it to users: s2uc ... --server_cert {crt}",
+                f"  generated that certificate{anew}; give it to users: s2uc ... --server_cert {crt}",
                 err=True,
             )
         elif is_ca(crt):

@@ -55,7 +55,8 @@ WORKERS = 8
 
 def server_context(crt: str, key: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.3 only, as the data plane: every s2uc that pins certificates speaks it (docs/protocol.md).
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(crt, key)
     return ctx
 

@@ -104,13 +104,19 @@ def _expand(scope: str) -> str:
     return expand(scope)
 
 
-def _run(server_text: str, server_cert: Path, scope: str | None, body: Callable[[Client], None]) -> None:
+def _run(
+    server_text: str,
+    server_cert: Path,
+    scope: str | None,
+    body: Callable[[Client], None],
+    accept_new_cert: bool = False,
+) -> None:
     """Run one command against one S2CS; turn its failure into one line and an exit status."""
     from ..api import Client
 
     client: Client | None = None
     try:
-        client = Client(server_text, server_cert, scope)
+        client = Client(server_text, server_cert, scope, accept_new_cert=accept_new_cert)
         body(client)
     except ScistreamError as exc:
         _fail(exc, client.server if client is not None else None)
@@ -151,6 +157,7 @@ def inbound_request(
     scope: str | None,
     as_json: bool,
     uid_file: Path | None,
+    accept_new_cert: bool = False,
 ) -> None:
     """Create the inbound proxy in front of a service at this facility; prints the UID and listeners."""
     from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE
@@ -197,7 +204,7 @@ def inbound_request(
         print("On the instrument side, run:")
         print(f"  s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000{extra} {handed} {','.join(listeners)}")
 
-    _run(s2cs, server_cert, scope, body)
+    _run(s2cs, server_cert, scope, body, accept_new_cert)
 
 
 def outbound_request(
@@ -212,6 +219,7 @@ def outbound_request(
     scope: str | None,
     as_json: bool,
     uid_file: Path | None,
+    accept_new_cert: bool = False,
 ) -> None:
     """Create the outbound proxy that carries an instrument's data to the inbound listener(s)."""
     ports = receiver_ports
@@ -236,7 +244,7 @@ def outbound_request(
         print(f"Outbound proxy on {client.server}: {pairs} (TLS); {made.limits.summary()}.")
         print(f"Send the instrument's data to {_ports_phrase(local)} of this gateway.")
 
-    _run(s2cs, server_cert, scope, body)
+    _run(s2cs, server_cert, scope, body, accept_new_cert)
 
 
 def _ports_phrase(addresses: Sequence[str]) -> str:
@@ -268,6 +276,7 @@ def release(
     scope: str | None,
     as_json: bool,
     uid_file: Path | None,
+    accept_new_cert: bool = False,
 ) -> int:
     """Stop a stream's proxy (or proxies) on a server and free its ports; with several --s2cs, on
     each of them.
@@ -280,7 +289,13 @@ def release(
 
     try:
         stream = _uid(uid, uid_file)
-        outcomes = api.release(stream, s2cs=s2cs or [DEFAULT_S2CS], server_cert=server_cert, scope=scope)
+        outcomes = api.release(
+            stream,
+            s2cs=s2cs or [DEFAULT_S2CS],
+            server_cert=server_cert,
+            scope=scope,
+            accept_new_cert=accept_new_cert,
+        )
     except ScistreamError as exc:
         _fail(exc)
     if len(outcomes) == 1:  # as it always was: the server's reply, or its error
@@ -344,6 +359,7 @@ def connect(
     scope: str | None,
     as_json: bool,
     uid_file: Path | None,
+    accept_new_cert: bool = False,
 ) -> None:
     """Set up both sides of a stream at once: the inbound proxy in front of the service, then the
     outbound proxy the instrument sends to; prints the UID and the address(es) to send to.
@@ -368,6 +384,7 @@ def connect(
                 scope=scope,
                 local_ports=local,
                 local_ip=local_ip,
+                accept_new_cert=accept_new_cert,
             )
         except BaseException:
             if target is not None:
@@ -446,6 +463,7 @@ def status(
     scope: str | None,
     as_json: bool,
     log: bool,
+    accept_new_cert: bool = False,
 ) -> None:
     """Show streams on a server: state, listeners, limits, connections, bytes, restarts, and why
     connections failed."""
@@ -484,7 +502,7 @@ def status(
                     for line in proc.log:
                         print(f"      {line}")
 
-    _run(s2cs, server_cert, scope, body)
+    _run(s2cs, server_cert, scope, body, accept_new_cert)
 
 
 def _occurrences(failure: Failure) -> str:
@@ -516,7 +534,7 @@ def _policy_lines(policy: Policy) -> list[str]:
     return lines
 
 
-def info(s2cs: str, server_cert: Path, as_json: bool) -> None:
+def info(s2cs: str, server_cert: Path, as_json: bool, accept_new_cert: bool = False) -> None:
     """Show what a server offers: version, backend, enforced limits, authentication, ports."""
 
     def body(client: Client) -> None:
@@ -543,10 +561,10 @@ def info(s2cs: str, server_cert: Path, as_json: bool) -> None:
             for line in _policy_lines(found.policy):
                 print(line)
 
-    _run(s2cs, server_cert, None, body)
+    _run(s2cs, server_cert, None, body, accept_new_cert)
 
 
-def login(scope: str | None, s2cs: str | None, server_cert: Path) -> None:
+def login(scope: str | None, s2cs: str | None, server_cert: Path, accept_new_cert: bool = False) -> None:
     """Log in with Globus for a secured S2CS; the tokens are kept in ~/.scistream/tokens.json.
 
     Needs SCISTREAM_CLIENT_ID: the id of the Globus native-app client your facility registered
@@ -574,7 +592,7 @@ def login(scope: str | None, s2cs: str | None, server_cert: Path) -> None:
         named = _expand(scope) if scope is not None else None
         if s2cs is not None:
             server = parse_server(s2cs)
-            named = _scope_of(server, server_cert, named)
+            named = _scope_of(server, server_cert, named, accept_new_cert)
             print(f"{server} asks for a Globus login for {named}.")
         if named is None:
             raise ConfigError(
@@ -591,11 +609,11 @@ def login(scope: str | None, s2cs: str | None, server_cert: Path) -> None:
         print(f"s2uc sends this token to {server} without --scope, and to no other S2CS.")
 
 
-def _scope_of(server: Server, server_cert: Path, named: str | None) -> str:
+def _scope_of(server: Server, server_cert: Path, named: str | None, accept_new_cert: bool) -> str:
     from ..api import Client
     from .scopes import to_bind
 
-    auth = Client(str(server), server_cert).info().auth
+    auth = Client(str(server), server_cert, accept_new_cert=accept_new_cert).info().auth
     return to_bind({"enabled": auth.enabled, "scope": auth.scope}, named, str(server))
 
 
@@ -724,6 +742,14 @@ def _server_cert(
         default=Path(DEFAULT_CERT),
         metavar="FILE",
         help=f"{about} [default: {DEFAULT_CERT}]",
+    )
+    p.add_argument(
+        "--accept-new-cert",
+        "--accept_new_cert",
+        dest="accept_new_cert",
+        action="store_true",
+        help="A gateway presents another certificate than the one s2uc pinned for it, and its operator "
+        "says it replaced it: pin the new one, if --server_cert holds it.",
     )
 
 
