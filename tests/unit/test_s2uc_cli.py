@@ -179,16 +179,35 @@ def test_an_unknown_command_or_option_is_a_usage_error(capsys):
 def test_release_takes_s2cs_twice(capsys, monkeypatch, tmp_path):
     asked = {}
 
-    def release(uid, *, s2cs, server_cert, scope=None):
-        asked.update(uid=uid, s2cs=s2cs, server_cert=server_cert, scope=scope)
+    def release(uid, *, s2cs, server_cert, scope=None, accept_new_cert=False):
+        asked.update(
+            uid=uid, s2cs=s2cs, server_cert=server_cert, scope=scope, accept_new_cert=accept_new_cert
+        )
         return (
             api.Outcome("a:1", released=Released("a:1", uid, ("outbound",), {})),
             api.Outcome("b:2", error=NotFound("no stream 5d2f8a61 on this server (already released?)")),
         )
 
     monkeypatch.setattr(api, "release", release)
-    status, out, err = run(capsys, "release", UID, "--s2cs", "a:1", "--s2cs", "b:2", "--server-cert", "x.pem")
-    assert asked == {"uid": UID, "s2cs": ["a:1", "b:2"], "server_cert": Path("x.pem"), "scope": None}
+    status, out, err = run(
+        capsys,
+        "release",
+        UID,
+        "--s2cs",
+        "a:1",
+        "--s2cs",
+        "b:2",
+        "--server-cert",
+        "x.pem",
+        "--accept-new-cert",
+    )
+    assert asked == {
+        "uid": UID,
+        "s2cs": ["a:1", "b:2"],
+        "server_cert": Path("x.pem"),
+        "scope": None,
+        "accept_new_cert": True,  # the user took the gateways' new certificates on purpose
+    }
     assert status == 0
     assert out == f"Released outbound proxy of stream {UID} on a:1.\n"
     assert err == "note: no stream 5d2f8a61 on this server (already released?)\n"
@@ -197,7 +216,7 @@ def test_release_takes_s2cs_twice(capsys, monkeypatch, tmp_path):
 def test_release_asks_localhost_without_s2cs(capsys, monkeypatch):
     asked = {}
 
-    def release(uid, *, s2cs, server_cert, scope=None):
+    def release(uid, *, s2cs, server_cert, scope=None, accept_new_cert=False):
         asked.update(s2cs=s2cs, server_cert=server_cert)
         return (api.Outcome("localhost:5000", released=Released("localhost:5000", uid, ("inbound",), {})),)
 
