@@ -21,6 +21,7 @@ from typing import BinaryIO, Protocol
 
 import psutil
 
+from .logfiles import append_log
 from .sockdiag import socket_inodes, tcp_listeners, unix_listener, unix_listeners
 
 
@@ -132,7 +133,8 @@ class ProcessRuntime:
         # Append: a restarted proxy's log keeps the lines that explain why it died. And O_APPEND
         # lets the supervisor empty a full log under the running proxy (rotate_log); our copy
         # of the open file is kept to give O_APPEND back if the proxy takes it (keep_appending).
-        out = open(log, "ab")  # noqa: SIM115 - it lives as long as the process, in its handle
+        # Never through a link planted in its place (logfiles.py): s2cs may be root.
+        out = append_log(log)  # it lives as long as the process, in its handle
         try:
             popen = subprocess.Popen(
                 list(argv),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendFailed
+from .logfiles import create_private, open_log_for_rotation, read_log, size_of
 from .runtime import Handle, Runtime, SpawnFailed, terminate
 
 log = logging.getLogger(__name__)
@@ -86,25 +87,26 @@ def rotate_log(log: Path, bound: LogBound) -> None:
     (Runtime.keep_appending): after the truncation its next line lands at the start of the emptied
     file, so no restart is needed (logrotate's copytruncate). Only a line written between the end
     of the copy and the truncation, microseconds, can be lost. If the copy fails (a full disk)
-    the log is left whole and the OSError raised."""
+    the log is left whole and the OSError raised. No link planted for the log or its parts is
+    followed (logfiles.py): a rename moves a link itself, never its target."""
     part = log.with_name(f".{log.name}.rotating")
     try:
-        with open(log, "rb") as source, open(part, "wb") as copy:
+        with open_log_for_rotation(log) as source, create_private(part) as copy:
             shutil.copyfileobj(source, copy, 1 << 20)  # up to the end, lines written meanwhile too
             copy.flush()
-            os.truncate(log, 0)
+            os.ftruncate(source.fileno(), 0)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
     for older, newer in bound.renames(log):
-        if older.exists():
+        if os.path.lexists(older):
             os.replace(older, newer)
     os.replace(part, rotated(log, 1))
 
 
 def _last_lines(path: Path, limit: int) -> list[str]:
     try:
-        with open(path, "rb") as f:
+        with read_log(path) as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - limit))
@@ -265,7 +267,7 @@ class ProxyProcess:
         problem = ""
         try:
             appends = self.runtime.keep_appending(self.handle)
-            if logs.due(self.log_path.stat().st_size):
+            if logs.due(size_of(self.log_path)):  # a link's own size: never its target's
                 if appends:
                     rotate_log(self.log_path, logs)
                 else:
