@@ -319,7 +319,8 @@ class Quota:
 @dataclass(frozen=True)
 class ContainerLimits:
     """What each proxy or shaper container may use (`[containers]` of the policy file), for
-    `--runtime docker`; None = no limit of its own."""
+    `--runtime docker` and `swarm`; None = the runtime's default (containers.DEFAULT_LIMITS),
+    0 = no limit."""
 
     memory: int | None = None  # bytes
     cpus: float | None = None
@@ -584,14 +585,16 @@ def _containers(table: Any) -> ContainerLimits:
             )
         if found:
             memory = int(found.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[found.group(2).lower()]
-        if memory < 6 << 20:
+        if 0 < memory < 6 << 20:
             raise _Invalid(
-                f"memory must be at least 6M (the engine's floor), not {memory} bytes", "memory", _CONTAINERS
+                f"memory must be at least 6M (the engine's floor) or 0 (no limit), not {memory} bytes",
+                "memory",
+                _CONTAINERS,
             )
-    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int | float) or cpus <= 0):
-        raise _Invalid(f"cpus must be a number above 0, such as 0.5, not {cpus!r}", "cpus", _CONTAINERS)
-    if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 1):
-        raise _Invalid(f"pids must be a whole number of at least 1, not {pids!r}", "pids", _CONTAINERS)
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int | float) or cpus < 0):
+        raise _Invalid(f"cpus must be a number, such as 0.5 (0: no limit), not {cpus!r}", "cpus", _CONTAINERS)
+    if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 0):
+        raise _Invalid(f"pids must be a whole number (0: no limit), not {pids!r}", "pids", _CONTAINERS)
     return ContainerLimits(memory, None if cpus is None else float(cpus), pids)
 
 
