@@ -23,17 +23,21 @@ from scistream.s2cs.gateway import Settings
 from scistream.s2cs.policy import Own, build_policy
 from scistream.s2cs.swarm import (
     RESTARTS,
+    STALE_CLAIM,
     Node,
     SwarmGateway,
     _age,
     facility_name,
     gateway_nodes,
+    half_made,
     least_loaded,
     node_addresses,
     session_key,
+    stamp,
 )
 from scistream.s2cs.swarm import task_state as state_of
 from scistream.s2ds.backend import Backend
+from scistream.s2ds.containers import LABEL
 from scistream.s2ds.task import plan_of
 
 OWN = "own0node0id0000000000000a"
@@ -376,3 +380,30 @@ def test_a_ready_port_of_true_is_refused_not_taken_for_port_1():
     """JSON true is a Python bool, and a bool is an int: it would make the task wait for port 1."""
     with pytest.raises(ValueError, match="ready is not a list of ports and paths"):
         plan_of('{"processes": [{"name": "proxy", "argv": ["haproxy"], "ready": [true]}]}')
+
+
+def _object(session: str | None, created: str | None = None, at: str = "", facility: str = "f") -> dict:
+    labels = {f"{LABEL}.facility": facility}
+    if session is not None:
+        labels[f"{LABEL}.session"] = session
+    if created is not None:
+        labels[f"{LABEL}.created"] = created
+    return {"Spec": {"Labels": labels}, "CreatedAt": at}
+
+
+def test_half_made_sessions_objects_are_those_of_no_live_session_older_than_the_bound():
+    now = time.time()
+    old, young = stamp(now - STALE_CLAIM - 60), stamp(now - 5)
+    objects = [
+        _object("dead", old),  # a half-made session's: swept
+        _object("dead", None, at=old),  # no label of its own: the swarm's time
+        _object("dead", young),  # maybe another replica's request in progress: kept
+        _object("live", old),  # a live session's: kept
+        _object(None, old),  # not a session's: kept
+        _object("dead", "not a time"),  # an unreadable time is no age: kept
+    ]
+    assert half_made(objects, {"live"}, f"{LABEL}.facility") == [0, 1]
+
+
+def test_a_stamp_reads_back_as_its_age():
+    assert abs(_age(stamp(time.time() - 100)) - 100) < 5
