@@ -194,7 +194,7 @@ def stamp(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def half_made(objects: Sequence[dict[str, Any]], live: set[str], facility_label: str) -> list[int]:
+def half_made(objects: Sequence[dict[str, Any]], live: set[str]) -> list[int]:
     """Which of a facility's configs and secrets (their attrs) belong to no live session and are
     older than STALE_CLAIM: left by a replica that died between making them and making the
     session's service (or a port claim's). Their own `created` label says when they were made,
@@ -203,7 +203,7 @@ def half_made(objects: Sequence[dict[str, Any]], live: set[str], facility_label:
     for i, obj in enumerate(objects):
         labels = obj.get("Spec", {}).get("Labels", {}) or {}
         session = labels.get(f"{LABEL}.session")
-        if labels.get(facility_label) is None or session is None or session in live:
+        if session is None or session in live:
             continue
         if _age(labels.get(f"{LABEL}.created") or obj.get("CreatedAt", "")) > STALE_CLAIM:
             found.append(i)
@@ -366,7 +366,7 @@ class SwarmGateway(Gateway):
         except Exception as exc:
             log.warning("cannot look for objects of half-made sessions: %s", engine_error(exc, self.image))
             return
-        for i in half_made([obj.attrs for obj in found], live, f"{LABEL}.facility"):
+        for i in half_made([obj.attrs for obj in found], live):
             log.warning(
                 "removing %s: left by a half-made session (its service was never made)", found[i].name
             )

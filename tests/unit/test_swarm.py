@@ -382,8 +382,8 @@ def test_a_ready_port_of_true_is_refused_not_taken_for_port_1():
         plan_of('{"processes": [{"name": "proxy", "argv": ["haproxy"], "ready": [true]}]}')
 
 
-def _object(session: str | None, created: str | None = None, at: str = "", facility: str = "f") -> dict:
-    labels = {f"{LABEL}.facility": facility}
+def _object(session: str | None, created: str | None = None, at: str = "") -> dict:
+    labels = {f"{LABEL}.facility": "f"}
     if session is not None:
         labels[f"{LABEL}.session"] = session
     if created is not None:
@@ -402,7 +402,7 @@ def test_half_made_sessions_objects_are_those_of_no_live_session_older_than_the_
         _object(None, old),  # not a session's: kept
         _object("dead", "not a time"),  # an unreadable time is no age: kept
     ]
-    assert half_made(objects, {"live"}, f"{LABEL}.facility") == [0, 1]
+    assert half_made(objects, {"live"}) == [0, 1]
 
 
 def test_a_stamp_reads_back_as_its_age():
