@@ -143,16 +143,16 @@ def test_an_unreadable_server_certificate_is_named_with_the_reason(tmp_path):
 
 
 @pytest.mark.parametrize("make", [lambda p: (p / "server.crt").touch() or p / "server.crt", _der])
-def test_s2uc_says_what_is_wrong_with_the_certificate_in_one_line(tmp_path, make, capsys):
-    from scistream.s2uc.cli import main
+def test_s2uc_says_what_is_wrong_with_the_certificate_in_one_line(tmp_path, make):
+    from typer.testing import CliRunner
+
+    from scistream.s2uc.cli import app
 
     cert = make(tmp_path)
-    with pytest.raises(SystemExit) as exited:
-        main(["info", "--s2cs", "127.0.0.1:9", "--server_cert", str(cert)])
-    assert exited.value.code == 2  # fix the command line
-    out = capsys.readouterr()
-    assert out.out == ""
-    (line,) = out.err.splitlines()
+    result = CliRunner().invoke(app, ["info", "--s2cs", "127.0.0.1:9", "--server_cert", str(cert)])
+    assert result.exit_code == 2  # fix the command line
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: {cert} is ")
 
 
