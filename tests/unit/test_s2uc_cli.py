@@ -141,15 +141,13 @@ def test_version(capsys):
     assert run(capsys, "--version") == (0, f"s2uc {__version__}\n", "")
 
 
-def _usage_error(err: str, command: str, usage: str = "[OPTIONS]") -> str:
+def _usage_error(err: str, command: str = "") -> str:
     """The error line of a usage error, after typer's usage line and its pointer to --help."""
     prog = f"s2uc {command}".strip()
-    assert err.splitlines()[:3] == [
-        f"Usage: {prog} {usage}",
-        f"Try '{prog} --help' for help.",
-        "",
-    ], err
-    (error,) = err.splitlines()[3:]
+    usage, pointer, blank, error = err.splitlines()
+    # The words after [OPTIONS] differ with the typer release ([UID] or UID): not checked.
+    assert usage.startswith(f"Usage: {prog} [OPTIONS]"), err
+    assert (pointer, blank) == (f"Try '{prog} --help' for help.", ""), err
     assert error.startswith("Error: ")
     return error
 
@@ -188,11 +186,13 @@ def test_ports_that_are_not_ports_are_a_usage_error(capsys):
 def test_an_unknown_command_or_option_is_a_usage_error(capsys):
     status, out, err = run(capsys, "inbound")
     assert status == 2 and out == ""
-    assert _usage_error(err, "", "[OPTIONS] COMMAND [ARGS]...").startswith("Error: No such command 'inbound'")
+    assert _usage_error(err).startswith("Error: No such command 'inbound'")
     status, _, err = run(capsys, "info", "--s2c", "h:1")  # no abbreviations: a typo is not guessed
-    assert status == 2 and _usage_error(err, "info").startswith("Error: No such option: --s2c")
+    error = _usage_error(err, "info")  # click's words differ from one release to the next
+    assert status == 2 and error.startswith("Error: No such option") and "--s2c" in error
     status, _, err = run(capsys, "info", "--debug")  # --debug is s2uc's, before the command
-    assert status == 2 and _usage_error(err, "info") == "Error: No such option: --debug"
+    error = _usage_error(err, "info")
+    assert status == 2 and error.startswith("Error: No such option") and "--debug" in error
 
 
 def test_release_takes_s2cs_twice(capsys, monkeypatch, tmp_path):
@@ -251,7 +251,7 @@ def test_outbound_request_takes_its_arguments_between_options(capsys, tmp_path):
     args = ["outbound_request", UID, "--uid-file", str(uid_file), "10.0.0.1:5100"]
     status, out, err = run(capsys, *args)
     assert status == 2 and out == ""
-    error = _usage_error(err, "outbound_request", "[OPTIONS] [UID] [HPC_LISTENER]")
+    error = _usage_error(err, "outbound_request")
     assert error == "Error: give the UID as an argument or with --uid-file, not both"
 
 
