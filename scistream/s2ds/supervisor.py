@@ -5,7 +5,9 @@ Lifecycle (as in Supervisor's process.py):
     STARTING -> RUNNING -> (EXITED -> BACKOFF -> STARTING) -> STOPPING -> STOPPED
                                     \\-> FATAL after MAX_FAST_FAILURES starts in a row that died young
 
-RUNNING only once every listener port is listening. A FATAL proxy keeps its ports reserved until
+RUNNING only once every listener port is listening. Every start is from a clean slate: a Unix
+socket the dead process left where the new one must listen is removed first (a live one never).
+A FATAL proxy keeps its ports reserved until
 the session is released, and keeps the last lines of its log as the reason.
 The log of a running process is bounded: rotated by size, a few parts kept (`LogBound`).
 Everything touching the OS goes through `Runtime`, so the state machine runs under a fake clock in
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from ..errors import BackendFailed
 from .logfiles import create_private, open_log_for_rotation, read_log, size_of
-from .runtime import Handle, Runtime, SpawnFailed, terminate
+from .runtime import Handle, Runtime, SpawnFailed, clear_stale_sockets, terminate
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +291,25 @@ class ProxyProcess:
         if not first:
             self.restarts += 1  # what `s2uc status` shows: how often it was started again
         self.state = State.STARTING
+        self._clean_slate()
         self._deadline = self.runtime.now() + START_TIMEOUT
         try:
             self.handle = self.runtime.spawn(self.argv, self.cwd, self.log_path)
         except OSError as exc:
             self.handle = None
             self._failed(spawn_failure(exc, self.argv, self.cwd, self.log_path), first)
+
+    def _clean_slate(self) -> None:
+        """Remove the Unix sockets a dead process of this kind left where the new one must
+        listen (clear_stale_sockets), so that a restart finds what a first start finds."""
+        try:
+            removed = clear_stale_sockets(self.ready)
+        except OSError as exc:
+            # The start goes on: if a stale socket is in its way, the process says so itself.
+            log.warning("%s: cannot tell stale sockets from live ones: %s", self.name, exc)
+            return
+        for path in removed:
+            log.info("%s: removed %s, left by the process before", self.name, path)
 
     def _check_starting(self, first: bool) -> None:
         if self.handle is None:
