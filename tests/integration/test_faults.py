@@ -68,19 +68,20 @@ def test_a_killed_process_comes_back_and_the_stream_carries_new_connections(
     assert _process(gw, uid, victim)["restarts"] == 1
 
 
-@pytest.mark.parametrize("backend", ["haproxy", "stunnel"])
-def test_a_process_found_dead_after_an_s2cs_restart_comes_back(start_s2cs, backend):
-    """The outbound proxy (behind its shaper: its listener is a Unix socket) dies while no s2cs
-    watches; the next s2cs starts it again (gateway recovery), from a clean slate."""
+@pytest.mark.parametrize(("backend", "side", "rate", "victim"), KINDS, ids=KIND_IDS)
+def test_a_process_found_dead_after_an_s2cs_restart_comes_back(start_s2cs, backend, side, rate, victim):
+    """The process dies while no s2cs watches; the next s2cs starts it again (gateway recovery),
+    from a clean slate: a stunnel outbound proxy's listener is a Unix socket it left behind."""
     hpc = start_s2cs("hpc", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
-    uid, _, port = astuple(open_stream(hpc, inst, sink.port))
-    killed = _process(inst, uid, "proxy")["pid"]
-    inst.stop(signal.SIGKILL)
+    uid, _, port = astuple(open_stream(hpc, inst, sink.port, rate=rate))
+    gw = hpc if side == "inbound" else inst
+    killed = _process(gw, uid, victim)["pid"]
+    gw.stop(signal.SIGKILL)
     os.kill(killed, signal.SIGKILL)
-    inst.start()
-    wait_for(lambda: _back(inst, uid, "proxy", killed), timeout=30, what="the outbound proxy back")
+    gw.start()
+    wait_for(lambda: _back(gw, uid, victim, killed), timeout=30, what=f"the {side} {victim} back")
     _carries(port)
 
 
