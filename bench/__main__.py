@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     # containers) an editable install's modules would be compiled again at every command.
     compileall.compile_dir(Path(scistream.__file__).parent, quiet=1)
     directory = Path(tempfile.mkdtemp(prefix="ss-bench-", dir="/tmp"))
+    # Its s2uc pins its gateways here, not in the user's servers.json: they are made anew each run.
+    os.environ["SCISTREAM_HOME"] = str(directory / "home")
     parts: dict[str, Any] = {}
     checked: list[Measured] = []
     try:

@@ -31,7 +31,7 @@ from .protocol import (
 )
 from .s2uc import client as transport
 from .s2uc import replies
-from .s2uc.client import Connection, NoReply, Server, parse_server, tls_context
+from .s2uc.client import Connection, NoReply, Server, parse_server, trust
 from .s2uc.replies import Capabilities, Capability, Inbound, Limit, Limits, Outbound, Released
 from .s2uc.uids import normalize_uid
 
@@ -96,9 +96,15 @@ class Client:
     or the full scope), the token `s2uc login --scope` stored for it goes with each request;
     without, a token goes only to a gateway the user logged in at with `s2uc login --s2cs`.
     A bad address, a missing certificate or a scope that is none raises `ConfigError` here.
+
+    The gateway must present exactly a certificate of `server_cert` that names its host, and, once
+    used, the same one as the first time (pinned in servers.json beside the tokens); with
+    `accept_new_cert`, a new one of `server_cert` replaces the pinned one (the operator replaced it).
     """
 
-    def __init__(self, s2cs: str, server_cert: CertPath, scope: str | None = None) -> None:
+    def __init__(
+        self, s2cs: str, server_cert: CertPath, scope: str | None = None, *, accept_new_cert: bool = False
+    ) -> None:
         self.server_cert = Path(server_cert)
         self._server: Server = parse_server(s2cs)
         named = None
@@ -107,7 +113,12 @@ class Client:
 
             named = expand(scope)
         self.scope = named
-        self._connection = Connection(self._server, tls_context(self.server_cert), named, self.server_cert)
+        from .s2uc.servers import ServerPins
+        from .s2uc.tokens import home
+
+        pins = ServerPins(home())
+        checked = trust(self.server_cert, pins, accept_new_cert)
+        self._connection = Connection(self._server, checked, named, self.server_cert)
 
     @property
     def server(self) -> str:
@@ -182,7 +193,7 @@ class Client:
         Sends no token: `info` needs none."""
         from .s2uc import reports
 
-        return reports.info(self.server, transport.call(self._server, self._connection.context, "info"))
+        return reports.info(self.server, transport.call(self._server, self._connection.trust, "info"))
 
 
 def _port_list(ports: Sequence[int], name: str) -> list[int]:
@@ -228,7 +239,12 @@ def release_each(uid: str, clients: Sequence[Client]) -> tuple[Outcome, ...]:
 
 
 def release(
-    uid: str, *, s2cs: Sequence[str], server_cert: CertPath, scope: str | None = None
+    uid: str,
+    *,
+    s2cs: Sequence[str],
+    server_cert: CertPath,
+    scope: str | None = None,
+    accept_new_cert: bool = False,
 ) -> tuple[Outcome, ...]:
     """Release a stream on each gateway of `s2cs`, in that order: one `Outcome` each. Raises only
     for a local mistake (an address, the certificate, the scope), before anything is released."""
@@ -236,7 +252,7 @@ def release(
         s2cs = [s2cs]
     clients: dict[str, Client] = {}
     for text in s2cs:
-        client = Client(text, server_cert, scope)
+        client = Client(text, server_cert, scope, accept_new_cert=accept_new_cert)
         clients.setdefault(client.server.lower(), client)  # the same gateway named twice: once
     return release_each(uid, list(clients.values()))
 
@@ -332,20 +348,22 @@ def connect(
     scope: str | None = None,
     local_ports: Sequence[int] | None = None,
     local_ip: str | None = None,
+    accept_new_cert: bool = False,
 ) -> Stream:
     """Set up a whole stream: the inbound proxy at the `inbound` S2CS in front of the service at
     `remote_ip`:`receiver_ports`, then the outbound proxy at the `outbound` S2CS with the UID and
     listeners it gave. `server_cert` is a PEM file with both gateways' certificates (or the
     one, when both present it). `local_ports` are the ports the instrument sends to (the
     instrument's gateway picks them when None), one per receiver port; `local_ip` the address
-    they listen on (all interfaces when None). `num_conn`, `rate` and `scope` go to both sides.
+    they listen on (all interfaces when None). `num_conn`, `rate` and `scope` go to both sides;
+    `accept_new_cert` as for `Client`.
 
     When the outbound side fails, the inbound side is released before the error is raised:
     nothing is left half made. The error says so, or, when that release failed too, gives the
     UID to release it by hand.
     """
-    hpc = Client(inbound, server_cert, scope)
-    instrument = Client(outbound, server_cert, scope)
+    hpc = Client(inbound, server_cert, scope, accept_new_cert=accept_new_cert)
+    instrument = Client(outbound, server_cert, scope, accept_new_cert=accept_new_cert)
     service = _port_list(receiver_ports, "receiver_ports")
     local = None if local_ports is None else _port_list(local_ports, "local_ports")
     _check(remote_ip, service, num_conn, rate, local, local_ip)

@@ -120,6 +120,9 @@ def release(uid: str, *gateways: S2csProcess) -> None:
 
 def run() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="scistream-demo-"))
+    # The demo's s2uc pins the demo's gateways in the demo's directory, not in the user's
+    # servers.json: its gateways, made anew each time, may get the same port another day.
+    os.environ["SCISTREAM_HOME"] = str(workdir / "home")
     hpc = S2csProcess("hpc", workdir / "hpc", free_port_range(10))
     inst = S2csProcess("instrument", workdir / "instrument", free_port_range(10))
     sink = Sink()

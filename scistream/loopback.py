@@ -26,7 +26,7 @@ import psutil
 from .errors import ScistreamError
 from .protocol import hostport
 from .s2cs.gateway import port_is_free
-from .s2uc.client import call, parse_server, tls_context
+from .s2uc.client import call, parse_server, trust
 
 BIN = Path(sys.executable).parent
 LOOPBACK_TARGETS = "127.0.0.1/32,::1/128"  # every service of the demo, the tests and the bench
@@ -240,7 +240,7 @@ class S2csProcess:
             time.sleep(0.1)
 
     def call(self, op: str, token: str | None = None, **fields: Any) -> dict[str, Any]:
-        return call(parse_server(self.address), tls_context(self.cert), op, token, **fields)
+        return call(parse_server(self.address), trust(self.cert), op, token, **fields)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

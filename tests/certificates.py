@@ -18,13 +18,15 @@ def pair_pem(
     not_after: datetime.datetime,
     ips: Sequence[str] = ("127.0.0.1",),
     dns: Sequence[str] = (),
+    ca: bool = False,
 ) -> tuple[bytes, bytes]:
-    """(certificate, key), both PEM, the key unencrypted."""
+    """(certificate, key), both PEM, the key unencrypted; with `ca`, a CA certificate (CA:TRUE),
+    as s2cs generated them before its certificates were leaves."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway")])
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -33,8 +35,10 @@ def pair_pem(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    cert = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

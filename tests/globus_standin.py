@@ -55,6 +55,12 @@ class GlobusStandIn:
     introspected: list[tuple[str, str]] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)  # user -> ids of its groups
     groups_tokens: dict[str, str] = field(default_factory=dict)  # dependent token -> user
+    # Cleared by a test, every introspection waits until it is set again: a request stays under
+    # way at the server for as long as the test needs.
+    answering: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.answering.set()
 
     def start(self) -> GlobusStandIn:
         self.cert = self.directory / "globus.crt"
@@ -152,6 +158,7 @@ class GlobusStandIn:
                     table[form["token"]].revoked = True
             return 200, {"active": False}
         if path == "/v2/oauth2/token/introspect":
+            self.answering.wait(60)
             server = self._confidential(authorization)
             if server is None:
                 return 401, {"error": "invalid_client"}

@@ -3,13 +3,19 @@
 `entry` builds a line from what a request did (pure); `AuditLog` appends it to the `--audit-log`
 file, opening the file for every line so that logrotate may move it away at any time. A line
 names the stream by its UID prefix only: the UID is the stream's secret.
+
+s2cs may run as root, and the file's directory may be writable by others (a shared /var/log):
+a symbolic link planted at its path would make s2cs append to the file it names, and a FIFO
+would hang every request. Neither is opened: the line is refused, loudly.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,18 +68,31 @@ class AuditLog:
         try:
             self._append(b"")  # a file s2cs cannot write stops it at start, not at the first stream
         except OSError as exc:
-            raise ConfigError(f"--audit-log: cannot write {path}: {exc.strerror or exc}") from None
+            raise ConfigError(f"--audit-log: cannot write {path}: {_why(exc)}") from None
 
     def write(self, record: dict[str, Any]) -> None:
         try:
             self._append(line(record))
         except OSError as exc:
-            log.error("cannot write the audit log %s: %s; lost: %s", self.path, exc.strerror or exc, record)
+            log.error("cannot write the audit log %s: %s; lost: %s", self.path, _why(exc), record)
 
     def _append(self, data: bytes) -> None:
+        # O_NOFOLLOW: a symlink is refused (ELOOP), never followed. O_NONBLOCK: a FIFO without a
+        # reader fails (ENXIO) instead of blocking; a regular file ignores it. Created 0600.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, flags, 0o600)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "it is not a regular file")
                 os.write(fd, data)
             finally:
                 os.close(fd)
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link, which s2cs does not follow; give the path of the file itself"
+    if exc.errno == errno.ENXIO:
+        return "it is not a regular file"
+    return exc.strerror or str(exc)

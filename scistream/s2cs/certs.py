@@ -1,7 +1,11 @@
 """The control-plane certificate: the operator's, or one generated on first start.
 
 A generated certificate is self-signed for the listener IP, the loopback addresses and this host's
-names, and kept in the state dir so users can be given the same file every time. An operator's
+names, and kept in the state dir so users can be given the same file every time. It is a leaf for
+TLS servers only (CA:FALSE, digitalSignature, serverAuth): s2uc pins each gateway to exactly its
+own certificate, and a CA in a user's bundle of several gateways' certificates would let this
+gateway's key sign a certificate for another one (as earlier versions generated it; such a pair
+is replaced at start). An operator's
 pair is checked at start (readable, PEM, the key that of the certificate), so that a wrong file is
 one line of the operator's words, not a TLS traceback.
 """
@@ -19,10 +23,24 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError
 from ..s2ds.backend import write_private
+
+# An EC key signs the handshake (digitalSignature); it enciphers nothing (no keyEncipherment, which
+# is for RSA key transport), and it signs no certificate (no keyCertSign) and no CRL.
+_SERVER_ONLY = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 def generate(crt: Path, key: Path, listener_ip: str, *more_ips: str) -> None:
@@ -42,7 +60,9 @@ def generate(crt: Path, key: Path, listener_ip: str, *more_ips: str) -> None:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_SERVER_ONLY, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(private, hashes.SHA256())
     )
     write_private(
@@ -54,20 +74,52 @@ def generate(crt: Path, key: Path, listener_ip: str, *more_ips: str) -> None:
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+FIRST = "none in the state dir yet"  # why a pair is generated on a gateway's first start
+
+
 def server_certificate(
     crt: Path | None, key: Path | None, state_dir: Path, listener_ip: str, *more_ips: str
-) -> tuple[Path, Path, bool]:
-    """(certificate, key, generated). Both given, or neither (then generated once in state_dir)."""
+) -> tuple[Path, Path, str | None]:
+    """(certificate, key, why it was generated now or None). Both given, or neither (then
+    generated once in state_dir, and again when it no longer fits)."""
     if crt and key:
         check_pair(crt, key)
-        return crt, key, False
+        return crt, key, None
     if crt or key:
         raise ConfigError("give both --server-crt and --server-key, or neither to use a generated pair")
     crt, key = state_dir / "server.crt", state_dir / "server.key"
-    if not _usable(crt, key) or not all(_names(crt, ip) for ip in (listener_ip, *more_ips)):
-        generate(crt, key, listener_ip, *more_ips)  # also when an address changed: it must name it
-        return crt, key, True
-    return crt, key, False
+    why = _unfit(crt, key, (listener_ip, *more_ips))
+    if why is not None:
+        generate(crt, key, listener_ip, *more_ips)
+    return crt, key, why
+
+
+def _unfit(crt: Path, key: Path, ips: tuple[str, ...]) -> str | None:
+    """Why the generated pair in the state dir must be made anew; None when it may stay."""
+    if not crt.exists() and not key.exists():
+        return FIRST
+    try:
+        check_pair(crt, key)
+    except ConfigError as exc:
+        return f"the one in the state dir was unusable: {exc.message}"
+    missing = [ip for ip in ips if not _names(crt, ip)]
+    if missing:  # an address changed: the certificate must name it
+        return f"the one in the state dir did not name {', '.join(missing)}"
+    if is_ca(crt):
+        return (
+            "the one in the state dir was a CA certificate, made by an earlier s2cs: it could vouch "
+            "for other gateways, so users must replace it with this one"
+        )
+    return None
+
+
+def is_ca(crt: Path) -> bool:
+    """Whether the certificate may sign others (BasicConstraints CA:TRUE)."""
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def check_pair(crt: Path, key: Path) -> None:
@@ -109,15 +161,6 @@ def _read(path: Path) -> bytes:
 
 def _public(key: PublicKeyTypes) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _usable(crt: Path, key: Path) -> bool:
-    """The generated pair is still whole and valid (else it is generated again)."""
-    try:
-        check_pair(crt, key)
-    except ConfigError:
-        return False
-    return True
 
 
 def _names(crt: Path, ip: str) -> bool:

@@ -27,8 +27,8 @@ from ..s2ds.stunnel import StunnelBackend
 from . import examine, logs
 from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
-from .certs import server_certificate
-from .gateway import Gateway, Settings, interfaces, own_addresses
+from .certs import FIRST, is_ca, server_certificate
+from .gateway import Gateway, Settings, interfaces, told_addresses
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .policy import Own, Policy, PolicyFile, build_policy, parse_policy
 from .ports import parse_range
@@ -148,11 +148,11 @@ def policy_lines(policy: Policy, policy_path: Path | None, audit_log: Path | Non
     targets = ", ".join(described["targets"]) or "none"
     if policy.default_targets:
         targets += " (the networks of this gateway's interfaces; --allow-targets to choose others)"
-    first, last = policy.own.port_range
+    *ports, last = policy.own.never
     lines = [
         f"  inbound proxies open to: {targets}",
-        f"  never to this gateway's control port {policy.own.control_port} or ports {first}-{last}, "
-        "on any of its addresses",
+        f"  never to this gateway's {', '.join(ports)} or {last}, on any of its addresses; to its "
+        "other ports only by a rule that names the address",
     ]
     if policy.peers is None:
         lines.append("  outbound proxies connect to any remote listener (--allow-peers to restrict)")
@@ -297,7 +297,8 @@ def run(
             "--allow-targets",
             metavar="CIDR[:PORT[-PORT]][,...]",
             help="Targets inbound proxies may open to; IPv6 with ports as [fd00::/64]:5001. Repeatable. "
-            "[default: the networks of this host's interfaces, never loopback or link-local]",
+            "Loopback, link-local and this host's own addresses only where a rule names them "
+            "(10.0.1.1/32:6000). [default: the networks of this host's interfaces]",
         ),
     ] = None,
     allow_peers: Annotated[
@@ -331,7 +332,9 @@ def run(
     audit_log: Annotated[
         Path | None,
         typer.Option(
-            "--audit-log", metavar="FILE", help="Append a JSON line per stream created, refused or released."
+            "--audit-log",
+            metavar="FILE",
+            help="Append a JSON line per stream created or released and per refused request.",
         ),
     ] = None,
     max_clients_per_address: Annotated[
@@ -411,7 +414,8 @@ def run(
         control = parse_ip(control_ip, "--control-ip") if control_ip else None
         state = (state_dir or Path.home() / ".scistream" / f"s2cs-{port}").expanduser()
         settings = Settings(listener_ip, bind, parse_range(port_range), state)
-        own = Own(own_addresses(listener_ip, bind, control), port, settings.port_range)
+        # Its interfaces' addresses are read again for every request (Gateway.addresses).
+        own = Own(told_addresses(listener_ip, bind, control), port, settings.port_range, metrics_port)
 
         def read_policy() -> Policy:  # at start, for --check, and again at each SIGHUP
             return make_policy(
@@ -497,8 +501,17 @@ def run(
         """What this s2cs is and does, once it has the control port: a busy port is one line."""
         typer.echo(f"s2cs {__version__}: control server on {shown}, TLS certificate {crt}", err=True)
         if generated:
+            anew = "" if generated == FIRST else f" anew ({generated})"
             typer.echo(
-                f"  generated that certificate; give it to users: s2uc ... --server_cert {crt}", err=True
+                f"  generated that certificate{anew}; give it to users: s2uc ... --server_cert {crt}",
+                err=True,
+            )
+        elif is_ca(crt):
+            typer.echo(
+                f"  warning: {crt} is a CA certificate (CA:TRUE); s2uc trusts it only for this "
+                "gateway, but a CA's key can sign certificates for others: give the control port "
+                "a leaf certificate (CA:FALSE)",
+                err=True,
             )
         typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
         typer.echo(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}", err=True)

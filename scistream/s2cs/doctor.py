@@ -169,6 +169,13 @@ def names_of(cert: x509.Certificate) -> tuple[list[str], list[str]]:
     ]
 
 
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
 def certificate_check(
     pem: bytes, path: str, now: datetime.datetime, listener_ip: str, generated: bool
 ) -> Check:
@@ -211,6 +218,20 @@ def certificate_check(
             missing,
             f"get a certificate whose subjectAltName has IP:{listener_ip}, or leave out --server-crt/"
             "--server-key for a generated one",
+        )
+    if _is_ca(cert):  # its key could sign a certificate users take for another gateway's
+        if generated:
+            return Check(
+                name,
+                Status.WARN,
+                f"{path} is a CA certificate, made by an earlier s2cs: s2cs generates a new one at start",
+                f"give users the new {path} once s2cs has started",
+            )
+        return Check(
+            name,
+            Status.WARN,
+            f"{path} is a CA certificate; s2uc trusts it only for this gateway",
+            "give the control port a leaf certificate (CA:FALSE) for it",
         )
     left = until - now
     detail = f"{path}: valid until {until:%Y-%m-%d} ({left.days} days), names {covers}"

@@ -44,7 +44,18 @@ from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles
 from ..s2ds.runtime import Handle, ProcessRuntime, Runtime, terminate
 from ..s2ds.supervisor import STOP_GRACE, ProxyProcess, State, Supervisor
 from .auth import Authenticator, Identity
-from .policy import Grant, Own, Policy, build_policy, limits_verdict, streams_verdict
+from .policy import (
+    Grant,
+    IPAddress,
+    Own,
+    Policy,
+    build_policy,
+    interface_addresses,
+    limits_verdict,
+    normalised,
+    ports_verdict,
+    streams_verdict,
+)
 from .ports import PortPool
 from .sessions import Phase, RecordedProcess, Session, SessionRegistry, parse_record, short
 from .state import StateDir
@@ -96,11 +107,10 @@ def interfaces() -> list[tuple[str, str | None]]:
     ]
 
 
-def own_addresses(*extra: str | None) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Every address that reaches this gateway: its interfaces' and those it was told are its own
-    (an advertised address behind NAT, say)."""
-    found = [address.split("%")[0] for address, _ in interfaces()] + [ip for ip in extra if ip]
-    return frozenset(ipaddress.ip_address(ip) for ip in found)
+def told_addresses(*told: str | None) -> frozenset[IPAddress]:
+    """The addresses s2cs was told are its own (an advertised address behind NAT, say). Those of
+    its interfaces are read for each request instead (Gateway.addresses)."""
+    return frozenset(normalised(ip) for ip in told if ip)
 
 
 def inbound_bind(settings: Settings) -> str:
@@ -140,6 +150,14 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def within_quota(grant: Grant, owned: Sequence[Session], session: Session) -> None:
+    """Forbidden when `session` would take its owner, who has `owned` already, over a quota: its
+    streams (max_streams) or their listener ports together (max_ports). Without authentication
+    everybody is anonymous, and the quotas count everybody together."""
+    streams_verdict(grant, len(owned)).enforce()
+    ports_verdict(grant, sum(len(s.ports) for s in owned), len(session.ports)).enforce()
+
+
 class _Recording:
     """The Runtime a session's processes get: each spawn is written to state.json at once, before
     anything waits for the process. An s2cs that dies while a proxy starts so leaves it recorded,
@@ -173,7 +191,7 @@ class Gateway:
         self.backend = backend
         self.auth = auth
         # Without a policy of the caller's: the default one, and no stream to this gateway's ports.
-        own = Own(own_addresses(settings.listener_ip, settings.bind_ip), 0, settings.port_range)
+        own = Own(told_addresses(settings.listener_ip, settings.bind_ip), 0, settings.port_range)
         self.policy = policy or build_policy(own, interfaces())
         self.runtime = runtime or ProcessRuntime()
         self.state = StateDir(settings.state_dir)
@@ -190,6 +208,7 @@ class Gateway:
         # Where a request's proxy config is checked while the request starts the shaper (_launch).
         self._checks = ThreadPoolExecutor(thread_name_prefix="config-check")
         self.inbound_bind = inbound_bind(settings)  # checked now, not at the first request
+        self._addresses: tuple[tuple[str, ...], frozenset[IPAddress]] = ((), frozenset())
 
     def reconfigure(self, templates: jinja2.Environment, policy: Policy) -> None:
         """New templates and policy for the requests to come (SIGHUP), both checked already.
@@ -349,12 +368,25 @@ class Gateway:
             policy=self.policy.describe(),
         )
 
+    def addresses(self) -> frozenset[IPAddress]:
+        """This gateway's addresses now, read for every request: DHCP, SLAAC and VIPs add some
+        while s2cs runs. psutil lists them in 0.05 ms (2 addresses) to 0.6 ms (100); parsing
+        them costs as much again, so it is done only when the list changed."""
+        found = tuple(address for address, _ in interfaces())
+        listed, parsed = self._addresses  # one reference: a request running along reads a pair
+        if found != listed:
+            parsed = interface_addresses((address, None) for address in found)
+            self._addresses = (found, parsed)
+        return parsed
+
     def inbound(self, req: InboundRequest, who: Identity | None) -> dict[str, Any]:
         policy = self.policy  # one policy for the whole request, whatever a reload swaps in meanwhile
         grant = policy.grant(who)
+        here = self.addresses()
         for target in req.receiver_ports:  # before anything is taken: a refusal changes nothing
-            policy.target(grant, req.remote_ip, target).enforce()
+            policy.target(grant, req.remote_ip, target, here).enforce()
         limits_verdict(grant, req.limits).enforce()
+        ports_verdict(grant, 0, len(req.receiver_ports)).enforce()  # too many alone: before any is taken
         uid = str(uuid.uuid4())  # random from os.urandom: the stream's secret
         sid = secrets.token_hex(6)  # the session's local name, and the owner of its ports
         place = self._place(sid, len(req.receiver_ports))
@@ -371,9 +403,11 @@ class Gateway:
     def outbound(self, req: OutboundRequest, who: Identity | None) -> dict[str, Any]:
         policy = self.policy  # one policy for the whole request, whatever a reload swaps in meanwhile
         grant = policy.grant(who)
+        here = self.addresses()
         for remote in req.remote_listeners:
-            policy.peer(remote.ip, remote.port).enforce()
+            policy.peer(remote.ip, remote.port, here).enforce()
         limits_verdict(grant, req.limits).enforce()
+        ports_verdict(grant, 0, len(req.remote_listeners)).enforce()  # too many alone: before any is taken
         note = ""
         if req.bind_ip is None:
             bind = "0.0.0.0"
@@ -521,8 +555,7 @@ class Gateway:
     def _launch(self, session: Session, grant: Grant) -> None:
         try:
             with self.registry.lock:  # counted and added at once: two requests cannot both pass
-                owned = sum(1 for s in self.registry.all() if s.owner == session.owner)
-                streams_verdict(grant, owned).enforce()
+                within_quota(grant, [s for s in self.registry.all() if s.owner == session.owner], session)
                 self.registry.add(session)
         except ScistreamError:
             self.pool.release(session.ports, owner=session.sid)

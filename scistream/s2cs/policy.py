@@ -3,15 +3,18 @@
 An inbound proxy is a way into the facility network, so it opens only to the targets the operator
 allows (`--allow-targets`, the policy file), by default the networks directly attached to the
 gateway's own interfaces. Loopback and link-local addresses (the gateway itself, a cloud's
-metadata service) are reached only when a rule names them on purpose, never through a broad
-network such as 0.0.0.0/0; the gateway's own control port and port range are never reached at all.
+metadata service) and the gateway's own addresses (whatever its interfaces have when the request
+comes) are reached only when a rule names them on purpose, never through a broad network such as
+0.0.0.0/0 or an attached network; the gateway's own control port, metrics port and port range are
+never reached at all.
 
 With authentication on, the operator may also say who may use the gateway (`--allow-users`,
 `--allow-groups`, `[[allow]]` entries of the policy file) and give each identity or Globus group
 its own targets and quotas.
 
-Pure: no sockets, no files. The shell reads the policy file and the interface addresses and
-passes them in; the gateway turns a refusal into a FORBIDDEN reply.
+Pure: no sockets, no files. The shell reads the policy file and the interface addresses (these
+again for every request: an address added later is the gateway's too) and passes them in; the
+gateway turns a refusal into a FORBIDDEN reply.
 
 Target syntax, one spec or several separated by commas:
 
@@ -29,7 +32,7 @@ import re
 import tomllib
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ..errors import ConfigError, Forbidden
@@ -75,6 +78,15 @@ class TargetRule:
             if any(_inside(self.network, net) for net in nets):
                 return kind
         return None
+
+    def reaches(self, ip: IPAddress, port: int, kind: str | None) -> bool:
+        """Covers ip:port, and names it on purpose where its `kind` (_kind) asks for that: a
+        loopback or link-local network of its own, or the one address of the gateway itself."""
+        if not self.covers(ip, port):
+            return False
+        if kind == OWN_ADDRESS:
+            return self.network.num_addresses == 1
+        return kind is None or self.special == kind
 
 
 def _inside(inner: IPNetwork, outer: IPNetwork) -> bool:
@@ -163,6 +175,17 @@ def _prefix_length(netmask: str | None, full: int) -> int:
     return bin(bits).count("1")
 
 
+def interface_addresses(interfaces: Iterable[tuple[str, str | None]]) -> frozenset[IPAddress]:
+    """Every IP address of the (address, netmask) pairs psutil reports, zone ids dropped."""
+    found = set()
+    for address, _ in interfaces:
+        try:
+            found.add(normalised(address.split("%")[0]))
+        except ValueError:
+            continue  # a MAC address
+    return frozenset(found)
+
+
 def normalised(ip: str | IPAddress) -> IPAddress:
     """An IPv4-mapped IPv6 address (::ffff:127.0.0.1) is the IPv4 address it carries."""
     addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
@@ -171,9 +194,16 @@ def normalised(ip: str | IPAddress) -> IPAddress:
     return addr
 
 
-def _kind(ip: IPAddress) -> str | None:
+OWN_ADDRESS = "this gateway's own address"
+
+
+def _kind(ip: IPAddress, own: Own) -> str | None:
+    """What a rule must name on purpose to reach `ip`; None: any rule that covers it will do."""
     if any(ip.version == net.version and ip in net for net in LOOPBACK):
         return "loopback"
+    # Before link-local: an own link-local address is the gateway too, and needs its own name.
+    if ip in own.addresses:
+        return OWN_ADDRESS
     if any(ip.version == net.version and ip in net for net in LINK_LOCAL):
         return "link-local"
     return None
@@ -181,11 +211,19 @@ def _kind(ip: IPAddress) -> str | None:
 
 @dataclass(frozen=True)
 class Own:
-    """The gateway itself: no stream may reach these ports on any of its addresses."""
+    """The gateway itself: no stream may reach these ports on any of its addresses, and its other
+    ports only where a rule names the address.
+
+    `addresses`: those it was told at start (--listener-ip, --bind-ip, --control-ip: behind NAT,
+    an address of no interface); `at` adds those its interfaces have when a request comes."""
 
     addresses: frozenset[IPAddress]
     control_port: int
     port_range: tuple[int, int]
+    metrics_port: int | None = None
+
+    def at(self, interfaces: frozenset[IPAddress]) -> Own:
+        return replace(self, addresses=self.addresses | interfaces)
 
     def refusal(self, ip: IPAddress, port: int, what: str) -> str | None:
         """`what`: "target 10.0.1.1:5000", say."""
@@ -194,9 +232,18 @@ class Own:
         first, last = self.port_range
         if port == self.control_port:
             return f"{what} is this gateway's own control port; no policy allows it"
+        if port == self.metrics_port:
+            return f"{what} is this gateway's own metrics port; no policy allows it"
         if first <= port <= last:
             return f"{what} is in this gateway's own port range {first}-{last}; no policy allows it"
         return None
+
+    @property
+    def never(self) -> list[str]:
+        """The ports no stream reaches on any of its addresses, for `info` and the start-up output."""
+        first, last = self.port_range
+        metrics = [f"metrics port {self.metrics_port}"] if self.metrics_port else []
+        return [f"control port {self.control_port}", *metrics, f"ports {first}-{last}"]
 
 
 def target_refusal(
@@ -207,8 +254,10 @@ def target_refusal(
     whom: str = "",
     how: str = HOW_TO_ALLOW,
     noun: str = "target",
+    option: str = "--allow-targets",
 ) -> str | None:
-    """None when `rules` allow ip:port, else the one line that says why not and what to do."""
+    """None when `rules` allow ip:port, else the one line that says why not and what to do.
+    `own`: with the addresses the interfaces have now (Own.at)."""
     addr = normalised(ip)
     shown = hostport(str(addr), port)
     if addr.is_unspecified:
@@ -216,10 +265,12 @@ def target_refusal(
     refused = own.refusal(addr, port, f"{noun} {shown}")
     if refused:
         return refused
-    kind = _kind(addr)
-    for rule in rules:
-        if rule.covers(addr, port) and (kind is None or rule.special == kind):
-            return None
+    kind = _kind(addr, own)
+    if any(rule.reaches(addr, port, kind) for rule in rules):
+        return None
+    if kind == OWN_ADDRESS:
+        named = TargetRule(ipaddress.ip_network(addr), (port, port))
+        how = f"its operator allows it only with a rule that names the address, such as {option} {named}"
     what = f" ({kind})" if kind else ""
     for_whom = f" for {whom}" if whom else ""
     return f"{noun} {shown}{what} is not allowed{for_whom} on this gateway; {how}"
@@ -250,6 +301,7 @@ class Quota:
     max_streams: int | None = None
     max_rate: int | None = None  # kb/s; 0 = unlimited
     max_num_conn: int | None = None
+    max_ports: int | None = None  # listener ports of all its streams together
 
     def overridden(self, others: Sequence[Quota]) -> Quota:
         """This quota with what `others` set instead; where several set a limit, the highest."""
@@ -257,6 +309,7 @@ class Quota:
             _highest(self.max_streams, [o.max_streams for o in others]),
             _highest(self.max_rate, [o.max_rate for o in others], zero_is_unlimited=True),
             _highest(self.max_num_conn, [o.max_num_conn for o in others]),
+            _highest(self.max_ports, [o.max_ports for o in others]),
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -266,7 +319,8 @@ class Quota:
 @dataclass(frozen=True)
 class ContainerLimits:
     """What each proxy or shaper container may use (`[containers]` of the policy file), for
-    `--runtime docker`; None = no limit of its own."""
+    `--runtime docker` and `swarm`; None = the runtime's default (containers.DEFAULT_LIMITS),
+    0 = no limit."""
 
     memory: int | None = None  # bytes
     cpus: float | None = None
@@ -369,24 +423,30 @@ class Policy:
             who.name, targets, self.quota.overridden([a.quota for a in named]), any(a.admin for a in named)
         )
 
-    def target(self, grant: Grant, ip: str, port: int) -> Verdict:
+    def target(self, grant: Grant, ip: str, port: int, interfaces: frozenset[IPAddress]) -> Verdict:
+        """`interfaces`: the addresses this host's interfaces have now (read for each request)."""
         how = HOW_TO_ALLOW + (" or in the policy file" if self.allows else "")
-        return _verdict(target_refusal(grant.targets, self.own, ip, port, grant.whom, how))
+        own = self.own.at(interfaces)
+        return _verdict(target_refusal(grant.targets, own, ip, port, grant.whom, how))
 
-    def peer(self, ip: str, port: int) -> Verdict:
+    def peer(self, ip: str, port: int, interfaces: frozenset[IPAddress]) -> Verdict:
+        """Without --allow-peers, any: the remote listener proves itself with the stream's
+        certificate. With them, the rules of targets, the gateway's own addresses included."""
         if self.peers is None:
             return ALLOWED
         how = "its operator allows remote listeners with --allow-peers CIDR[:PORT[-PORT]]"
-        return _verdict(target_refusal(self.peers, self.own, ip, port, how=how, noun="remote listener"))
+        own = self.own.at(interfaces)
+        return _verdict(
+            target_refusal(self.peers, own, ip, port, how=how, noun="remote listener", option="--allow-peers")
+        )
 
     def describe(self) -> dict[str, Any]:
         """For `info` and the start-up output; names no identity."""
-        first, last = self.own.port_range
         return {
             "targets": [str(t) for t in self.targets],
             "targets_default": self.default_targets,
             "peers": None if self.peers is None else [str(p) for p in self.peers],
-            "never": [f"control port {self.own.control_port}", f"ports {first}-{last}"],
+            "never": self.own.never,
             "identities": "listed" if self.restricts_identities else "any",
             "quota": self.quota.as_dict(),
             # Only where set: what each proxy's container may use, with --runtime docker.
@@ -429,6 +489,22 @@ def streams_verdict(grant: Grant, owned: int) -> Verdict:
     )
 
 
+def ports_verdict(grant: Grant, held: int, wanted: int) -> Verdict:
+    """`held`: the listener ports of the caller's streams here already; `wanted`: the new one's."""
+    most = grant.quota.max_ports
+    if most is None or held + wanted <= most:
+        return ALLOWED
+    whom = grant.whom or "everybody together"
+    limit = f"{whom} may hold at most {most} listener port(s) at once on this gateway (max_ports)"
+    if wanted > most:
+        return Verdict(False, f"{limit}; this stream needs {wanted}: ask for {most} port(s) or fewer")
+    return Verdict(
+        False,
+        f"{limit} and holds {held}; this stream needs {wanted} more: release a stream first "
+        "(s2uc release UID)",
+    )
+
+
 # --- the policy file -------------------------------------------------------------------------
 
 
@@ -445,7 +521,7 @@ class PolicyFile:
     containers: ContainerLimits = ContainerLimits()
 
 
-_QUOTA_KEYS = ("max_streams", "max_rate", "max_num_conn")
+_QUOTA_KEYS = ("max_streams", "max_rate", "max_num_conn", "max_ports")
 _TOP_KEYS = {"targets", "peers", "users", "groups", *_QUOTA_KEYS, "allow", "containers"}
 _CONTAINER_KEYS = {"memory", "cpus", "pids"}
 _CONTAINERS = -1  # the entry number _Invalid and _line_of give the [containers] table
@@ -509,14 +585,16 @@ def _containers(table: Any) -> ContainerLimits:
             )
         if found:
             memory = int(found.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[found.group(2).lower()]
-        if memory < 6 << 20:
+        if 0 < memory < 6 << 20:
             raise _Invalid(
-                f"memory must be at least 6M (the engine's floor), not {memory} bytes", "memory", _CONTAINERS
+                f"memory must be at least 6M (the engine's floor) or 0 (no limit), not {memory} bytes",
+                "memory",
+                _CONTAINERS,
             )
-    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int | float) or cpus <= 0):
-        raise _Invalid(f"cpus must be a number above 0, such as 0.5, not {cpus!r}", "cpus", _CONTAINERS)
-    if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 1):
-        raise _Invalid(f"pids must be a whole number of at least 1, not {pids!r}", "pids", _CONTAINERS)
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int | float) or cpus < 0):
+        raise _Invalid(f"cpus must be a number, such as 0.5 (0: no limit), not {cpus!r}", "cpus", _CONTAINERS)
+    if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 0):
+        raise _Invalid(f"pids must be a whole number (0: no limit), not {pids!r}", "pids", _CONTAINERS)
     return ContainerLimits(memory, None if cpus is None else float(cpus), pids)
 
 

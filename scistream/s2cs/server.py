@@ -25,15 +25,17 @@ from typing import Any
 from ..errors import BadRequest, Conflict, Internal, ScistreamError
 from ..protocol import (
     MAX_MESSAGE,
+    OPS,
     InboundRequest,
     InfoRequest,
     OutboundRequest,
     ReleaseRequest,
     StatusRequest,
-    decode_request,
+    decode,
     encode,
     error,
     hostport,
+    parse_request,
 )
 from .audit import AuditLog, Event, entry
 from .auth import Identity
@@ -53,7 +55,8 @@ WORKERS = 8
 
 def server_context(crt: str, key: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.3 only, as the data plane: every s2uc that pins certificates speaks it (docs/protocol.md).
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(crt, key)
     return ctx
 
@@ -96,7 +99,10 @@ class ControlServer:
         who: Identity | None = None
         begun = time.monotonic()
         try:
-            req = decode_request(line)
+            message = decode(line)
+            # The op it names, when it is one of ours: the audit line of a refusal says which.
+            op = message["op"] if message.get("op") in OPS else "?"
+            req = parse_request(message)
             op = req.op
             body = req.body
             if isinstance(body, InfoRequest):
@@ -144,13 +150,16 @@ class ControlServer:
         reply: dict[str, Any] | None,
         exc: ScistreamError | None,
     ) -> None:
-        """A line for every stream created, refused or released, and every refused identity."""
+        """A line for every stream created, refused or released, every refused identity, and
+        every request refused unread (`body` None: malformed, too large, or one address's
+        connections over the limit). What a client sent is never copied: only known op names,
+        the targets once validated, and the error's own words."""
         if self.audit is None:
             return
         event: Event
         if isinstance(body, InboundRequest | OutboundRequest | ReleaseRequest):
             event = "refuse" if exc else "release" if isinstance(body, ReleaseRequest) else "create"
-        elif exc is not None and exc.code in ("UNAUTHENTICATED", "FORBIDDEN"):
+        elif exc is not None and (body is None or exc.code in ("UNAUTHENTICATED", "FORBIDDEN")):
             event = "refuse"
         else:
             return
@@ -165,7 +174,7 @@ class ControlServer:
             entry(
                 event,
                 when=time.time(),
-                op=op,
+                op=op if op in OPS else "unknown",
                 identity=(who.id, who.name) if who else None,
                 client=client,
                 targets=targets,
@@ -186,6 +195,7 @@ class ControlServer:
             if self._clients > MAX_CLIENTS:
                 log.warning("%s: closed, %d clients connected already", peer, MAX_CLIENTS)
                 return
+            loop = asyncio.get_running_loop()
             try:
                 line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
                 conn.busy = True
@@ -194,17 +204,18 @@ class ControlServer:
                 log.debug("%s: no request within %.0fs, closed", peer, READ_TIMEOUT)
                 return
             except (ValueError, asyncio.LimitOverrunError):
-                reply = error(BadRequest(f"request larger than {MAX_MESSAGE // 1024} KiB"))
+                refused = BadRequest(f"request larger than {MAX_MESSAGE // 1024} KiB")
             except (ConnectionError, ssl.SSLError, OSError):
                 return
             else:
                 if not line.strip():
                     return
-                if refused:
-                    reply = error(refused)
-                else:
-                    loop = asyncio.get_running_loop()
-                    reply = await loop.run_in_executor(self.workers, self.dispatch, line, peer, address)
+            if refused:
+                # Off the event loop, as every audit line: a slow disk must not stall the others.
+                await loop.run_in_executor(None, self._audit, "?", None, None, address, None, refused)
+                reply = error(refused)
+            else:
+                reply = await loop.run_in_executor(self.workers, self.dispatch, line, peer, address)
             writer.write(encode(reply))
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
         except (TimeoutError, ConnectionError, ssl.SSLError, OSError):

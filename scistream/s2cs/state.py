@@ -5,7 +5,8 @@ Layout of `--state-dir` (mode 0700):
     state.json            every session, with its proxy's pid, start time and command line
     state.json.bak        a second copy of state.json, written after it every time
     server.crt/.key       the control-plane certificate, when s2cs generated it
-    sessions/<sid>/       one directory per session: config, stream key and certificate, log, socket
+    sessions/<sid>/       one directory per session: config, stream key and certificate, logs
+    sessions/<sid>/run/   what the session's processes write: their sockets, the shaper's counts
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from ..s2ds.backend import write_private
 
 STATE_VERSION = 1
 # A Unix socket path must fit in sun_path (108 bytes with its NUL); ours are
-# <state>/sessions/<sid>/stats.sock, so the state dir path is bounded.
-_MAX_STATE_DIR = 107 - len("/sessions/") - 12 - len("/stats.sock")
+# <state>/sessions/<sid>/run/shaper-NN.sock, so the state dir path is bounded.
+_MAX_STATE_DIR = 107 - len("/sessions/") - 12 - len("/run/shaper-NN.sock")
 
 
 def _make_dir(path: Path, what: str, parents: bool = False) -> None:

@@ -9,15 +9,23 @@ replicas, each stateless, serve them together (docs/scale-out.md):
   directory's path; the config and the plan are swarm configs, the stream's key and certificate
   swarm secrets, mounted at the paths they were rendered for. The swarm restarts the task when it
   fails (restart policy on failure); s2cs supervises nothing.
-- **The state is the services' labels.** The session's record (UID, role, owner, listeners,
-  limits) is a label of its service, so a replica finds every stream of the facility, lists and
-  releases any of them, and loses nothing when it dies. The service's name derives from the
-  facility, the UID and the role: a second proxy of the same stream and role is refused by the
-  swarm itself.
+- **The state is the services' labels.** The session's record (role, owner, listeners, limits,
+  the UID's short prefix, never the UID: whoever may inspect a service must not be able to join
+  or release its stream) is a label of its service, and the UID's SHA-256 another (`uid-hash`),
+  so a replica finds every stream of the facility, finds one by its UID, lists and releases any
+  of them, and loses nothing when it dies. A listing shows the whole UID of the streams this
+  replica made since it started (it keeps them in memory only), the prefix of the others. The
+  service's name derives from the facility, the UID and the role (a hash): a second proxy of the
+  same stream and role is refused by the swarm itself.
+- **Limits**: each task as each container of `--runtime docker` (containers.effective: memory,
+  CPUs, processes); no new privileges for its processes (task.py sets it before it starts them:
+  a swarm service of this engine's API cannot ask for it).
 - **Ports are claimed by names.** A listener port of a node is a swarm config named after the
   facility, the node and the port: the swarm refuses a second object of that name, so two
   replicas never hand out the same port, without a lock service. A claim left by a replica that
-  died before it made its service is removed once older than STALE_CLAIM.
+  died before it made its service is removed once older than STALE_CLAIM; so are the configs and
+  secrets of a session whose service was never made (each labelled with its session and the time
+  it was made: `half_made`).
 - The address a user gets is the node's `scistream.address` label; a node without one (a
   single-node swarm) advertises `--listener-ip`; `scistream.bind-ip` is where its inbound proxies
   listen, `scistream.max-streams` the most streams placed on it.
@@ -39,7 +47,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +56,13 @@ import psutil
 from ..errors import BackendFailed, BadRequest, ConfigError, Conflict, NoPorts, NotFound, ScistreamError
 from ..protocol import hostport, ok
 from ..s2ds.backend import Backend
-from ..s2ds.containers import ENGINE_LOGS, ENGINE_TIMEOUT, LABEL, engine_error, image_command
+from ..s2ds.containers import ENGINE_LOGS, ENGINE_TIMEOUT, LABEL, effective, engine_error, image_command
 from ..s2ds.render import SessionFiles
 from ..s2ds.runtime import bound_endpoints
 from ..s2ds.task import READY
 from .auth import Authenticator, Identity
-from .gateway import Gateway, Place, Settings, any_address, port_is_free
-from .policy import Grant, Policy, streams_verdict
+from .gateway import Gateway, Place, Settings, any_address, port_is_free, within_quota
+from .policy import Grant, IPAddress, Policy, normalised
 from .sessions import Phase, Session, short
 
 log = logging.getLogger(__name__)
@@ -70,7 +78,9 @@ MAX_STREAMS = "scistream.max-streams"  # node label: the most streams placed on 
 RESTARTS = 5  # the swarm gives a task up after this many failures within RESTART_WINDOW
 RESTART_WINDOW = 60  # seconds
 GIVEN_UP = 3.0  # seconds after which an ended newest task has no successor: the swarm gave up
-SECRETS = ("stream.key", "stream.crt", "stream.pem")  # files the swarm keeps as secrets
+SECRETS = ("stream.crt", "stream.pem")  # files the swarm keeps as secrets
+NOT_MOUNTED = ("stream.key",)  # no proxy reads the key alone: the PEM has it
+TASK_TMPFS = 16 << 20  # bytes: the session directory of a task, sockets and counts
 
 _RUNNING = {"running"}
 _STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
@@ -125,6 +135,13 @@ def gateway_nodes(nodes: Sequence[dict[str, Any]], own: str, listener_ip: str, o
     return found
 
 
+def node_addresses(nodes: Sequence[Node]) -> frozenset[IPAddress]:
+    """The addresses of the gateway nodes, where streams listen: to a stream, each is the
+    gateway itself as much as this s2cs's host is. Pure."""
+    found = {normalised(ip) for node in nodes for ip in (node.address, node.bind)}
+    return frozenset(ip for ip in found if not ip.is_unspecified)
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -170,6 +187,27 @@ def failure(tasks: Sequence[dict[str, Any]]) -> str:
         return ""
     status = max(ended, key=lambda t: t.get("CreatedAt", "")).get("Status", {})
     return str(status.get("Err") or status.get("Message") or status.get("State"))
+
+
+def stamp(now: float) -> str:
+    """A time as the swarm writes them (RFC 3339, UTC), for the `created` label. Pure."""
+    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def half_made(objects: Sequence[dict[str, Any]], live: set[str]) -> list[int]:
+    """Which of a facility's configs and secrets (their attrs) belong to no live session and are
+    older than STALE_CLAIM: left by a replica that died between making them and making the
+    session's service (or a port claim's). Their own `created` label says when they were made,
+    else the swarm's CreatedAt; a time that cannot be read is no age. Pure but for the clock."""
+    found = []
+    for i, obj in enumerate(objects):
+        labels = obj.get("Spec", {}).get("Labels", {}) or {}
+        session = labels.get(f"{LABEL}.session")
+        if session is None or session in live:
+            continue
+        if _age(labels.get(f"{LABEL}.created") or obj.get("CreatedAt", "")) > STALE_CLAIM:
+            found.append(i)
+    return found
 
 
 def _age(created: str) -> float:
@@ -228,6 +266,7 @@ class SwarmGateway(Gateway):
         self.facility = facility_name(facility)
         self._client = client
         self.node_id = ""
+        self._uids: dict[str, str] = {}  # uid-hash -> UID of the streams this replica made
 
     # --- the swarm -------------------------------------------------------------------------------
 
@@ -279,13 +318,29 @@ class SwarmGateway(Gateway):
         for service in self._services(**more):
             labels = service.attrs["Spec"].get("Labels", {})
             try:
-                session = Session.from_record(json.loads(labels[f"{LABEL}.record"]))
+                record = json.loads(labels[f"{LABEL}.record"])
+                # The UID is not in the swarm: this replica's memory, else its prefix (_of_uid
+                # puts in the one asked for).
+                known = self._uids.get(labels.get(f"{LABEL}.uid-hash", ""))
+                record["uid"] = known or record.get("uid") or record["uid_prefix"]
+                session = Session.from_record(record)
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("service %s has no session record a s2cs can read: %s", service.name, exc)
                 continue
             session.node = labels.get(f"{LABEL}.node", "")
             found.append((session, service))
         return sorted(found, key=lambda pair: pair[0].created)
+
+    def addresses(self) -> frozenset[IPAddress]:
+        """This host's addresses and those of every gateway node: a target on another node's
+        port range would reach that node's listeners, a plain entry among them."""
+        try:
+            nodes = self._nodes()
+        except ScistreamError:
+            raise
+        except Exception as exc:
+            raise self._engine("cannot list the swarm's gateway nodes", exc) from None
+        return super().addresses() | node_addresses(nodes)
 
     # --- life of the server ----------------------------------------------------------------------
 
@@ -296,7 +351,27 @@ class SwarmGateway(Gateway):
     def start(self) -> None:
         for path in self.state.sessions.iterdir():  # scratch of requests a killed s2cs was serving
             shutil.rmtree(path, ignore_errors=True)
+        self._sweep()
         self.supervisor.start()
+
+    def _sweep(self) -> None:
+        """Remove the configs and secrets (port claims among them) of sessions never made."""
+        client = self.client()
+        try:
+            found = [
+                *client.configs.list(filters=self._filter()),
+                *client.secrets.list(filters=self._filter()),
+            ]
+            live = {s.attrs["Spec"]["Labels"].get(f"{LABEL}.session") for s in self._services()}
+        except Exception as exc:
+            log.warning("cannot look for objects of half-made sessions: %s", engine_error(exc, self.image))
+            return
+        for i in half_made([obj.attrs for obj in found], live):
+            log.warning(
+                "removing %s: left by a half-made session (its service was never made)", found[i].name
+            )
+            with contextlib.suppress(Exception):
+                found[i].remove()
 
     def close(self, keep_streams: bool = False) -> None:
         """The streams are the swarm's: they outlive every replica, and any other one serves them."""
@@ -336,7 +411,9 @@ class SwarmGateway(Gateway):
             self.client().configs.create(
                 name=self._claim_name(node.id, port),
                 data=sid.encode(),
-                labels=self._labels(**{"port-node": node.id, "port": str(port), "session": sid}),
+                labels=self._labels(
+                    **{"port-node": node.id, "port": str(port), "session": sid, "created": stamp(time.time())}
+                ),
             )
         except docker.errors.APIError as exc:
             if exc.status_code == 409:
@@ -373,6 +450,7 @@ class SwarmGateway(Gateway):
                     "release some, or raise the label"
                 )
             node = ranked[0]
+            self._sweep()
             taken = self._claimed(node)
             chosen: list[int] = []
             try:
@@ -413,13 +491,13 @@ class SwarmGateway(Gateway):
         of it is left (service, configs, secrets, port claims, scratch files)."""
         import docker.errors
 
-        owned = sum(1 for s, _ in self._sessions() if s.owner == session.owner)
+        owned = [s for s, _ in self._sessions() if s.owner == session.owner]
         name = self._service_name(session_key(self.facility, session.uid, session.role))
         files = SessionFiles(self.state.session_dir(session.sid))
         made: list[Any] = []
         service = None
         try:
-            streams_verdict(grant, owned).enforce()
+            within_quota(grant, owned, session)
             if self.client().services.list(filters={"name": name}):
                 raise Conflict(f"stream {short(session.uid)} already has an {session.role} proxy here")
             files.directory.mkdir(mode=0o700)
@@ -447,6 +525,7 @@ class SwarmGateway(Gateway):
             raise
         shutil.rmtree(files.directory, ignore_errors=True)  # the swarm has it all now
         session.phase = Phase.ACTIVE
+        self._uids[hashlib.sha256(session.uid.encode()).hexdigest()] = session.uid
         log.info(
             "%s: service %s on node %s: %s -> %s",
             session.label,
@@ -462,27 +541,29 @@ class SwarmGateway(Gateway):
         client = self.client()
         uid, gid = str(os.getuid()), str(os.getgid())
         labels = self._labels(session=session.sid)
+        made_labels = {**labels, f"{LABEL}.created": stamp(time.time())}
         secrets, configs = [], []
         for path in sorted(files.directory.iterdir()):
-            if not path.is_file():
+            if not path.is_file() or path.name in NOT_MOUNTED:
                 continue
             object_name = f"{name}-{path.name}"
             if path.name in SECRETS:
-                secret = client.secrets.create(name=object_name, data=path.read_bytes(), labels=labels)
+                secret = client.secrets.create(name=object_name, data=path.read_bytes(), labels=made_labels)
                 made.append(secret)
                 secrets.append(SecretReference(secret.id, object_name, str(path), uid, gid, 0o400))
             else:
-                config = client.configs.create(name=object_name, data=path.read_bytes(), labels=labels)
+                config = client.configs.create(name=object_name, data=path.read_bytes(), labels=made_labels)
                 made.append(config)
                 configs.append(ConfigReference(config.id, object_name, str(path), uid, gid, 0o400))
         record = session.to_record()
-        del record["processes"], record["phase"]
-        limits = self.policy.containers
-        resources = None
-        if limits is not None and (limits.memory or limits.cpus):
-            resources = Resources(
-                mem_limit=limits.memory, cpu_limit=int(limits.cpus * 1e9) if limits.cpus else None
-            )
+        del record["processes"], record["phase"], record["uid"]
+        record["uid_prefix"] = short(session.uid)
+        limits = effective(self.policy.containers)
+        resources = Resources(
+            mem_limit=limits.memory, cpu_limit=int(limits.cpus * 1e9) if limits.cpus else None
+        )
+        if limits.pids:
+            resources.setdefault("Limits", {})["Pids"] = limits.pids  # the SDK has no name for it
         return client.services.create(
             self.image,
             ["python", "-m", "scistream.s2ds.task", str(files.directory / "task.json")],
@@ -498,7 +579,7 @@ class SwarmGateway(Gateway):
             user=f"{uid}:{gid}",
             networks=["host"],
             constraints=[f"node.id=={session.node}"],
-            mounts=[Mount(str(files.directory), None, type="tmpfs")],
+            mounts=[Mount(str(files.directory), None, type="tmpfs", tmpfs_size=TASK_TMPFS)],
             secrets=secrets,
             configs=configs,
             read_only=True,
@@ -598,7 +679,9 @@ class SwarmGateway(Gateway):
     def _of_uid(self, uid: str, who: Identity | None) -> list[tuple[Session, Any]]:
         """The sessions of a stream that `who` may see, with their services."""
         digest = hashlib.sha256(uid.encode()).hexdigest()
-        found = [(s, svc) for s, svc in self._sessions(**{"uid-hash": digest}) if s.uid == uid]
+        found = self._sessions(**{"uid-hash": digest})
+        for session, _ in found:
+            session.uid = uid  # not in the swarm (only its hash): the one asked for
         visible = {id(s) for s in self._visible([s for s, _ in found], who)}
         return [(s, svc) for s, svc in found if id(s) in visible]
 
@@ -606,6 +689,7 @@ class SwarmGateway(Gateway):
         mine = self._of_uid(uid, who)
         if not mine:
             raise NotFound(f"no stream {short(uid)} on this server (already released?)")
+        self._uids.pop(hashlib.sha256(uid.encode()).hexdigest(), None)
         for session, service in mine:
             self._remove(session.sid, service)
             log.info("%s: released (service %s)", session.label, service.name)

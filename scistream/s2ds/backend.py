@@ -169,6 +169,7 @@ class Backend(ABC):
             # An operator's template (--templates) is wrong: the request fails, with the reason.
             raise BackendFailed(f"cannot render {self.template}: {exc}") from None
         self.write_credentials(uid, files)
+        files.run.mkdir(mode=0o700, exist_ok=True)
         candidate = files.directory / f".{files.config.name}.new"
         write_private(candidate, text.encode())
         try:

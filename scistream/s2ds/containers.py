@@ -8,9 +8,13 @@ is only where a process runs:
   backend's command names the gateway's binary, whose path means nothing in the image.
 - Host networking: the listeners bind the gateway's addresses, as processes do, and s2cs sees them
   listen as it sees a process's (psutil, by the container's process and its children).
-- The session directory is mounted at its own path: the Unix sockets the proxy and the shaper make
-  there, and the stats socket, are where s2cs looks. The config and the stream credentials are
-  mounted over it read-only.
+- Each container sees only what its program needs, at the paths s2cs gave it: the session's
+  `run/` directory (SessionFiles.run), the only place it may write, where the Unix sockets between
+  the proxy and the shaper and the stats socket are; and, read-only, the proxy its config and the
+  stream's certificate files (never the key file alone, which no proxy reads), the shaper nothing
+  more. The logs, the config and the credentials are files of s2cs in the session directory,
+  which no container can write to: a link a compromised proxy plants can only be in `run/`, where
+  s2cs opens nothing as root (but its stats, without following a link: haproxy.py, stunnel.py).
 - Named and labelled after the gateway and the session: a restarted s2cs finds its containers by
   what state.json recorded (the container's process, its start time and its command), and removes
   any of this gateway's containers that no kept session owns.
@@ -19,7 +23,7 @@ is only where a process runs:
 - A container that exits is removed once its exit status and last output are read; the supervisor
   starts a new one with back-off. No capability but binding low ports (which only takes effect
   for an s2cs running as root), no new privileges, a read-only root file system, s2cs's own user,
-  and the resource limits the policy sets.
+  and limits of memory, CPU and processes: the policy's `[containers]`, else DEFAULT_LIMITS.
 
 Engine errors (no daemon, no image) become `SpawnFailed`: the request fails with one line.
 """
@@ -39,6 +43,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from .logfiles import append_log
 from .render import SessionFiles
 from .runtime import Handle, SpawnFailed, bound_endpoints
 
@@ -52,7 +57,8 @@ ENGINE_LOGS = {"max-size": "10m", "max-file": "3"}
 
 
 class Limits(Protocol):
-    """What each container may use: s2cs's policy (policy.ContainerLimits); None = no limit."""
+    """What each container may use: s2cs's policy (policy.ContainerLimits); None = the default
+    (DEFAULT_LIMITS), 0 = no limit."""
 
     @property
     def memory(self) -> int | None: ...  # bytes
@@ -64,16 +70,48 @@ class Limits(Protocol):
     def pids(self) -> int | None: ...
 
 
+@dataclass(frozen=True)
+class DefaultLimits:
+    """What a container may use where the policy file's `[containers]` says nothing: enough for
+    a proxy or shaper carrying a stream at full speed, never the whole host (docs/operator-guide.md)."""
+
+    memory: int | None = 1 << 30  # bytes: 1 GiB
+    cpus: float | None = 2.0
+    pids: int | None = 1024  # stunnel runs a thread per connection
+
+
+DEFAULT_LIMITS = DefaultLimits()
+
+
+def effective(limits: Limits | None) -> DefaultLimits:
+    """The policy's limits, each unset one the default; None where the policy says 0 (none)."""
+    given = limits or DEFAULT_LIMITS
+    memory, cpus, pids = (
+        DEFAULT_LIMITS.memory if given.memory is None else given.memory or None,
+        DEFAULT_LIMITS.cpus if given.cpus is None else given.cpus or None,
+        DEFAULT_LIMITS.pids if given.pids is None else given.pids or None,
+    )
+    return DefaultLimits(memory, cpus, pids)
+
+
 def engine_options(limits: Limits | None) -> dict[str, Any]:
-    """The engine's names for those limits."""
+    """The engine's names for the limits in effect."""
     found: dict[str, Any] = {}
-    if limits is not None and limits.memory is not None:
+    limits = effective(limits)
+    if limits.memory is not None:
         found["mem_limit"] = limits.memory
-    if limits is not None and limits.cpus is not None:
+    if limits.cpus is not None:
         found["nano_cpus"] = int(limits.cpus * 1e9)
-    if limits is not None and limits.pids is not None:
+    if limits.pids is not None:
         found["pids_limit"] = limits.pids
     return found
+
+
+def needs(files: SessionFiles, kind: str) -> tuple[Path, ...]:
+    """The files of s2cs a process of a kind reads (read-only in its container): the proxy its
+    config and the stream's certificate (HAProxy's `crt` and stunnel's `cert` take the PEM with
+    the key), the shaper none."""
+    return (files.config, files.cert, files.pem) if kind == "proxy" else ()
 
 
 def program(argv0: str) -> str:
@@ -208,12 +246,10 @@ class DockerRuntime:
 
         name = self.container_name(cwd, log)
         files = SessionFiles(cwd)
-        mounts = [Mount(str(cwd), str(cwd), type="bind")]
-        # The config and the credentials read-only, over the session directory's mount.
+        files.run.mkdir(mode=0o700, exist_ok=True)
+        mounts = [Mount(str(files.run), str(files.run), type="bind")]
         mounts += [
-            Mount(str(path), str(path), type="bind", read_only=True)
-            for path in (files.config, files.cert, files.key, files.pem)
-            if path.exists()
+            Mount(str(path), str(path), type="bind", read_only=True) for path in needs(files, log.stem)
         ]
         try:
             client = self.client()
@@ -271,7 +307,7 @@ class DockerRuntime:
 
         def copy() -> None:
             try:
-                with open(log_path, "ab") as out:
+                with append_log(log_path) as out:  # never through a link in its place
                     options: dict[str, Any] = {"stream": True, "follow": True}
                     if since is not None:
                         options["since"] = since
@@ -320,7 +356,7 @@ class DockerRuntime:
                 # was away. The file's time comes from the kernel's coarse clock, up to a tick
                 # (at most 10 ms) behind the engine's stamp of the last line copied: without the
                 # tick that line came twice (and a failure it reports was counted twice).
-                since = log_path.stat().st_mtime + COARSE_TICK if log_path.exists() else None
+                since = log_path.lstat().st_mtime + COARSE_TICK if log_path.exists() else None
                 handle.follower = self._follow(container, log_path, since=since)
                 return handle
         return None

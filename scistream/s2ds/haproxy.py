@@ -8,16 +8,21 @@ ships 2.6), so that `pip install` alone gives every host a recent, known data pl
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import jinja2
 
 from ..errors import BackendFailed, ConfigError
 from .backend import SHAPER, Backend, Capabilities, Capability, Stats, shaper_rate
+from .logfiles import directory_of
 from .render import SessionFiles
 
 MIN_VERSION = (2, 7)
@@ -101,9 +106,9 @@ class HaproxyBackend(Backend):
     def stats(self, files: SessionFiles) -> Stats | None:
         """Current connections and bytes of the session's frontend, from the runtime API."""
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, _socket_file(files) as path:
                 sock.settimeout(2)
-                sock.connect(str(files.stats_socket))
+                sock.connect(path)
                 sock.sendall(b"show stat -1 1 -1 typed\n")
                 chunks = []
                 while chunk := sock.recv(65536):
@@ -111,6 +116,21 @@ class HaproxyBackend(Backend):
         except OSError:
             return None
         return parse_typed_stats(b"".join(chunks).decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
+def _socket_file(files: SessionFiles) -> Iterator[str]:
+    """A path to the stats socket that no link planted in its place can redirect (to another
+    stream's socket, say): the socket file opened without following one (O_PATH), then reached
+    through its descriptor."""
+    with directory_of(files.stats_socket) as directory:
+        fd = os.open(files.stats_socket.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(f"{files.stats_socket} is not a socket")
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def parse_typed_stats(text: str) -> Stats | None:

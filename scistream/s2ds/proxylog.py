@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .diagnosis import Tally, Threads, events
+from .logfiles import read_log, size_of
 from .supervisor import rotated
 
 READ_MAX = 64 * 1024  # bytes of one log read at one look, at most: the newest, if more is new
@@ -27,7 +28,7 @@ LINE_MAX = 400  # characters of one line shown; stunnel and HAProxy lines are fa
 def _read(path: Path, start: int, end: int) -> bytes:
     """Bytes [start, end) of `path`, at most READ_MAX of them (the last ones)."""
     start = max(start, end - READ_MAX)
-    with open(path, "rb") as f:
+    with read_log(path) as f:  # never a link's target (logfiles.py)
         f.seek(start)
         return f.read(max(0, end - start))
 
@@ -65,11 +66,11 @@ class LogWatch:
             return self.tally
 
     def _catch_up(self) -> None:
-        info = os.stat(self.path)
+        info = os.lstat(self.path)
         size = info.st_size
         older = rotated(self.path, 1)
         try:
-            part = older.stat()
+            part = older.lstat()
             now_rotated: tuple[int, int] | None = (part.st_ino, part.st_size)
         except OSError:
             now_rotated = None
@@ -107,7 +108,7 @@ def last_lines(path: Path, count: int = SHOWN_LINES, limit: int = SHOWN_BYTES) -
     budget = limit
     for part in (path, rotated(path, 1)):
         try:
-            size = part.stat().st_size
+            size = size_of(part)
             data = _read(part, max(0, size - budget), size)
         except OSError:
             continue

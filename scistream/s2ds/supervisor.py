@@ -5,7 +5,9 @@ Lifecycle (as in Supervisor's process.py):
     STARTING -> RUNNING -> (EXITED -> BACKOFF -> STARTING) -> STOPPING -> STOPPED
                                     \\-> FATAL after MAX_FAST_FAILURES starts in a row that died young
 
-RUNNING only once every listener port is listening. A FATAL proxy keeps its ports reserved until
+RUNNING only once every listener port is listening. Every start is from a clean slate: a Unix
+socket the dead process left where the new one must listen is removed first (a live one never).
+A FATAL proxy keeps its ports reserved until
 the session is released, and keeps the last lines of its log as the reason.
 The log of a running process is bounded: rotated by size, a few parts kept (`LogBound`).
 Everything touching the OS goes through `Runtime`, so the state machine runs under a fake clock in
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendFailed
-from .runtime import Handle, Runtime, SpawnFailed, terminate
+from .logfiles import create_private, open_log_for_rotation, read_log, size_of
+from .runtime import Handle, Runtime, SpawnFailed, clear_stale_sockets, terminate
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +89,26 @@ def rotate_log(log: Path, bound: LogBound) -> None:
     (Runtime.keep_appending): after the truncation its next line lands at the start of the emptied
     file, so no restart is needed (logrotate's copytruncate). Only a line written between the end
     of the copy and the truncation, microseconds, can be lost. If the copy fails (a full disk)
-    the log is left whole and the OSError raised."""
+    the log is left whole and the OSError raised. No link planted for the log or its parts is
+    followed (logfiles.py): a rename moves a link itself, never its target."""
     part = log.with_name(f".{log.name}.rotating")
     try:
-        with open(log, "rb") as source, open(part, "wb") as copy:
+        with open_log_for_rotation(log) as source, create_private(part) as copy:
             shutil.copyfileobj(source, copy, 1 << 20)  # up to the end, lines written meanwhile too
             copy.flush()
-            os.truncate(log, 0)
+            os.ftruncate(source.fileno(), 0)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
     for older, newer in bound.renames(log):
-        if older.exists():
+        if os.path.lexists(older):
             os.replace(older, newer)
     os.replace(part, rotated(log, 1))
 
 
 def _last_lines(path: Path, limit: int) -> list[str]:
     try:
-        with open(path, "rb") as f:
+        with read_log(path) as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - limit))
@@ -265,7 +269,7 @@ class ProxyProcess:
         problem = ""
         try:
             appends = self.runtime.keep_appending(self.handle)
-            if logs.due(self.log_path.stat().st_size):
+            if logs.due(size_of(self.log_path)):  # a link's own size: never its target's
                 if appends:
                     rotate_log(self.log_path, logs)
                 else:
@@ -287,12 +291,25 @@ class ProxyProcess:
         if not first:
             self.restarts += 1  # what `s2uc status` shows: how often it was started again
         self.state = State.STARTING
+        self._clean_slate()
         self._deadline = self.runtime.now() + START_TIMEOUT
         try:
             self.handle = self.runtime.spawn(self.argv, self.cwd, self.log_path)
         except OSError as exc:
             self.handle = None
             self._failed(spawn_failure(exc, self.argv, self.cwd, self.log_path), first)
+
+    def _clean_slate(self) -> None:
+        """Remove the Unix sockets a dead process of this kind left where the new one must
+        listen (clear_stale_sockets), so that a restart finds what a first start finds."""
+        try:
+            removed = clear_stale_sockets(self.ready)
+        except OSError as exc:
+            # The start goes on: if a stale socket is in its way, the process says so itself.
+            log.warning("%s: cannot tell stale sockets from live ones: %s", self.name, exc)
+            return
+        for path in removed:
+            log.info("%s: removed %s, left by the process before", self.name, path)
 
     def _check_starting(self, first: bool) -> None:
         if self.handle is None:

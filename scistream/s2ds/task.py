@@ -7,12 +7,17 @@ what it must listen on), starts the processes (the shaper and the proxy share th
 directory, a tmpfs of the container), and prints `READY` once every one listens. Their output is
 the container's, which the engine keeps and `docker service logs` shows.
 
+Before it starts them it gives up, for itself and them, the gaining of privileges (no setuid
+program can raise them: PR_SET_NO_NEW_PRIVS), which a swarm service of Docker Engine 20.10
+cannot ask for, and makes the session's `run/` directory, where they write.
+
 It ends when one of them ends: with status 1 (the swarm's restart policy starts the task again)
 or, after a SIGTERM (release, or the swarm moving it), by stopping the others and exiting 0.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import signal
 import subprocess
@@ -50,6 +55,16 @@ def plan_of(text: str) -> list[dict[str, Any]]:
     return processes
 
 
+_PR_SET_NO_NEW_PRIVS = 38  # prctl(2), the same number on every architecture
+
+
+def no_new_privileges() -> None:
+    """Neither this process nor any it starts can gain a privilege (execve of a setuid program)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:
     for child in children:
         if child.poll() is None:
@@ -72,6 +87,12 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"scistream-task: cannot use the plan {argv[0]}: {exc}", file=sys.stderr, flush=True)
         return 2
+    try:
+        no_new_privileges()
+        (Path(argv[0]).parent / "run").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        print(f"scistream-task: cannot prepare: {exc}", file=sys.stderr, flush=True)
+        return 1
     stopping = False
 
     def stop(signum: int, frame: object) -> None:

@@ -3,48 +3,157 @@
 Thin commands (STYLE.md rule 7): parse the options, make one call of the Python API
 (scistream/api.py), print a short summary of its result, or the reply itself with --json.
 Failures print one line and exit with the status of errors.ExitStatus; a mistake on the command
-line prints the usage and one line, and exits 2.
+line prints typer's usage and one line, and exits 2.
 
-Every command a user runs pays for this module's imports before it sends anything, so it is
-built on argparse, builds the parser of the one command that runs, and imports what a command
-needs (the API, the token store, globus-sdk) inside that command. It must not import typer,
-the server (scistream.s2cs), the data plane (scistream.s2ds) or cryptography.
+A typer app, as every command line of the project (s2cs, scistream): one style of help pages.
+Every command a user runs pays for this module's imports before it sends anything, so the
+commands import what they need (the API, the token store, UID files, globus-sdk) inside their
+bodies. It must not import the server (scistream.s2cs), the data plane (scistream.s2ds),
+cryptography or globus-sdk (tests/unit/test_s2uc_cli.py checks a whole request).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
 
 from .. import __version__
 from ..errors import ConfigError, ExitStatus, NotFound, ScistreamError, Unauthenticated
+from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
 
-TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
-    from pathlib import Path
-    from typing import Any, NoReturn
-
     from ..api import Client, Outcome, Stream
     from .client import Server
     from .replies import Limits
     from .reports import Failure, Policy
     from .uids import UidFile
 
-PROG = "s2uc"
-ABOUT = "SciStream user client: set up, inspect and release data streams between facilities."
 DEFAULT_S2CS = "localhost:5000"
-DEFAULT_CERT = "server.crt"
+DEFAULT_CERT = Path("server.crt")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="SciStream user client: set up, inspect and release data streams between facilities.",
+)
 _debug = False
 
 
-class UsageError(Exception):
-    """A mistake on the command line that only the command can see: usage, one line, exit 2."""
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"s2uc {__version__}")
+        raise typer.Exit()
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+class Ports(tuple[int, ...]):
+    """TCP ports, as --receiver_ports and --local_port take them: 5001,5002."""
+
+
+def _ports(text: str) -> Ports | None:
+    """--receiver_ports and --local_port: ports separated by commas; None when blank."""
+    if not text.strip():
+        return None
+    try:
+        ports = Ports(int(p) for p in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected ports separated by commas, like 5001,5002; got {text!r}"
+        ) from None
+    for port in ports:
+        if not 1 <= port <= 65535:
+            raise typer.BadParameter(f"{port} is not a TCP port (1-65535)")
+    return ports
+
+
+# The options that several commands share, each with its help; a command that says more of one
+# has its own.
+S2cs = Annotated[str, typer.Option("--s2cs", metavar="HOST:PORT", help="The S2CS to ask, HOST:PORT.")]
+ServerCert = Annotated[
+    Path,
+    typer.Option(
+        "--server_cert",
+        "--server-cert",
+        metavar="FILE",
+        help="Certificate of the S2CS (PEM), from its operator.",
+    ),
+]
+AcceptNewCert = Annotated[
+    bool,
+    typer.Option(
+        "--accept-new-cert",
+        "--accept_new_cert",
+        help="A gateway presents another certificate than the one s2uc pinned for it, and its operator "
+        "says it replaced it: pin the new one, if --server_cert holds it.",
+    ),
+]
+Scope = Annotated[
+    str | None,
+    typer.Option(
+        "--scope",
+        metavar="SCOPE",
+        help="Scope ID (or full scope) of the S2CS, for secured endpoints: send its token.",
+    ),
+]
+NumConn = Annotated[
+    int,
+    typer.Option(
+        "--num_conn",
+        "--num-conn",
+        metavar="N",
+        min=1,
+        max=MAX_NUM_CONN,
+        help="Most concurrent connections; more wait.",
+    ),
+]
+Rate = Annotated[
+    int,
+    typer.Option(
+        "--rate",
+        metavar="KBPS",
+        min=0,
+        max=MAX_RATE,
+        help="Most data per second in kb/s (1 kb = 1000 bit), each direction; 0 = unlimited.",
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print the server's reply as JSON, for scripts.")]
+UidFileIn = Annotated[
+    Path | None,
+    typer.Option(
+        "--uid-file",
+        "--uid_file",
+        metavar="FILE",
+        help="Read the stream's UID from this file (- for stdin), not from the command line, where "
+        "other users can see it.",
+    ),
+]
+ServicePorts = Annotated[
+    Ports | None,
+    typer.Option(
+        "--receiver_ports",
+        "--receiver-ports",
+        metavar="PORTS",
+        parser=_ports,
+        help="Port(s) of the service, comma separated.",
+    ),
+]
 
 
 def _uid(given: str | None, uid_file: Path | None) -> str:
@@ -66,22 +175,6 @@ def _named(uid: str, uid_file: Path | None) -> str:
     return uid if uid_file is None else f"{uid[:8]} (UID in {uid_file})"
 
 
-def _ports(text: str) -> list[int] | None:
-    """--receiver_ports and --local_port: ports separated by commas; None when blank."""
-    if not text.strip():
-        return None
-    try:
-        ports = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected ports separated by commas, like 5001,5002; got {text!r}"
-        ) from None
-    for port in ports:
-        if not 1 <= port <= 65535:
-            raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
-    return ports
-
-
 def _fail(exc: ScistreamError, server: str | None = None) -> NoReturn:
     """One line and the exit status of the error; a traceback only with --debug."""
     if _debug:
@@ -94,8 +187,8 @@ def _fail(exc: ScistreamError, server: str | None = None) -> NoReturn:
         told = described(exc, server)
     else:
         told = exc.message
-    print(f"error: {told}", file=sys.stderr)
-    raise SystemExit(int(exc.exit_status)) from None
+    typer.echo(f"error: {told}", err=True)
+    raise typer.Exit(int(exc.exit_status)) from None
 
 
 def _expand(scope: str) -> str:
@@ -104,13 +197,19 @@ def _expand(scope: str) -> str:
     return expand(scope)
 
 
-def _run(server_text: str, server_cert: Path, scope: str | None, body: Callable[[Client], None]) -> None:
+def _run(
+    server_text: str,
+    server_cert: Path,
+    scope: str | None,
+    body: Callable[[Client], None],
+    accept_new_cert: bool = False,
+) -> None:
     """Run one command against one S2CS; turn its failure into one line and an exit status."""
     from ..api import Client
 
     client: Client | None = None
     try:
-        client = Client(server_text, server_cert, scope)
+        client = Client(server_text, server_cert, scope, accept_new_cert=accept_new_cert)
         body(client)
     except ScistreamError as exc:
         _fail(exc, client.server if client is not None else None)
@@ -119,20 +218,14 @@ def _run(server_text: str, server_cert: Path, scope: str | None, body: Callable[
 def _print_json(reply: Mapping[str, Any]) -> None:
     import json
 
-    print(json.dumps(dict(reply), indent=2))
+    typer.echo(json.dumps(dict(reply), indent=2))
 
 
 def _warn_unenforced(limits: Limits, note: str | None = None, by: str = "this server") -> None:
     for name, limit in limits.unenforced():
-        print(f"warning: {name} is NOT enforced by {by}: {limit.reason or ''}", file=sys.stderr)
+        typer.echo(f"warning: {name} is NOT enforced by {by}: {limit.reason or ''}", err=True)
     if note:
-        print(f"note: {note}", file=sys.stderr)
-
-
-def _is_default_cert(path: Path) -> bool:
-    from pathlib import Path
-
-    return path == Path(DEFAULT_CERT)
+        typer.echo(f"note: {note}", err=True)
 
 
 def _quoted(path: Path) -> str:
@@ -142,27 +235,42 @@ def _quoted(path: Path) -> str:
 
 
 def inbound_request(
-    remote_ip: str,
-    receiver_ports: list[int] | None,
-    s2cs: str,
-    num_conn: int,
-    rate: int,
-    server_cert: Path,
-    scope: str | None,
-    as_json: bool,
-    uid_file: Path | None,
+    remote_ip: Annotated[
+        str,
+        typer.Option(
+            "--remote_ip",
+            "--remote-ip",
+            metavar="IP",
+            help="IP address of the service that receives the data.",
+        ),
+    ],
+    receiver_ports: ServicePorts,
+    s2cs: S2cs = DEFAULT_S2CS,
+    num_conn: NumConn = DEFAULT_NUM_CONN,
+    rate: Rate = DEFAULT_RATE,
+    server_cert: ServerCert = DEFAULT_CERT,
+    accept_new_cert: AcceptNewCert = False,
+    scope: Scope = None,
+    as_json: Json = False,
+    uid_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--uid-file",
+            "--uid_file",
+            metavar="FILE",
+            help="Write the UID to this file (mode 0600) instead of printing it, to hand over privately.",
+        ),
+    ] = None,
 ) -> None:
     """Create the inbound proxy in front of a service at this facility; prints the UID and listeners."""
-    from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE
-
-    ports = receiver_ports
+    ports = receiver_ports or Ports()
 
     def body(client: Client) -> None:
         from .uids import UidFile
 
         target = UidFile.prepare(uid_file) if uid_file is not None else None
         try:
-            made = client.inbound(remote_ip, ports or [], num_conn=num_conn, rate=rate)
+            made = client.inbound(remote_ip, ports, num_conn=num_conn, rate=rate)
         except BaseException:
             if target is not None:
                 target.discard()
@@ -178,9 +286,9 @@ def inbound_request(
             return _print_json(made.reply)
         _warn_unenforced(made.limits)
         _uid_lines(uid, uid_file)
-        print(f"Listeners: {','.join(listeners)}")
-        pairs = ", ".join(f"{lst} -> {remote_ip}:{p}" for lst, p in zip(listeners, ports or [], strict=True))
-        print(f"Inbound proxy on {client.server}: {pairs}; {made.limits.summary()}.")
+        typer.echo(f"Listeners: {','.join(listeners)}")
+        pairs = ", ".join(f"{lst} -> {remote_ip}:{p}" for lst, p in zip(listeners, ports, strict=True))
+        typer.echo(f"Inbound proxy on {client.server}: {pairs}; {made.limits.summary()}.")
         extra = "".join(
             f" --{name} {value}"
             for name, value, default in (
@@ -191,31 +299,69 @@ def inbound_request(
         )
         # A user who names this gateway's certificate keeps certificates apart from the working
         # directory: the other side's default, ./server.crt, would then not be there either.
-        if not _is_default_cert(server_cert):
+        if server_cert != DEFAULT_CERT:
             extra = f" --server_cert INSTRUMENT_CERT{extra}"
         handed = uid if uid_file is None else f"--uid-file {_quoted(uid_file)}"
-        print("On the instrument side, run:")
-        print(f"  s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000{extra} {handed} {','.join(listeners)}")
+        typer.echo("On the instrument side, run:")
+        typer.echo(
+            f"  s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000{extra} {handed} {','.join(listeners)}"
+        )
 
-    _run(s2cs, server_cert, scope, body)
+    _run(s2cs, server_cert, scope, body, accept_new_cert)
 
 
 def outbound_request(
-    uid: str | None,
-    remote_listeners: str | None,
-    remote_ip: str | None,
-    receiver_ports: list[int] | None,
-    s2cs: str,
-    num_conn: int,
-    rate: int,
-    server_cert: Path,
-    scope: str | None,
-    as_json: bool,
-    uid_file: Path | None,
+    ctx: typer.Context,
+    uid: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="UID",
+            help="UID of the stream, from the inbound side (or --uid-file).",
+            show_default=False,
+        ),
+    ] = None,
+    remote_listeners: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="HPC_LISTENER",
+            help="Listener address(es) from the inbound side, comma separated.",
+            show_default=False,
+        ),
+    ] = None,
+    remote_ip: Annotated[
+        str | None,
+        typer.Option(
+            "--remote_ip",
+            "--remote-ip",
+            metavar="IP",
+            help="Address the instrument sends to. [default: all interfaces]",
+        ),
+    ] = None,
+    receiver_ports: Annotated[
+        Ports | None,
+        typer.Option(
+            "--receiver_ports",
+            "--receiver-ports",
+            metavar="PORTS",
+            parser=_ports,
+            help="Local port(s) the instrument sends to. [default: the server picks]",
+        ),
+    ] = None,
+    s2cs: S2cs = DEFAULT_S2CS,
+    num_conn: NumConn = DEFAULT_NUM_CONN,
+    rate: Rate = DEFAULT_RATE,
+    server_cert: ServerCert = DEFAULT_CERT,
+    accept_new_cert: AcceptNewCert = False,
+    scope: Scope = None,
+    as_json: Json = False,
+    uid_file: UidFileIn = None,
 ) -> None:
     """Create the outbound proxy that carries an instrument's data to the inbound listener(s)."""
     ports = receiver_ports
-    given, addresses = _outbound_arguments(uid, remote_listeners, uid_file)
+    try:
+        given, addresses = _outbound_arguments(uid, remote_listeners, uid_file)
+    except ValueError as exc:
+        ctx.fail(str(exc))
     listeners = [a.strip() for a in addresses.split(",") if a.strip()]
 
     def body(client: Client) -> None:
@@ -228,15 +374,15 @@ def outbound_request(
         _warn_unenforced(made.limits, made.note)
         local = made.listeners
         if uid_file is None:
-            print(f"UID: {made.uid}")
+            typer.echo(f"UID: {made.uid}")
         else:
-            print(f"Stream: {_named(uid, uid_file)}")
-        print(f"Listeners: {','.join(local)}")
+            typer.echo(f"Stream: {_named(uid, uid_file)}")
+        typer.echo(f"Listeners: {','.join(local)}")
         pairs = ", ".join(f"{a} -> {b}" for a, b in zip(local, listeners, strict=True))
-        print(f"Outbound proxy on {client.server}: {pairs} (TLS); {made.limits.summary()}.")
-        print(f"Send the instrument's data to {_ports_phrase(local)} of this gateway.")
+        typer.echo(f"Outbound proxy on {client.server}: {pairs} (TLS); {made.limits.summary()}.")
+        typer.echo(f"Send the instrument's data to {_ports_phrase(local)} of this gateway.")
 
-    _run(s2cs, server_cert, scope, body)
+    _run(s2cs, server_cert, scope, body, accept_new_cert)
 
 
 def _ports_phrase(addresses: Sequence[str]) -> str:
@@ -251,24 +397,53 @@ def _outbound_arguments(
     first: str | None, second: str | None, uid_file: Path | None
 ) -> tuple[str | None, str]:
     """(UID or None, listeners) of `[UID] HPC_LISTENER`: with --uid-file, the one argument is the
-    listeners."""
+    listeners. ValueError, a usage error, when the arguments do not fit."""
     if uid_file is not None and second is None and first is not None:
         return None, first
     if uid_file is None and second is not None:
         return first, second
     if uid_file is not None and second is not None:
-        raise UsageError("give the UID as an argument or with --uid-file, not both")
-    raise UsageError("give UID HPC_LISTENER, or --uid-file FILE HPC_LISTENER")
+        raise ValueError("give the UID as an argument or with --uid-file, not both")
+    raise ValueError("give UID HPC_LISTENER, or --uid-file FILE HPC_LISTENER")
 
 
 def release(
-    uid: str | None,
-    s2cs: list[str] | None,
-    server_cert: Path,
-    scope: str | None,
-    as_json: bool,
-    uid_file: Path | None,
-) -> int:
+    uid: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="UID", help="UID of the stream to release (or --uid-file).", show_default=False
+        ),
+    ] = None,
+    s2cs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--s2cs",
+            metavar="HOST:PORT",
+            help="The S2CS to ask. Give it once per gateway to release both sides of the stream: "
+            f"each is released even when another fails. [default: {DEFAULT_S2CS}]",
+            show_default=False,
+        ),
+    ] = None,
+    server_cert: Annotated[
+        Path,
+        typer.Option(
+            "--server_cert",
+            "--server-cert",
+            metavar="FILE",
+            help="Certificate of the S2CS (PEM), from its operator; with several --s2cs, a file "
+            "with the certificates of all of them.",
+        ),
+    ] = DEFAULT_CERT,
+    accept_new_cert: AcceptNewCert = False,
+    scope: Scope = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the server's reply as JSON (with several --s2cs, each one's result)."
+        ),
+    ] = False,
+    uid_file: UidFileIn = None,
+) -> None:
     """Stop a stream's proxy (or proxies) on a server and free its ports; with several --s2cs, on
     each of them.
 
@@ -280,7 +455,13 @@ def release(
 
     try:
         stream = _uid(uid, uid_file)
-        outcomes = api.release(stream, s2cs=s2cs or [DEFAULT_S2CS], server_cert=server_cert, scope=scope)
+        outcomes = api.release(
+            stream,
+            s2cs=s2cs or [DEFAULT_S2CS],
+            server_cert=server_cert,
+            scope=scope,
+            accept_new_cert=accept_new_cert,
+        )
     except ScistreamError as exc:
         _fail(exc)
     if len(outcomes) == 1:  # as it always was: the server's reply, or its error
@@ -288,11 +469,10 @@ def release(
         if outcome.released is None:
             _fail(outcome.error or ScistreamError("the server released nothing"), outcome.server)
         if as_json:
-            _print_json(outcome.released.reply)
-        else:
-            print(_released_line(outcome, _named(stream, uid_file)))
-        return 0
-    return _report_releases(stream, outcomes, _named(stream, uid_file), as_json)
+            return _print_json(outcome.released.reply)
+        typer.echo(_released_line(outcome, _named(stream, uid_file)))
+        return
+    raise typer.Exit(_report_releases(stream, outcomes, _named(stream, uid_file), as_json))
 
 
 def _released_line(outcome: Outcome, named: str) -> str:
@@ -309,14 +489,14 @@ def _report_releases(uid: str, outcomes: tuple[Outcome, ...], named: str, as_jso
     for outcome in outcomes:
         if outcome.error is None:
             if not as_json:
-                print(_released_line(outcome, named))
+                typer.echo(_released_line(outcome, named))
             continue
         gone = isinstance(outcome.error, NotFound)
         if gone and anywhere:  # released already: what the user wanted
             if not as_json:
-                print(f"note: {described(outcome.error, outcome.server)}", file=sys.stderr)
+                typer.echo(f"note: {described(outcome.error, outcome.server)}", err=True)
             continue
-        print(f"error: {described(outcome.error, outcome.server)}", file=sys.stderr)
+        typer.echo(f"error: {described(outcome.error, outcome.server)}", err=True)
         if not gone and status in (0, ExitStatus.NOT_FOUND):
             status = int(outcome.error.exit_status)
     if as_json:
@@ -332,18 +512,92 @@ def _outcome_json(outcome: Outcome) -> dict[str, Any]:
 
 
 def connect(
-    inbound_s2cs: str,
-    outbound_s2cs: str,
-    remote_ip: str,
-    receiver_ports: list[int] | None,
-    local_port: list[int] | None,
-    local_ip: str | None,
-    num_conn: int,
-    rate: int,
-    server_cert: Path,
-    scope: str | None,
-    as_json: bool,
-    uid_file: Path | None,
+    inbound_s2cs: Annotated[
+        str,
+        typer.Option(
+            "--inbound-s2cs",
+            "--inbound_s2cs",
+            metavar="HOST:PORT",
+            help="The S2CS of the service's facility (the HPC side): it makes the inbound proxy and "
+            "the stream's UID.",
+        ),
+    ],
+    outbound_s2cs: Annotated[
+        str,
+        typer.Option(
+            "--outbound-s2cs",
+            "--outbound_s2cs",
+            metavar="HOST:PORT",
+            help="The S2CS of the instrument's facility: it makes the outbound proxy the instrument "
+            "sends to.",
+        ),
+    ],
+    remote_ip: Annotated[
+        str,
+        typer.Option(
+            "--remote_ip",
+            "--remote-ip",
+            metavar="IP",
+            help="IP address of the service that receives the data, as the inbound gateway reaches it.",
+        ),
+    ],
+    receiver_ports: ServicePorts,
+    local_port: Annotated[
+        Ports | None,
+        typer.Option(
+            "--local_port",
+            "--local-port",
+            metavar="PORTS",
+            parser=_ports,
+            help="Port(s) of the instrument's gateway the instrument sends to, one per receiver port, "
+            "comma separated; inside that gateway's port range (s2uc info shows it). "
+            "[default: the gateway picks]",
+        ),
+    ] = None,
+    local_ip: Annotated[
+        str | None,
+        typer.Option(
+            "--local_ip",
+            "--local-ip",
+            metavar="IP",
+            help="Address of the instrument's gateway the outbound proxy listens on. "
+            "[default: all interfaces]",
+        ),
+    ] = None,
+    num_conn: NumConn = DEFAULT_NUM_CONN,
+    rate: Rate = DEFAULT_RATE,
+    server_cert: Annotated[
+        Path,
+        typer.Option(
+            "--server_cert",
+            "--server-cert",
+            metavar="FILE",
+            help="PEM file with the certificates of both S2CS, from their operators: "
+            "cat hpc.crt instrument.crt > gateways.pem.",
+        ),
+    ] = DEFAULT_CERT,
+    accept_new_cert: AcceptNewCert = False,
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            "--scope",
+            metavar="SCOPE",
+            help="Scope ID (or full scope) for secured endpoints: its token goes to both S2CS. "
+            "[default: each S2CS you logged in at with s2uc login --s2cs gets its own token]",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the stream and both servers' replies as JSON, for scripts.")
+    ] = False,
+    uid_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--uid-file",
+            "--uid_file",
+            metavar="FILE",
+            help="Write the UID to this file (mode 0600) instead of printing it.",
+        ),
+    ] = None,
 ) -> None:
     """Set up both sides of a stream at once: the inbound proxy in front of the service, then the
     outbound proxy the instrument sends to; prints the UID and the address(es) to send to.
@@ -353,7 +607,7 @@ def connect(
     from .. import api
     from .uids import UidFile
 
-    service, local = receiver_ports, local_port
+    service, local = receiver_ports or Ports(), local_port
     try:
         target = UidFile.prepare(uid_file) if uid_file is not None else None
         try:
@@ -361,13 +615,14 @@ def connect(
                 inbound=inbound_s2cs,
                 outbound=outbound_s2cs,
                 remote_ip=remote_ip,
-                receiver_ports=service or [],
+                receiver_ports=service,
                 server_cert=server_cert,
                 num_conn=num_conn,
                 rate=rate,
                 scope=scope,
                 local_ports=local,
                 local_ip=local_ip,
+                accept_new_cert=accept_new_cert,
             )
         except BaseException:
             if target is not None:
@@ -381,26 +636,24 @@ def connect(
         return _print_json(_stream_json(stream))
     _warn_unenforced(stream.limits, stream.outbound.note, by="either server")
     _uid_lines(stream.uid, uid_file)
-    print(f"Listeners: {','.join(stream.listeners)}")
+    typer.echo(f"Listeners: {','.join(stream.listeners)}")
     inbound, outbound = stream.inbound, stream.outbound
-    pairs = ", ".join(
-        f"{a} -> {remote_ip}:{p}" for a, p in zip(inbound.listeners, service or [], strict=True)
-    )
-    print(f"Inbound proxy on {inbound.server}: {pairs}; {inbound.limits.summary()}.")
+    pairs = ", ".join(f"{a} -> {remote_ip}:{p}" for a, p in zip(inbound.listeners, service, strict=True))
+    typer.echo(f"Inbound proxy on {inbound.server}: {pairs}; {inbound.limits.summary()}.")
     pairs = ", ".join(f"{a} -> {b}" for a, b in zip(outbound.listeners, inbound.listeners, strict=True))
-    print(f"Outbound proxy on {outbound.server}: {pairs} (TLS); {outbound.limits.summary()}.")
-    print(f"Send the instrument's data to {_ports_phrase(stream.listeners)} of the instrument gateway.")
+    typer.echo(f"Outbound proxy on {outbound.server}: {pairs} (TLS); {outbound.limits.summary()}.")
+    typer.echo(f"Send the instrument's data to {_ports_phrase(stream.listeners)} of the instrument gateway.")
     handed = stream.uid if uid_file is None else f"--uid-file {_quoted(uid_file)}"
     both = f"--s2cs {outbound.server} --s2cs {inbound.server}"
-    cert = "" if _is_default_cert(server_cert) else f" --server_cert {_quoted(server_cert)}"
-    print(f"When done, release both sides: s2uc release {handed} {both}{cert}")
+    cert = "" if server_cert == DEFAULT_CERT else f" --server_cert {_quoted(server_cert)}"
+    typer.echo(f"When done, release both sides: s2uc release {handed} {both}{cert}")
 
 
 def _uid_lines(uid: str, uid_file: Path | None) -> None:
     if uid_file is None:
-        print(f"UID: {uid}")
+        typer.echo(f"UID: {uid}")
     else:
-        print(f"UID file: {uid_file} (readable by you only; hand it over privately)")
+        typer.echo(f"UID file: {uid_file} (readable by you only; hand it over privately)")
 
 
 def _write_uid(target: UidFile, stream: Stream) -> None:
@@ -440,12 +693,20 @@ def _bytes(n: int | None) -> str:
 
 
 def status(
-    uid: str | None,
-    s2cs: str,
-    server_cert: Path,
-    scope: str | None,
-    as_json: bool,
-    log: bool,
+    uid: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="UID", help="A stream's UID; all visible streams when absent.", show_default=False
+        ),
+    ] = None,
+    s2cs: S2cs = DEFAULT_S2CS,
+    server_cert: ServerCert = DEFAULT_CERT,
+    accept_new_cert: AcceptNewCert = False,
+    scope: Scope = None,
+    as_json: Json = False,
+    log: Annotated[
+        bool, typer.Option("--log", help="With the last lines of the stream's proxy logs (needs the UID).")
+    ] = False,
 ) -> None:
     """Show streams on a server: state, listeners, limits, connections, bytes, restarts, and why
     connections failed."""
@@ -457,34 +718,34 @@ def status(
         if as_json:
             return _print_json(found.reply)
         if not found.streams:
-            print(f"No streams on {client.server}.")
+            typer.echo(f"No streams on {client.server}.")
             return
         header = (
             f"{'UID':36}  {'ROLE':8}  {'STATE':8}  {'CONN':>4}  {'IN':>10}  {'OUT':>10}  {'RESTARTS':>8}  "
             "LISTENERS"
         )
-        print(header)
+        typer.echo(header)
         for s in found.streams:
             conns = "-" if s.connections is None else str(s.connections)
-            print(
+            typer.echo(
                 f"{s.uid:36}  {s.role:8}  {s.state:8}  {conns:>4}  "
                 f"{_bytes(s.bytes_in):>10}  {_bytes(s.bytes_out):>10}  {s.restarts:>8}  "
                 f"{','.join(s.listeners)}"
             )
             if s.last_error:
                 lines = s.last_error.splitlines()
-                print(f"    last error: {lines[0]}")
+                typer.echo(f"    last error: {lines[0]}")
                 for line in lines[1:]:
-                    print(f"                {line}")
+                    typer.echo(f"                {line}")
             for failure in s.failures:
-                print(f"    failed: {failure.message} ({_occurrences(failure)})")
+                typer.echo(f"    failed: {failure.message} ({_occurrences(failure)})")
             for proc in s.processes:
                 if proc.log is not None:
-                    print(f"    {proc.name} log, last {len(proc.log)} line(s):")
+                    typer.echo(f"    {proc.name} log, last {len(proc.log)} line(s):")
                     for line in proc.log:
-                        print(f"      {line}")
+                        typer.echo(f"      {line}")
 
-    _run(s2cs, server_cert, scope, body)
+    _run(s2cs, server_cert, scope, body, accept_new_cert)
 
 
 def _occurrences(failure: Failure) -> str:
@@ -516,7 +777,12 @@ def _policy_lines(policy: Policy) -> list[str]:
     return lines
 
 
-def info(s2cs: str, server_cert: Path, as_json: bool) -> None:
+def info(
+    s2cs: S2cs = DEFAULT_S2CS,
+    server_cert: ServerCert = DEFAULT_CERT,
+    as_json: Json = False,
+    accept_new_cert: AcceptNewCert = False,
+) -> None:
     """Show what a server offers: version, backend, enforced limits, authentication, ports."""
 
     def body(client: Client) -> None:
@@ -524,29 +790,49 @@ def info(s2cs: str, server_cert: Path, as_json: bool) -> None:
         if as_json:
             return _print_json(found.reply)
         backend = found.backend
-        print(f"{client.server}: s2cs {found.version}, protocol {found.protocol}")
-        print(f"  backend    {backend.type} ({backend.version})")
+        typer.echo(f"{client.server}: s2cs {found.version}, protocol {found.protocol}")
+        typer.echo(f"  backend    {backend.type} ({backend.version})")
         for name, cap in (("num_conn", backend.capabilities.num_conn), ("rate", backend.capabilities.rate)):
             state = "enforced" if cap.enforced else f"NOT enforced: {cap.reason or ''}"
-            print(f"  {name:10} {state}")
+            typer.echo(f"  {name:10} {state}")
         auth = found.auth
-        print(f"  auth       {'on, scope ' + str(auth.scope) if auth.enabled else 'off'}")
+        typer.echo(f"  auth       {'on, scope ' + str(auth.scope) if auth.enabled else 'off'}")
         if auth.enabled and auth.scope is not None:
             from .scopes import login_form
 
             here = f"s2uc login --s2cs {client.server}"
-            if not _is_default_cert(server_cert):
+            if server_cert != DEFAULT_CERT:
                 here += f" --server_cert {_quoted(server_cert)}"
-            print(f"  login      {here} (or --scope {login_form(auth.scope)})")
-        print(f"  ports      {found.port_range} ({found.free_ports} free), {found.streams} stream(s)")
+            typer.echo(f"  login      {here} (or --scope {login_form(auth.scope)})")
+        typer.echo(f"  ports      {found.port_range} ({found.free_ports} free), {found.streams} stream(s)")
         if found.policy is not None:  # s2cs before the target policy sends none
             for line in _policy_lines(found.policy):
-                print(line)
+                typer.echo(line)
 
-    _run(s2cs, server_cert, None, body)
+    _run(s2cs, server_cert, None, body, accept_new_cert)
 
 
-def login(scope: str | None, s2cs: str | None, server_cert: Path) -> None:
+def login(
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            "--scope",
+            metavar="SCOPE",
+            help="Scope ID of the S2CS, from its operators, or the full scope `s2uc info` shows.",
+        ),
+    ] = None,
+    s2cs: Annotated[
+        str | None,
+        typer.Option(
+            "--s2cs",
+            metavar="HOST:PORT",
+            help="Log in for the scope this S2CS (HOST:PORT) advertises; its token then goes to it "
+            "without --scope.",
+        ),
+    ] = None,
+    server_cert: ServerCert = DEFAULT_CERT,
+    accept_new_cert: AcceptNewCert = False,
+) -> None:
     """Log in with Globus for a secured S2CS; the tokens are kept in ~/.scistream/tokens.json.
 
     Needs SCISTREAM_CLIENT_ID: the id of the Globus native-app client your facility registered
@@ -557,14 +843,14 @@ def login(scope: str | None, s2cs: str | None, server_cert: Path) -> None:
     from .tokens import TokenStore, home, registered_client_id
 
     def ask(url: str) -> str:
-        print("Open this address in a browser, log in, then paste the authorization code here:")
-        print(f"\n  {url}\n")
+        typer.echo("Open this address in a browser, log in, then paste the authorization code here:")
+        typer.echo(f"\n  {url}\n")
         code = ""
         try:
             while not code:  # an empty line asks again
                 code = input("Authorization code: ")
         except (EOFError, KeyboardInterrupt):  # the end of the input, or Ctrl-C
-            print()  # end the prompt's line
+            typer.echo()  # end the prompt's line
             raise Unauthenticated("login aborted: no authorization code pasted; nothing changed") from None
         return code
 
@@ -574,8 +860,8 @@ def login(scope: str | None, s2cs: str | None, server_cert: Path) -> None:
         named = _expand(scope) if scope is not None else None
         if s2cs is not None:
             server = parse_server(s2cs)
-            named = _scope_of(server, server_cert, named)
-            print(f"{server} asks for a Globus login for {named}.")
+            named = _scope_of(server, server_cert, named, accept_new_cert)
+            typer.echo(f"{server} asks for a Globus login for {named}.")
         if named is None:
             raise ConfigError(
                 "say what to log in for: --s2cs HOST:PORT (the S2CS tells its scope) or --scope SCOPE_ID"
@@ -586,20 +872,25 @@ def login(scope: str | None, s2cs: str | None, server_cert: Path) -> None:
     except ScistreamError as exc:
         _fail(exc, None if server is None else str(server))
     who = f" as {found.identity}" if found.identity else ""
-    print(f"Logged in{who} for {named}; the token is valid until {found.until}, then refreshed.")
+    typer.echo(f"Logged in{who} for {named}; the token is valid until {found.until}, then refreshed.")
     if server is not None:
-        print(f"s2uc sends this token to {server} without --scope, and to no other S2CS.")
+        typer.echo(f"s2uc sends this token to {server} without --scope, and to no other S2CS.")
 
 
-def _scope_of(server: Server, server_cert: Path, named: str | None) -> str:
+def _scope_of(server: Server, server_cert: Path, named: str | None, accept_new_cert: bool) -> str:
     from ..api import Client
     from .scopes import to_bind
 
-    auth = Client(str(server), server_cert).info().auth
+    auth = Client(str(server), server_cert, accept_new_cert=accept_new_cert).info().auth
     return to_bind({"enabled": auth.enabled, "scope": auth.scope}, named, str(server))
 
 
-def check_auth(scope: str, show_token: bool) -> int:
+def check_auth(
+    scope: Annotated[
+        str, typer.Option("--scope", metavar="SCOPE", help="The scope ID (or full scope) to check.")
+    ],
+    show_token: Annotated[bool, typer.Option("--show-token", help="Also print the access token.")] = False,
+) -> None:
     """Tell whether a valid token for a scope is stored (exit 0) or not (exit 4)."""
     from .scopes import login_form
     from .tokens import TokenStore
@@ -610,16 +901,20 @@ def check_auth(scope: str, show_token: bool) -> int:
     except ScistreamError as exc:
         _fail(exc)
     if found is None:
-        print(f"Not logged in for {scope}: run s2uc login --scope {login_form(scope)}", file=sys.stderr)
-        return int(ExitStatus.AUTH)
+        typer.echo(f"Not logged in for {scope}: run s2uc login --scope {login_form(scope)}", err=True)
+        raise typer.Exit(int(ExitStatus.AUTH))
     who = f" as {found.identity}" if found.identity else ""
-    print(f"Logged in{who} for {scope}; the token is valid until {found.until}.")
+    typer.echo(f"Logged in{who} for {scope}; the token is valid until {found.until}.")
     if show_token:
-        print(found.access_token)
-    return 0
+        typer.echo(found.access_token)
 
 
-def logout(scope: str | None) -> None:
+def logout(
+    scope: Annotated[
+        str | None,
+        typer.Option("--scope", metavar="SCOPE", help="Only this scope (ID or full). [default: every scope]"),
+    ] = None,
+) -> None:
     """Revoke stored tokens at Globus Auth and delete them."""
     from .servers import ServerScopes
     from .tokens import TokenStore, home
@@ -632,436 +927,32 @@ def logout(scope: str | None) -> None:
     except ScistreamError as exc:
         _fail(exc)
     what = f"for {scope}" if scope else "for every scope"
-    print(f"Logged out {what}: {gone} login(s) revoked and deleted from {store.path}.")
+    typer.echo(f"Logged out {what}: {gone} login(s) revoked and deleted from {store.path}.")
     if servers:
-        print(f"Forgot the {servers} S2CS you had logged in at with --s2cs: none gets a token now.")
-
-
-# --- the command line ---------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """A usage error: the usage line, one `error:` line, exit 2 (as every s2uc error says it)."""
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(int(ExitStatus.USAGE))
-
-
-class _Help(argparse.HelpFormatter):
-    """argparse's help with the paragraphs of a docstring kept apart, lines that start with two
-    spaces (the list of commands) kept as they are, and an option's aliases before its one
-    metavar: `--num_conn, --num-conn N`."""
-
-    def __init__(self, prog: str) -> None:
-        # argparse makes a formatter for each option it adds: the width its own way would import
-        # shutil (with bz2 and lzma) for each command.
-        super().__init__(prog, max_help_position=34, width=_columns() - 2)
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "\n\n".join(
-            part if "\n  " in part else super(_Help, self)._fill_text(part, width, indent)
-            for part in text.split("\n\n")
-        )
-
-    def _format_action_invocation(self, action: argparse.Action) -> str:
-        if not action.option_strings or action.nargs == 0:
-            return super()._format_action_invocation(action)
-        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
-        return f"{', '.join(action.option_strings)} {metavar}"
-
-
-def _columns() -> int:
-    """The terminal's width, as shutil.get_terminal_size tells it."""
-    import os
-
-    try:
-        columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
-    terminal = sys.__stdout__
-    if columns <= 0 and terminal is not None:
-        try:
-            columns = os.get_terminal_size(terminal.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns if columns > 0 else 80
-
-
-def _doc(command: Callable[..., Any]) -> str:
-    """A command's docstring as the text of its help: paragraphs, each on one line."""
-    lines = (command.__doc__ or "").strip().splitlines()
-    return "\n".join(line.strip() for line in lines)
-
-
-def _summary(command: Callable[..., Any], room: int) -> str:
-    """A command's line in the list of commands: its docstring's first sentence, shortened to fit
-    `room` characters with "..." as typer did."""
-    text = " ".join(_doc(command).split("\n\n")[0].split())
-    end = text.find(". ")
-    text = text if end < 0 else text[: end + 1]
-    if len(text) <= room:
-        return text
-    return text[: room - 3].rsplit(" ", 1)[0] + "..."
-
-
-def _s2cs(p: argparse.ArgumentParser, about: str = "The S2CS to ask, HOST:PORT.") -> None:
-    p.add_argument(
-        "--s2cs", default=DEFAULT_S2CS, metavar="HOST:PORT", help=f"{about} [default: {DEFAULT_S2CS}]"
-    )
-
-
-def _server_cert(
-    p: argparse.ArgumentParser, about: str = "Certificate of the S2CS (PEM), from its operator."
-) -> None:
-    from pathlib import Path
-
-    p.add_argument(
-        "--server_cert",
-        "--server-cert",
-        dest="server_cert",
-        type=Path,
-        default=Path(DEFAULT_CERT),
-        metavar="FILE",
-        help=f"{about} [default: {DEFAULT_CERT}]",
-    )
-
-
-def _scope(
-    p: argparse.ArgumentParser,
-    about: str = "Scope ID (or full scope) of the S2CS, for secured endpoints: send its token.",
-) -> None:
-    p.add_argument("--scope", metavar="SCOPE", help=about)
-
-
-def _int_range(low: int, high: int) -> Callable[[str], int]:
-    def number(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in the range {low}<=x<={high}")
-        return value
-
-    return number
-
-
-def _limits(p: argparse.ArgumentParser) -> None:
-    from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
-
-    p.add_argument(
-        "--num_conn",
-        "--num-conn",
-        dest="num_conn",
-        type=_int_range(1, MAX_NUM_CONN),
-        default=DEFAULT_NUM_CONN,
-        metavar="N",
-        help=f"Most concurrent connections; more wait. [default: {DEFAULT_NUM_CONN}; 1<=x<={MAX_NUM_CONN}]",
-    )
-    p.add_argument(
-        "--rate",
-        type=_int_range(0, MAX_RATE),
-        default=DEFAULT_RATE,
-        metavar="KBPS",
-        help="Most data per second in kb/s (1 kb = 1000 bit), each direction; 0 = unlimited. "
-        f"[default: {DEFAULT_RATE}; 0<=x<={MAX_RATE}]",
-    )
-
-
-def _json(p: argparse.ArgumentParser, about: str = "Print the server's reply as JSON, for scripts.") -> None:
-    p.add_argument("--json", dest="as_json", action="store_true", help=about)
-
-
-def _uid_file(p: argparse.ArgumentParser, about: str) -> None:
-    from pathlib import Path
-
-    p.add_argument("--uid-file", "--uid_file", dest="uid_file", type=Path, metavar="FILE", help=about)
-
-
-_READ_UID = (
-    "Read the stream's UID from this file (- for stdin), not from the command line, where other "
-    "users can see it."
-)
-
-
-def _remote_ip(p: argparse.ArgumentParser, about: str, required: bool = True) -> None:
-    shown = f"{about} [required]" if required else about
-    p.add_argument(
-        "--remote_ip", "--remote-ip", dest="remote_ip", metavar="IP", required=required, help=shown
-    )
-
-
-def _receiver_ports(p: argparse.ArgumentParser, about: str, required: bool = True) -> None:
-    shown = f"{about} [required]" if required else about
-    p.add_argument(
-        "--receiver_ports",
-        "--receiver-ports",
-        dest="receiver_ports",
-        type=_ports,
-        metavar="PORTS",
-        required=required,
-        help=shown,
-    )
-
-
-def _inbound_request_options(p: argparse.ArgumentParser) -> None:
-    _remote_ip(p, "IP address of the service that receives the data.")
-    _receiver_ports(p, "Port(s) of the service, comma separated.")
-    _s2cs(p)
-    _limits(p)
-    _server_cert(p)
-    _scope(p)
-    _json(p)
-    _uid_file(p, "Write the UID to this file (mode 0600) instead of printing it, to hand over privately.")
-
-
-def _outbound_request_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "uid", nargs="?", metavar="UID", help="UID of the stream, from the inbound side (or --uid-file)."
-    )
-    p.add_argument(
-        "remote_listeners",
-        nargs="?",
-        metavar="HPC_LISTENER",
-        help="Listener address(es) from the inbound side, comma separated.",
-    )
-    _remote_ip(p, "Address the instrument sends to. [default: all interfaces]", required=False)
-    _receiver_ports(p, "Local port(s) the instrument sends to. [default: the server picks]", required=False)
-    _s2cs(p)
-    _limits(p)
-    _server_cert(p)
-    _scope(p)
-    _json(p)
-    _uid_file(p, _READ_UID)
-
-
-def _connect_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--inbound-s2cs",
-        "--inbound_s2cs",
-        dest="inbound_s2cs",
-        metavar="HOST:PORT",
-        required=True,
-        help="The S2CS of the service's facility (the HPC side): it makes the inbound proxy and the "
-        "stream's UID. [required]",
-    )
-    p.add_argument(
-        "--outbound-s2cs",
-        "--outbound_s2cs",
-        dest="outbound_s2cs",
-        metavar="HOST:PORT",
-        required=True,
-        help="The S2CS of the instrument's facility: it makes the outbound proxy the instrument sends "
-        "to. [required]",
-    )
-    _remote_ip(p, "IP address of the service that receives the data, as the inbound gateway reaches it.")
-    _receiver_ports(p, "Port(s) of the service, comma separated.")
-    p.add_argument(
-        "--local_port",
-        "--local-port",
-        dest="local_port",
-        type=_ports,
-        metavar="PORTS",
-        help="Port(s) of the instrument's gateway the instrument sends to, one per receiver port, "
-        "comma separated; inside that gateway's port range (s2uc info shows it). "
-        "[default: the gateway picks]",
-    )
-    p.add_argument(
-        "--local_ip",
-        "--local-ip",
-        dest="local_ip",
-        metavar="IP",
-        help="Address of the instrument's gateway the outbound proxy listens on. [default: all interfaces]",
-    )
-    _limits(p)
-    _server_cert(
-        p,
-        "PEM file with the certificates of both S2CS, from their operators: "
-        "cat hpc.crt instrument.crt > gateways.pem.",
-    )
-    _scope(
-        p,
-        "Scope ID (or full scope) for secured endpoints: its token goes to both S2CS. "
-        "[default: each S2CS you logged in at with s2uc login --s2cs gets its own token]",
-    )
-    _json(p, "Print the stream and both servers' replies as JSON, for scripts.")
-    _uid_file(p, "Write the UID to this file (mode 0600) instead of printing it.")
-
-
-def _release_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("uid", nargs="?", metavar="UID", help="UID of the stream to release (or --uid-file).")
-    p.add_argument(
-        "--s2cs",
-        action="append",
-        metavar="HOST:PORT",
-        help="The S2CS to ask. Give it once per gateway to release both sides of the stream: each is "
-        f"released even when another fails. [default: {DEFAULT_S2CS}]",
-    )
-    _server_cert(
-        p,
-        "Certificate of the S2CS (PEM), from its operator; with several --s2cs, a file with the "
-        "certificates of all of them.",
-    )
-    _scope(p)
-    _json(p, "Print the server's reply as JSON (with several --s2cs, each one's result).")
-    _uid_file(p, _READ_UID)
-
-
-def _status_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("uid", nargs="?", metavar="UID", help="A stream's UID; all visible streams when absent.")
-    _s2cs(p)
-    _server_cert(p)
-    _scope(p)
-    _json(p)
-    p.add_argument(
-        "--log", action="store_true", help="With the last lines of the stream's proxy logs (needs the UID)."
-    )
-
-
-def _info_options(p: argparse.ArgumentParser) -> None:
-    _s2cs(p)
-    _server_cert(p)
-    _json(p)
-
-
-def _login_options(p: argparse.ArgumentParser) -> None:
-    _scope(p, "Scope ID of the S2CS, from its operators, or the full scope `s2uc info` shows.")
-    p.add_argument(
-        "--s2cs",
-        metavar="HOST:PORT",
-        help="Log in for the scope this S2CS (HOST:PORT) advertises; its token then goes to it without "
-        "--scope.",
-    )
-    _server_cert(p)
-
-
-def _check_auth_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--scope", metavar="SCOPE", required=True, help="The scope ID (or full scope) to check. [required]"
-    )
-    p.add_argument(
-        "--show-token", dest="show_token", action="store_true", help="Also print the access token."
-    )
-
-
-def _logout_options(p: argparse.ArgumentParser) -> None:
-    _scope(p, "Only this scope (ID or full). [default: every scope]")
-
-
-# Each command: what runs it, what adds its options, and the words of its usage line, in the order
-# of `s2uc --help`. The user guide spells commands with underscores; the dashed spellings (and
-# check_auth) are accepted too, and not listed.
-_COMMANDS: dict[str, tuple[Callable[..., int | None], Callable[[argparse.ArgumentParser], None], str]] = {
-    "inbound_request": (inbound_request, _inbound_request_options, "[OPTIONS]"),
-    "outbound_request": (outbound_request, _outbound_request_options, "[OPTIONS] [UID] HPC_LISTENER"),
-    "connect": (connect, _connect_options, "[OPTIONS]"),
-    "release": (release, _release_options, "[OPTIONS] [UID]"),
-    "status": (status, _status_options, "[OPTIONS] [UID]"),
-    "info": (info, _info_options, "[OPTIONS]"),
-    "login": (login, _login_options, "[OPTIONS]"),
-    "check-auth": (check_auth, _check_auth_options, "[OPTIONS]"),
-    "logout": (logout, _logout_options, "[OPTIONS]"),
-}
-_ALIASES = {
-    "inbound-request": "inbound_request",
-    "outbound-request": "outbound_request",
-    "check_auth": "check-auth",
-}
-
-
-def _top_parser() -> _Parser:
-    width = max(len(name) for name in _COMMANDS) + 2
-    rows = [f"  {name:{width}}{_summary(run, 78 - width - 2)}" for name, (run, _, _) in _COMMANDS.items()]
-    parser = _Parser(
-        prog=PROG,
-        usage=f"{PROG} [--debug] [--version] [-h] COMMAND [OPTIONS] ...",
-        description=ABOUT,
-        epilog="commands:\n" + "\n".join(rows) + f"\n\n{PROG} COMMAND --help shows the options of a command.",
-        formatter_class=_Help,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--debug", action="store_true", help="Show a traceback on errors.")
-    parser.add_argument(
-        "--version", action="version", version=f"{PROG} {__version__}", help="Show the version and exit."
-    )
-    return parser
-
-
-def _command_parser(
-    name: str, command: Callable[..., Any], options: Callable[[argparse.ArgumentParser], None], usage: str
-) -> _Parser:
-    parser = _Parser(
-        prog=f"{PROG} {name}",
-        usage=f"%(prog)s {usage}",
-        description=_doc(command),
-        formatter_class=_Help,
-        allow_abbrev=False,
-    )
-    options(parser)
-    return parser
-
-
-def _main(argv: Sequence[str]) -> int:
-    """Parse, run one command; its exit status."""
-    global _debug
-    # The options of s2uc itself come before the command, those of the command after it.
-    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
-    top = _top_parser()
-    _debug = top.parse_args(argv[:at]).debug  # --help and --version exit here
-    if at == len(argv):
-        top.print_help(sys.stderr)
-        return int(ExitStatus.USAGE)
-    name = argv[at]
-    found = _COMMANDS.get(_ALIASES.get(name, name))
-    if found is None:
-        top.error(f"no such command {name!r}")
-    run, options, usage = found
-    parser = _command_parser(name, run, options, usage)
-    # Intermixed: `outbound_request UID --s2cs HOST:PORT HPC_LISTENER` takes both arguments.
-    given = parser.parse_intermixed_args(argv[at + 1 :])
-    try:
-        return run(**vars(given)) or 0
-    except UsageError as exc:
-        parser.error(exc.message)
-
-
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """The `s2uc` command: run the command of `argv` (sys.argv[1:] when None), exit with its status."""
-    # Each line goes out when printed, as typer's echo did: output and warnings stay in order.
-    reconfigure = getattr(sys.stdout, "reconfigure", None)
-    if reconfigure is not None:
-        reconfigure(line_buffering=True)
-    try:
-        status = _main(sys.argv[1:] if argv is None else list(argv))
-    except KeyboardInterrupt:  # Ctrl-C: no traceback, as typer (click) said it
-        print("\nAborted!", file=sys.stderr)
-        status = int(ExitStatus.ERROR)
-    raise SystemExit(status)
-
-
-def run() -> NoReturn:
-    """The `s2uc` program (the entry point pyproject.toml names): `main`, then out at once.
-    Whatever a command writes is written and closed by the time it returns; the interpreter's
-    clean-up of every module after it took 15-30 ms of each command on a 2-core VM, for nothing
-    (docs/performance.md). An error of s2uc itself still ends the ordinary way, traceback and all."""
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    status = code if isinstance(code, int) else 0 if code is None else 1
-    if isinstance(code, str):
-        print(code, file=sys.stderr)
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:  # `s2uc status | head`: the reader has gone, nothing to tell it
-        status = status or int(ExitStatus.ERROR)
-    try:
-        sys.stderr.flush()
-    except OSError:
-        pass
-    os._exit(status)
+        typer.echo(f"Forgot the {servers} S2CS you had logged in at with --s2cs: none gets a token now.")
+
+
+# In the order of `s2uc --help`. The user guide spells commands with underscores; the dashed
+# spellings (and check_auth) are accepted too, and not listed.
+app.command("inbound_request")(inbound_request)
+app.command("inbound-request", hidden=True)(inbound_request)
+app.command("outbound_request")(outbound_request)
+app.command("outbound-request", hidden=True)(outbound_request)
+app.command()(connect)
+app.command()(release)
+app.command()(status)
+app.command()(info)
+app.command()(login)
+app.command("check-auth")(check_auth)
+app.command("check_auth", hidden=True)(check_auth)
+app.command()(logout)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `s2uc` command (the entry point pyproject.toml names): run the command of `argv`
+    (sys.argv[1:] when None) and exit with its status."""
+    app(args=None if argv is None else list(argv), prog_name="s2uc")
 
 
 if __name__ == "__main__":
-    run()
+    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ import pytest
 from scistream.errors import ScistreamError
 from scistream.loopback import BIN, Echo, S2csProcess, Sink, free_port_range, send
 from scistream.s2cs.gateway import port_is_free
-from scistream.s2ds.containers import LABEL, gateway_tag
+from scistream.s2ds.containers import DEFAULT_LIMITS, LABEL, gateway_tag
 from tests.integration.conftest import BACKENDS, field, open_stream, port_of, s2uc, wait_for
 from tests.integration.test_diagnosis import HANDSHAKE, send_and_lose, shows, status
 from tests.integration.test_streams import RATE_TOLERANCE, _send_and_read_back, _steady_rate
@@ -331,3 +332,148 @@ def test_check_says_whether_the_engine_and_the_image_can_be_used(workdir, image)
     assert "make images" in missing.stdout
     away = check("--image", image, env={"DOCKER_HOST": f"unix://{workdir}/no-engine.sock"})
     assert away.returncode == 1 and "cannot reach the Docker engine" in line(away.stdout)
+
+
+# --- a compromised proxy or shaper: a shell in its container -------------------------------------
+
+PLANT = """
+import json, os, sys
+done = {}
+for link, target in json.loads(sys.argv[1]).items():
+    try:
+        try:
+            os.unlink(link)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, link)
+        done[link] = "planted"
+    except OSError as exc:
+        done[link] = exc.strerror
+print(json.dumps(done))
+"""
+
+WRITE = """
+import json, sys
+done = {}
+for path in sys.argv[1:]:
+    try:
+        with open(path, "ab") as f:
+            f.write(b"# written from a container\\n")
+        done[path] = "written"
+    except OSError as exc:
+        done[path] = exc.strerror
+print(json.dumps(done))
+"""
+
+
+def in_container(container: Any, script: str, *args: str) -> dict[str, str]:
+    """What a shell in the container did: the image's Python, as the container's user."""
+    ran = subprocess.run(
+        ["docker", "exec", container.id, "python", "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    return dict(json.loads(ran.stdout))
+
+
+def test_links_planted_from_inside_the_containers_change_and_reveal_nothing_of_the_host(
+    start, engine, workdir
+):
+    """A link in place of a log, from a shell in the proxy's or the shaper's container: `status
+    --log` does not print its target (the control-plane key), a restart appends to no host file,
+    a rotation truncates and overwrites none."""
+    hpc = start("hpc", "--log-max-bytes", "4096")
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=20000)["uid"]
+    session = hpc.state_dir / "sessions" / only_session(hpc)
+    key = hpc.state_dir / "server.key"
+    assert "PRIVATE KEY" in key.read_text()
+    appended, truncated, overwritten = (workdir / name for name in ("appended", "truncated", "overwritten"))
+    for victim in (appended, truncated, overwritten):
+        victim.write_text(f"{victim.name}: a host file mounted nowhere\n" * 200)  # above 4096 bytes
+    before = {victim: victim.read_text() for victim in (appended, truncated, overwritten)}
+    containers = stream_containers(engine, hpc)
+    assert set(containers) == {"proxy", "shaper"}
+
+    in_container(containers["proxy"], PLANT, json.dumps({str(session / "proxy.log"): str(key)}))
+    logged = status(hpc, uid, "--log")
+    assert "PRIVATE KEY" not in logged and key.read_text() not in logged
+
+    in_container(containers["shaper"], PLANT, json.dumps({str(session / "shaper.log"): str(appended)}))
+    containers["shaper"].kill()
+
+    def restarted() -> dict[str, Any] | None:
+        found = hpc.call("status", uid=uid)["streams"][0]
+        shaper = next(p for p in found["processes"] if p["name"] == "shaper")
+        return found if shaper["restarts"] >= 1 and found["state"] == "RUNNING" else None
+
+    wait_for(restarted, 60, "the shaper's container running again")
+
+    plant = {
+        str(session / "proxy.log"): str(truncated),
+        str(session / ".proxy.log.rotating"): str(overwritten),
+    }
+    in_container(stream_containers(engine, hpc)["proxy"], PLANT, json.dumps(plant))
+    # The proxy logs each connection: its own log soon reaches 4096 bytes and is rotated.
+    wait_for(
+        lambda: (
+            (session / "proxy.log.1").exists()
+            or send_and_lose(port_of(hpc.call("status", uid=uid)["streams"][0]["listeners"][0]))
+        ),
+        60,
+        "a rotation of the proxy's log",
+    )
+    hpc.call("status", uid=uid)  # a look at the logs after the rotation too
+    for victim, text in before.items():
+        assert victim.read_text() == text, f"{victim.name} was changed from inside a container"
+    assert "PRIVATE KEY" in key.read_text()
+    sink.close()
+
+
+def test_no_configuration_or_credential_can_be_written_from_a_container(start, engine):
+    """The proxy's container sees its config and the stream's certificate read-only, the shaper's
+    none of them, and neither the stream's key file; nothing written in a container reaches a
+    file of s2cs."""
+    hpc = start("hpc")
+    sink = Sink()
+    hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=20000)
+    session = hpc.state_dir / "sessions" / only_session(hpc)
+    mounted = [session / name for name in ("proxy.conf", "stream.pem", "stream.crt")]
+    before = {path: path.read_bytes() for path in session.iterdir() if path.is_file()}
+    containers = stream_containers(engine, hpc)
+
+    def sees(kind: str, path: Path) -> bool:
+        found = subprocess.run(
+            ["docker", "exec", containers[kind].id, "test", "-e", str(path)], capture_output=True, timeout=60
+        )
+        return found.returncode == 0
+
+    assert [path.name for path in mounted if not sees("proxy", path)] == []
+    assert not sees("proxy", session / "stream.key")
+    assert [path.name for path in [*mounted, session / "stream.key"] if sees("shaper", path)] == []
+
+    done = in_container(containers["proxy"], WRITE, *map(str, mounted))
+    assert set(done.values()) == {"Read-only file system"}, done
+    for container in containers.values():  # and whatever else it tries in that directory
+        in_container(container, WRITE, *(str(session / name) for name in ("stream.key", "proxy.log", "x")))
+    assert {path: path.read_bytes() for path in session.iterdir() if path.is_file()} == before
+    sink.close()
+
+
+def test_every_container_has_default_limits_and_no_uid_in_what_the_engine_shows(start, engine):
+    hpc = start("hpc")
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=20000)["uid"]
+    for kind, container in stream_containers(engine, hpc).items():
+        host = container.attrs["HostConfig"]
+        assert host["PidsLimit"] == DEFAULT_LIMITS.pids, kind
+        assert host["Memory"] == DEFAULT_LIMITS.memory, kind
+        assert host["NanoCpus"] == int(DEFAULT_LIMITS.cpus * 1e9), kind
+        assert "no-new-privileges" in host["SecurityOpt"], kind
+        inspected = subprocess.run(
+            ["docker", "inspect", container.id], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        assert uid not in inspected and uid.replace("-", "") not in inspected, kind
+    sink.close()

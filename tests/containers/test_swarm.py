@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import psutil
 import pytest
 
 from scistream.errors import ScistreamError
 from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_range, proxies_of, send
 from scistream.s2cs.gateway import port_is_free
-from scistream.s2ds.containers import LABEL
+from scistream.s2cs.swarm import stamp
+from scistream.s2ds.containers import DEFAULT_LIMITS, LABEL
 from tests.integration.conftest import field, open_stream, port_of, s2uc, wait_for
 
 FACILITY = f"{LABEL}.facility"
@@ -406,3 +408,93 @@ def test_metrics_are_refused_on_swarm_rather_than_showing_no_streams(swarm, faci
         .splitlines()[-1]
         .startswith("error: --metrics-port is not available with --runtime swarm yet")
     ), refused.stderr
+
+
+# --- what the engine shows, what a task may use ---------------------------------------------------
+
+WRITE = """
+import json, sys
+done = {}
+for path in sys.argv[1:]:
+    try:
+        with open(path, "ab") as f:
+            f.write(b"# written from the task\\n")
+        done[path] = "written"
+    except OSError as exc:
+        done[path] = exc.strerror
+print(json.dumps(done))
+"""
+
+
+def test_the_swarm_shows_no_uid_and_the_task_has_default_limits_and_no_new_privileges(
+    start, engine, facility
+):
+    hpc = start("hpc")
+    other = start("other")
+    inst = start("instrument", runtime="process")
+    sink = Sink()
+    stream = open_stream(hpc, inst, sink.port, rate=20000)  # the proxy and a shaper in the task
+    service = the_service(engine, facility)
+    container = task_container(engine, service)
+    for what in (["service", "inspect", service.id], ["inspect", container.id]):
+        shown = subprocess.run(["docker", *what], capture_output=True, text=True, timeout=120, check=True)
+        assert stream.uid not in shown.stdout and stream.uid.replace("-", "") not in shown.stdout, what
+    for what in (["service", "ls"], ["ps", "-a"], ["config", "ls"], ["secret", "ls"]):
+        listed = subprocess.run(["docker", *what], capture_output=True, text=True, timeout=120, check=True)
+        assert stream.uid not in listed.stdout, what
+
+    limits = service.attrs["Spec"]["TaskTemplate"]["Resources"]["Limits"]
+    assert limits["MemoryBytes"] == DEFAULT_LIMITS.memory
+    assert limits["NanoCPUs"] == int(DEFAULT_LIMITS.cpus * 1e9)
+    assert limits["Pids"] == DEFAULT_LIMITS.pids
+    assert container.attrs["HostConfig"]["PidsLimit"] == DEFAULT_LIMITS.pids
+    first = psutil.Process(container.attrs["State"]["Pid"])
+    processes = [first, *first.children(recursive=True)]
+    assert len(processes) >= 3  # the task, the proxy, the shaper
+    for process in processes[1:]:  # every process of the task but the engine's init
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status, process.cmdline()
+
+    # Found, shown and released by the UID as before, from a replica that did not make it.
+    shown = status_json(other, stream.uid)
+    assert (shown["uid"], shown["state"]) == (stream.uid, "RUNNING")
+    assert sent_intact(stream.port, 1 << 20)
+    s2uc("release", stream.uid, *on(other))
+    s2uc("release", stream.uid, *on(inst))
+    assert objects(engine, facility) == NOTHING
+    sink.close()
+
+
+def test_no_configuration_or_credential_can_be_written_from_the_task(start, engine, facility):
+    hpc = start("hpc")
+    sink = Sink()
+    hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=20000)
+    container = task_container(engine, the_service(engine, facility))
+    spec = the_service(engine, facility).attrs["Spec"]["TaskTemplate"]["ContainerSpec"]
+    mounted = {ref["File"]["Name"] for ref in [*spec.get("Configs", []), *spec.get("Secrets", [])]}
+    assert any(name.endswith("proxy.conf") for name in mounted)
+    assert not any(name.endswith("stream.key") for name in mounted)  # no proxy reads it
+    ran = subprocess.run(
+        ["docker", "exec", container.id, "python", "-c", WRITE, *sorted(mounted)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    done = json.loads(ran.stdout)
+    assert done and "written" not in done.values(), done
+    sink.close()
+
+
+def test_the_objects_of_a_half_made_session_are_swept_once_old(start, engine, facility):
+    """Left by a replica that died between making a session's configs and secrets and making its
+    service: removed by the next replica once older than the bound; a young one may still be
+    another replica's request in progress, and stays."""
+    old, young = stamp(time.time() - 3600), stamp(time.time())
+    made = []
+    for sid, created in (("0123456789ab", old), ("ba9876543210", young)):
+        labels = {FACILITY: facility, f"{LABEL}.session": sid, f"{LABEL}.created": created}
+        made.append(engine.configs.create(name=f"{facility}-{sid}-proxy.conf", data=b"x", labels=labels))
+        made.append(engine.secrets.create(name=f"{facility}-{sid}-stream.pem", data=b"x", labels=labels))
+    hpc = start("hpc")
+    left = objects(engine, facility)
+    assert left["configs"] == [f"{facility}-ba9876543210-proxy.conf"], left
+    assert left["secrets"] == [f"{facility}-ba9876543210-stream.pem"], left
+    assert "half-made" in hpc.log.read_text()

@@ -211,9 +211,12 @@ def test_no_token_goes_to_a_server_that_advertises_a_scope_the_user_did_not_name
 
     servers = workdir / "alice" / ".scistream" / "servers.json"
     assert stat.S_IMODE(servers.stat().st_mode) == 0o600
-    assert hpc.address in servers.read_text() and other.address not in servers.read_text()
+    bound = json.loads(servers.read_text())["servers"]
+    assert hpc.address in bound and other.address not in bound
     s2uc("logout", env=env)
-    assert hpc.address not in servers.read_text()  # logged out: no server gets a token any more
+    # Logged out: no server gets a token any more; who each server is stays known (its pin).
+    known = json.loads(servers.read_text())
+    assert known["servers"] == {} and {hpc.address, other.address} <= set(known["certificates"])
 
 
 def test_login_at_an_s2cs_takes_only_a_scistream_scope_unless_the_user_names_it(start_s2cs, globus, workdir):

@@ -13,6 +13,7 @@ pids): nothing else may.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -69,12 +70,12 @@ def examples(name: str) -> list[Example]:
 class Facilities:
     """The docs' two gateways and the HPC service, on their addresses, with free ports."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, service: Sink) -> None:
         self.workdir = workdir
         self.hpc_port, self.inst_port = free_port(), free_port()
         self.hpc_range = free_port_range(RANGE)[0]
         self.inst_range = free_port_range(RANGE)[0]
-        self.service = Sink(SERVICE)
+        self.service = service
         self.gateways: dict[str, subprocess.Popen[str]] = {}
         self.certs: dict[str, Path] = {}
         self.uids: dict[str, str] = {}  # real UID -> the one the docs show for it
@@ -218,24 +219,75 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
+CLONE_NEWNET = 0x40000000
+
+
+class ServiceHost:
+    """The HPC facility's service host, 10.0.1.5: a network namespace of its own behind a veth
+    from the gateway's 10.0.1.1/24. On the gateway's own interface, it would be one of the
+    gateway's own addresses, which no default policy reaches."""
+
+    def __init__(self) -> None:
+        self.holder = subprocess.Popen(["unshare", "-n", "sleep", "infinity"])
+        ours = os.readlink("/proc/self/ns/net")
+        wait_for(lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != ours, what="the host's namespace")
+        ip("link", "add", "ss-svc", "type", "veth", "peer", "name", "ss-svc-p")
+        ip("link", "set", "ss-svc-p", "netns", str(self.holder.pid))
+        ip("addr", "add", "10.0.1.1/24", "dev", "ss-svc")
+        ip("link", "set", "ss-svc", "up")
+        inside = f"ip link set lo up && ip addr add {SERVICE}/24 dev ss-svc-p && ip link set ss-svc-p up"
+        subprocess.run(
+            ["nsenter", "-t", str(self.holder.pid), "-n", "sh", "-c", inside], check=True, timeout=30
+        )
+
+    def sink(self) -> Sink:
+        """A Sink listening in the host's namespace: its socket is made by a thread that entered
+        it (a network namespace is a thread's), and stays there whatever thread serves it."""
+        made: list[Sink | BaseException] = []
+
+        def enter_and_listen() -> None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                with open(f"/proc/{self.holder.pid}/ns/net", "rb") as ns:
+                    if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+                made.append(Sink(SERVICE))
+            except BaseException as exc:
+                made.append(exc)
+
+        thread = threading.Thread(target=enter_and_listen)
+        thread.start()
+        thread.join()
+        if isinstance(made[0], BaseException):
+            raise made[0]
+        return made[0]
+
+    def close(self) -> None:
+        ip("link", "del", "ss-svc")
+        self.holder.kill()
+        self.holder.wait(timeout=30)
+
+
 @pytest.fixture
 def facilities(workdir: Path) -> Iterator[Facilities]:
-    """The HPC gateway's interface (203.0.113.7/24 and the facility network 10.0.1.0/24, where
-    the service is); the instrument gateway's comes once the HPC gateway has read its own."""
+    """The HPC gateway's interfaces (203.0.113.7/24, and 10.0.1.1/24 on the facility network,
+    where the service host is); the instrument gateway's comes once the HPC gateway has read its
+    own."""
     if os.environ.get("SCISTREAM_PRIVATE_NETNS") != "1":  # set by scripts/run-isolated, as root
         # Not a skip: make test always runs these in one, and a skipped test hides a failure.
         pytest.fail("adds interfaces: run it in a private network namespace (scripts/run-isolated)")
     for name in ("ss-hpc", "ss-inst"):
         ip("link", "add", name, "type", "veth", "peer", "name", f"{name}-p")
         ip("link", "set", f"{name}-p", "up")
-    for address in (f"{HPC}/24", "10.0.1.1/24", f"{SERVICE}/24"):
-        ip("addr", "add", address, "dev", "ss-hpc")
+    ip("addr", "add", f"{HPC}/24", "dev", "ss-hpc")
     ip("link", "set", "ss-hpc", "up")
-    world = Facilities(workdir)
+    host = ServiceHost()
+    world = Facilities(workdir, host.sink())
     try:
         yield world
     finally:
         world.stop()
+        host.close()
         ip("link", "del", "ss-hpc")
         ip("link", "del", "ss-inst")
 

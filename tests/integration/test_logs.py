@@ -284,3 +284,77 @@ def test_a_proxy_whose_session_directory_was_deleted_says_so_in_status(start_s2c
         "release the stream and request it again"
     )
     hpc.call("release", uid=uid)
+
+
+def _process(gw, uid: str, kind: str) -> dict:
+    (entry,) = gw.call("status", uid=uid)["streams"]
+    return next(p for p in entry["processes"] if p["name"] == kind)
+
+
+def _plant(link: Path, target: Path) -> None:
+    """What a compromised proxy or shaper can do in its session directory: a link for a file."""
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+
+
+def test_links_planted_for_logs_change_and_reveal_nothing_else(start_s2cs, workdir):
+    """A process of the session (it writes where its log is) puts links where s2cs, as root,
+    rotates, reads and appends: no host file is overwritten, truncated or appended to, and
+    `s2uc status --log` prints no other file (the control-plane key)."""
+    hpc = start_s2cs("hpc", "--log-max-bytes", str(LOG_LIMIT))
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=20000)["uid"]
+    session = only_session(hpc.state_dir)
+    key = hpc.state_dir / "server.key"
+    victims = {name: workdir / name for name in ("overwritten", "truncated", "appended")}
+    for victim in victims.values():
+        victim.write_text(f"{victim.name}: a file of the host\n" * 300)  # above LOG_LIMIT
+    before = {victim: victim.read_bytes() for victim in victims.values()}
+    listener = int(hpc.call("status", uid=uid)["streams"][0]["listeners"][0].rsplit(":", 1)[1])
+
+    # A rotation: its copy goes to a fresh file, never through a link in its place.
+    _plant(session / ".proxy.log.rotating", victims["overwritten"])
+    deadline = time.monotonic() + 60
+    while not (session / "proxy.log.1").exists():  # HAProxy logs each refused handshake
+        assert time.monotonic() < deadline, "the proxy's log was not rotated"
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", listener), timeout=10) as sock,
+        ):
+            sock.sendall(b"not TLS\n")
+            sock.recv(100)
+
+    # A link in place of the log: not rotated (its size is the link's), so nothing is truncated.
+    _plant(session / "proxy.log", victims["truncated"])
+    shaper = _process(hpc, uid, "shaper")
+    os.kill(shaper["pid"], signal.SIGKILL)  # the supervisor's ticks go on meanwhile
+
+    def started_again(times: int) -> bool:
+        found = _process(hpc, uid, "shaper")
+        return found["restarts"] >= times and found["state"] == "RUNNING"
+
+    deadline = time.monotonic() + 60
+    while not started_again(1):
+        assert time.monotonic() < deadline, "the shaper was not started again"
+        time.sleep(0.05)
+
+    _plant(session / "proxy.log", key)
+    shown = s2uc("status", uid, "--log", "--s2cs", hpc.address, "--server_cert", str(hpc.cert)).stdout
+    assert "PRIVATE KEY" not in shown
+
+    # A restart does not append its output to a link's target: it fails, and says why.
+    _plant(session / "shaper.log", victims["appended"])
+    os.kill(_process(hpc, uid, "shaper")["pid"], signal.SIGKILL)
+
+    def tried_again() -> dict:
+        found = _process(hpc, uid, "shaper")
+        return found if found["restarts"] >= 2 and found["state"] != "STARTING" else {}
+
+    deadline = time.monotonic() + 60
+    while not (tried := tried_again()):
+        assert time.monotonic() < deadline, "no further start of the shaper"
+        time.sleep(0.05)
+    assert tried["state"] in ("BACKOFF", "FATAL")
+    assert {victim: victim.read_bytes() for victim in victims.values()} == before
+    assert "PRIVATE KEY" in key.read_text()
+    sink.close()

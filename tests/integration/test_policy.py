@@ -5,6 +5,7 @@ Each test is one claim of the open-relay threat in docs/security.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -16,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from scistream.errors import Forbidden, NotFound, Unauthenticated
-from scistream.loopback import BIN, S2csProcess, Sink, free_port_range, send
+from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_range, send
+from scistream.protocol import MAX_MESSAGE
 
 from ..globus_standin import GlobusStandIn
-from .conftest import open_stream, s2uc
+from .conftest import open_stream, port_of, s2uc, wait_for
 
 S2CS_ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
 S2CS_SECRET = "s2cs-secret-for-tests"
@@ -81,10 +83,6 @@ def attached_network() -> Iterator[str]:
     own network namespace, never on a real host."""
     if os.environ.get("SCISTREAM_PRIVATE_NETNS") != "1":  # set by scripts/run-isolated, as root
         pytest.skip("adds an interface: runs in a private network namespace (scripts/run-isolated)")
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
     ip("link", "add", "ss-lan", "type", "veth", "peer", "name", "ss-lan-peer")
     try:
         ip("addr", "add", "10.9.8.1/24", "dev", "ss-lan")
@@ -109,6 +107,82 @@ def test_the_default_policy_allows_the_networks_the_gateway_is_attached_to(
     )  # the next network is not attached: refused
     hpc.call("release", uid=reply["uid"])
     nothing_taken(hpc)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+def test_the_gateways_own_address_is_refused_by_default_and_reached_once_named(
+    attached_network, start_s2cs, workdir
+):
+    service = Sink("10.9.8.1")  # a service of the gateway host itself, on its facility address
+    empty = workdir / "policy.toml"
+    empty.write_text("# the defaults\n")
+    hpc = start_s2cs("hpc", "--policy", str(empty))  # the default: 10.9.8.0/24, the gateway's network
+    assert forbidden(hpc, "inbound", remote_ip="10.9.8.1", receiver_ports=[service.port]) == (
+        f"target 10.9.8.1:{service.port} (this gateway's own address) is not allowed on this gateway; "
+        "its operator allows it only with a rule that names the address, such as --allow-targets "
+        f"10.9.8.1/32:{service.port}"
+    )
+    nothing_taken(hpc)
+    assert service.connections == 0
+
+    named = start_s2cs("named", "--allow-targets", f"10.9.8.1/32:{service.port}")
+    inst = start_s2cs("inst")
+    inbound = named.call("inbound", remote_ip="10.9.8.1", receiver_ports=[service.port], rate=0)
+    outbound = inst.call("outbound", uid=inbound["uid"], remote_listeners=inbound["listeners"], rate=0)
+    data = os.urandom(1 << 20)
+    assert send(("127.0.0.1", port_of(outbound["listeners"][0])), data) == (
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+    )
+    assert forbidden(named, "inbound", remote_ip="10.9.8.1", receiver_ports=[service.port + 1]).startswith(
+        f"target 10.9.8.1:{service.port + 1} (this gateway's own address) is not allowed"
+    )  # only the port the rule names
+    for gw in (named, inst):
+        gw.call("release", uid=inbound["uid"])
+
+
+def test_the_metrics_port_is_refused_on_every_own_address(attached_network, start_s2cs):
+    metrics = free_port()
+    hpc = start_s2cs(
+        "hpc", "--metrics-port", str(metrics), "--allow-targets", "10.9.8.1/32,127.0.0.1/32,10.0.0.0/8"
+    )
+    assert hpc.call("info")["policy"]["never"] == [
+        f"control port {hpc.port}",
+        f"metrics port {metrics}",
+        f"ports {hpc.port_range[0]}-{hpc.port_range[1]}",
+    ]
+    for address in ("10.9.8.1", "127.0.0.1"):
+        assert forbidden(hpc, "inbound", remote_ip=address, receiver_ports=[metrics]) == (
+            f"target {address}:{metrics} is this gateway's own metrics port; no policy allows it"
+        )
+    nothing_taken(hpc)
+    assert f"never to this gateway's control port {hpc.port}, metrics port {metrics} or ports" in (
+        hpc.log.read_text()
+    )
+
+
+def test_an_address_added_while_s2cs_runs_is_the_gateways_own_at_once(attached_network, start_s2cs, workdir):
+    empty = workdir / "policy.toml"
+    empty.write_text("# the defaults\n")
+    hpc = start_s2cs("hpc", "--policy", str(empty))
+    ip("addr", "add", "10.9.8.2/24", "dev", "ss-lan")  # as DHCP, SLAAC or a VIP do
+    first, last = hpc.port_range
+    assert forbidden(hpc, "inbound", remote_ip="10.9.8.2", receiver_ports=[hpc.port]) == (
+        f"target 10.9.8.2:{hpc.port} is this gateway's own control port; no policy allows it"
+    )
+    assert forbidden(hpc, "inbound", remote_ip="10.9.8.2", receiver_ports=[last]) == (
+        f"target 10.9.8.2:{last} is in this gateway's own port range {first}-{last}; no policy allows it"
+    )
+    assert forbidden(hpc, "inbound", remote_ip="10.9.8.2", receiver_ports=[22]).startswith(
+        "target 10.9.8.2:22 (this gateway's own address) is not allowed"
+    )
+    nothing_taken(hpc)
+    ip("addr", "del", "10.9.8.2/24", "dev", "ss-lan")  # gone again: another host's address now
+    reply = hpc.call("inbound", remote_ip="10.9.8.2", receiver_ports=[22], rate=0)
+    hpc.call("release", uid=reply["uid"])
 
 
 def test_allow_targets_allows_exactly_what_it_names(start_s2cs, workdir):
@@ -234,6 +308,45 @@ def test_a_bad_policy_stops_s2cs_with_the_file_line_and_reason(workdir, args, er
     assert result.returncode == 2, result.stderr
     assert error.format(**paths) in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_symlink_at_the_audit_log_path_stops_s2cs_and_is_not_followed(workdir):
+    key = workdir / "server.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    planted = workdir / "audit.jsonl"
+    planted.symlink_to(key)
+    result = subprocess.run(
+        [str(BIN / "s2cs"), "--state-dir", str(workdir / "x"), "--audit-log", str(planted)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: --audit-log: cannot write {planted}: it is a symbolic link, which s2cs does not "
+        "follow; give the path of the file itself\n"
+    )
+    assert key.read_text() == "-----BEGIN PRIVATE KEY-----\n"
+
+
+def test_max_ports_counts_every_listener_port_of_an_identity(start_s2cs, workdir):
+    sink = Sink()
+    policy = workdir / "policy.toml"
+    policy.write_text(f'targets = ["127.0.0.1/32:{sink.port}"]\nmax_streams = 10\nmax_ports = 3\n')
+    hpc = start_s2cs("hpc", "--policy", str(policy), ports=20)
+    two = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port, sink.port])
+    assert forbidden(hpc, "inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port] * 2) == (
+        "everybody together may hold at most 3 listener port(s) at once on this gateway (max_ports) "
+        "and holds 2; this stream needs 2 more: release a stream first (s2uc release UID)"
+    )
+    assert forbidden(hpc, "inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port] * 4).endswith(
+        "this stream needs 4: ask for 3 port(s) or fewer"
+    )
+    one = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])  # 3 of 3
+    info = hpc.call("info")
+    assert info["free_ports"] == 17 and info["policy"]["quota"] == {"max_streams": 10, "max_ports": 3}
+    hpc.call("release", uid=two["uid"])
+    hpc.call("release", uid=one["uid"])
 
 
 def test_the_audit_log_has_a_line_per_create_refusal_and_release(start_s2cs, workdir):
@@ -386,6 +499,83 @@ def test_a_non_owner_can_neither_see_nor_release_another_users_stream(start_s2cs
         ("refuse", "bob@example.org", "NOT_FOUND"),
         ("release", "alice@example.org", "ok"),
     ]
+
+
+def _raw(gw: S2csProcess, line: bytes, source: str = "127.0.0.1") -> dict:
+    """One request line as a client of our own might send it; the reply."""
+    with _idle_from(gw, source) as tls:
+        tls.sendall(line)
+        return json.loads(tls.makefile("rb").readline())
+
+
+def test_every_refused_request_has_its_audit_line_and_never_its_raw_line(start_s2cs, globus, workdir):
+    sink = Sink()
+    audit = workdir / "audit.jsonl"
+    policy = workdir / "policy.toml"
+    policy.write_text("max_ports = 1\n")
+    hpc = secured(
+        start_s2cs, globus, "--policy", str(policy), "--allow-targets", f"127.0.0.1/32:{sink.port}",
+        "--audit-log", str(audit), "--max-clients-per-address", "1",
+    )  # fmt: skip
+    alice = globus.issue("alice", SCOPE)
+
+    def inbound(remote_ip: object, port: object) -> bytes:
+        request = {"v": 1, "op": "inbound", "token": alice, "remote_ip": remote_ip, "receiver_ports": [port]}
+        return json.dumps(request).encode() + b"\n"
+
+    refused = [
+        _raw(hpc, inbound("gw.example.org", sink.port)),  # a host name: the gateway resolves none
+        _raw(hpc, inbound("127.0.0.1", 0)),
+        _raw(hpc, b"hello, is this thing on\n"),
+        _raw(hpc, b"x" * MAX_MESSAGE + b"\n"),
+    ]
+    assert [r["error"]["code"] for r in refused] == ["BAD_REQUEST"] * 4
+    forbidden(hpc, "inbound", alice, remote_ip="169.254.169.254", receiver_ports=[80])
+    uid = hpc.call("inbound", alice, remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    assert "(max_ports)" in forbidden(
+        hpc, "inbound", alice, remote_ip="127.0.0.1", receiver_ports=[sink.port]
+    )
+
+    # One address with as many requests under way as it may have: the next one is refused.
+    globus.answering.clear()  # a new token's introspection waits: its request stays under way
+    asked = globus.calls.get("/v2/oauth2/token/introspect", 0)
+    with _idle_from(hpc, "127.0.0.2") as waiting:
+        waiting.sendall(
+            json.dumps({"v": 1, "op": "status", "token": globus.issue("bob", SCOPE)}).encode() + b"\n"
+        )
+        wait_for(lambda: globus.calls.get("/v2/oauth2/token/introspect", 0) > asked, what="the introspection")
+        assert _raw(hpc, b'{"v": 1, "op": "info"}\n', "127.0.0.2")["error"]["code"] == "CONFLICT"
+        globus.answering.set()
+        assert json.loads(waiting.makefile("rb").readline())["ok"]
+    hpc.call("release", alice, uid=uid)
+
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    refusals = [
+        (x["op"], x["client"], x["result"], x.get("reason", "")) for x in lines if x["event"] == "refuse"
+    ]
+    assert [r[:3] for r in refusals] == [
+        ("inbound", "127.0.0.1", "BAD_REQUEST"),
+        ("inbound", "127.0.0.1", "BAD_REQUEST"),
+        ("unknown", "127.0.0.1", "BAD_REQUEST"),
+        ("unknown", "127.0.0.1", "BAD_REQUEST"),
+        ("inbound", "127.0.0.1", "FORBIDDEN"),
+        ("inbound", "127.0.0.1", "FORBIDDEN"),
+        ("unknown", "127.0.0.2", "CONFLICT"),
+    ]
+    reasons = [r[3] for r in refusals]
+    assert reasons[0] == "remote_ip is not an IP address: 'gw.example.org'"
+    assert reasons[1] == "receiver_ports: 0 is not a TCP port (1-65535)"
+    assert reasons[2].startswith("message is not JSON")
+    assert reasons[3] == f"message larger than {MAX_MESSAGE // 1024} KiB"
+    assert reasons[4].startswith(
+        "target 169.254.169.254:80 (link-local) is not allowed for alice@example.org"
+    )
+    assert reasons[5].startswith(
+        "alice@example.org may hold at most 1 listener port(s) at once on this gateway"
+    )
+    assert reasons[6].startswith("127.0.0.2 has 1 request(s) under way already")
+    text = audit.read_text()
+    assert alice not in text and "hello" not in text and "xxx" not in text  # nothing a client sent
 
 
 def test_bogus_tokens_are_refused_without_asking_globus_again_and_again(start_s2cs, globus):

@@ -14,6 +14,7 @@ mistakes "pipe full" for "socket drained" waits forever for an edge that never c
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -539,6 +541,113 @@ def test_a_reset_is_passed_on_as_a_reset(start_shaper, service):
         with pytest.raises(ConnectionResetError):
             while server.recv(100):
                 pass
+
+
+def _ending(sock: socket.socket) -> str:
+    """How a connection ends for a reader: "clean" (a FIN) or the error that ended it."""
+    sock.settimeout(60)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except OSError as exc:
+        return type(exc).__name__
+    return "clean"
+
+
+def test_a_killed_shaper_resets_the_service_and_the_sender_while_bytes_are_in_flight(start_shaper, service):
+    """The kernel closes a killed process's sockets: with a FIN after what they queue, the
+    service would take a cut stream for a whole one (what the shaper's pipe held died with it)."""
+    listen = local()
+    shaper = start_shaper([(listen, service.address)], 0)
+    client = connect(listen)
+    server = service.accept()  # and reads nothing: the sender is still writing at the kill
+    written = threading.Event()
+    sent: list[str] = []
+
+    def send_more_than_the_path_holds() -> None:
+        try:
+            client.sendall(os.urandom(64 << 20))
+            sent.append("all")
+        except OSError as exc:
+            sent.append(type(exc).__name__)
+        written.set()
+
+    sender = threading.Thread(target=send_more_than_the_path_holds)
+    sender.start()
+    with client, server:
+        wait_until(lambda: _queued(server) > 0, "the bytes at the service")
+        assert not written.is_set()
+        shaper.proc.kill()
+        shaper.proc.wait()
+        assert _ending(server) == "ConnectionResetError"
+        sender.join(60)
+        # The reset ends its writing (or a broken pipe, if a write came after the reset).
+        assert sent in (["ConnectionResetError"], ["BrokenPipeError"])
+
+
+PROXY = r"""
+import socket, sys, time
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(sys.argv[1])
+import os; os.chmod(sys.argv[1], 0o777)
+sock.listen()
+print("listening", flush=True)
+conn, _ = sock.accept()
+while conn.recv(65536):
+    pass
+print("read to the end", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_end_of_a_killed_proxy_is_passed_on_as_a_reset(start_shaper, home):
+    """A Unix socket has no reset: the kernel ends a killed proxy's connections as if it had
+    closed them. The shaper in front of it tells its end from an orderly one by the proxy's life,
+    and resets the sender, which would otherwise take the cut for a delivery."""
+    path = str(home / "proxy.sock")
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline() == "listening\n"
+        listen = local()
+        start_shaper([(listen, path)], 0)
+        with connect(listen) as client:
+            client.sendall(b"a whole scan" * 1000)
+            client.shutdown(socket.SHUT_WR)
+            assert proxy.stdout.readline() == "read to the end\n"
+            proxy.kill()
+            assert _ending(client) == "ConnectionResetError"
+    finally:
+        proxy.kill()
+        proxy.wait()
+
+
+def test_an_orderly_end_stays_a_fin_with_every_byte(start_shaper, service):
+    """The reset is only for cuts: a connection that ends in order ends with its FIN, and
+    nothing queued for the peer is thrown away."""
+    listen = local()
+    start_shaper([(listen, service.address)], 0)
+    payload = os.urandom(8 << 20)
+    with connect(listen) as client, service.accept() as server:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := server.recv(1 << 20):
+            got.extend(chunk)
+        assert bytes(got) == payload
+        server.sendall(b"done")
+        server.shutdown(socket.SHUT_WR)
+        assert client.recv(100) == b"done" and client.recv(100) == b""
+
+
+def _queued(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        time.sleep(0.02)
 
 
 def test_a_refused_target_resets_the_client(start_shaper):

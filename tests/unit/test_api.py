@@ -420,7 +420,7 @@ def test_a_client_with_a_bad_address_or_no_certificate_fails_before_any_request(
     assert gateways.calls == []
 
 
-def test_release_everywhere_reports_each_gateway_and_names_a_gateway_once(gateways, cert, s2uc):
+def test_release_everywhere_reports_each_gateway_and_names_a_gateway_once(gateways, cert):
     gateways.sessions[HPC][UID] = "inbound"
     outcomes = scistream.release(UID.upper(), s2cs=[INST, HPC, "HPC.facility.org:5000"], server_cert=cert)
     assert [(o.server, o.roles, o.gone, o.failed) for o in outcomes] == [
@@ -433,22 +433,15 @@ def test_release_everywhere_reports_each_gateway_and_names_a_gateway_once(gatewa
 # --- s2uc release with several gateways, s2uc connect: what the user sees -----------------------
 
 
-class Ran:
-    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
-        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
-
-
 @pytest.fixture
-def s2uc(capsys):
-    """Run the real entry point of s2uc, in this process; its exit status and output."""
-    from scistream.s2uc.cli import main
+def s2uc():
+    """Run s2uc's typer app with typer's test runner; its result: exit_code, stdout, stderr."""
+    from typer.testing import CliRunner
 
-    def run(*args: str) -> Ran:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main(list(args))
-        out = capsys.readouterr()
-        return Ran(int(exited.value.code or 0), out.out, out.err)
+    from scistream.s2uc.cli import app
+
+    def run(*args: str):
+        return CliRunner().invoke(app, list(args), prog_name="s2uc")
 
     return run
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
@@ -71,3 +72,29 @@ def test_the_log_is_private_appended_to_and_written_again_after_rotation(tmp_pat
 def test_a_log_that_cannot_be_written_stops_s2cs_at_start(tmp_path):
     with pytest.raises(ConfigError, match=r"--audit-log: cannot write .*/missing/audit.jsonl: No such file"):
         AuditLog(tmp_path / "missing" / "audit.jsonl")
+
+
+def test_a_symlink_planted_at_the_log_path_is_refused_not_followed(tmp_path, caplog):
+    victim = tmp_path / "server.key"
+    victim.write_text("-----BEGIN PRIVATE KEY-----\n")
+    path = tmp_path / "audit.jsonl"
+    path.symlink_to(victim)
+    with pytest.raises(ConfigError, match=r"--audit-log: cannot write .*/audit.jsonl: it is a symbolic link"):
+        AuditLog(path)
+    path.unlink()
+    audit = AuditLog(path)
+    path.rename(tmp_path / "audit.jsonl.1")  # rotated, and a symlink planted in its place
+    path.symlink_to(victim)
+    record = entry(
+        "release", when=0, op="release", identity=None, client="c", targets=[], uid=UID, result="ok"
+    )
+    audit.write(record)
+    assert victim.read_text() == "-----BEGIN PRIVATE KEY-----\n"  # not a byte more
+    assert "cannot write the audit log" in caplog.text and "it is a symbolic link" in caplog.text
+
+
+def test_a_fifo_planted_at_the_log_path_does_not_hang_s2cs(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    os.mkfifo(path)  # nobody reads it: a plain open for writing would wait for ever
+    with pytest.raises(ConfigError, match=r"cannot write .*/audit.jsonl: it is not a regular file"):
+        AuditLog(path)

@@ -32,3 +32,77 @@ def test_a_generated_certificate_that_expired_is_made_anew(tmp_path):
     crt, key, generated = server_certificate(None, None, tmp_path, "127.0.0.1")
     assert generated and crt.read_bytes() != before
     check_pair(crt, key)  # valid now
+
+
+# --- a leaf, never a CA: one gateway's key must not vouch for another gateway (issue 23) ---------
+
+
+def _ca_pair(directory: Path, listener_ip: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A pair as earlier versions of s2cs generated it: a CA (`BasicConstraints ca=True`)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"scistream s2cs {listener_ip}")])
+    now = datetime.datetime.now(datetime.UTC)
+    ips = {ipaddress.ip_address(ip) for ip in (listener_ip, "127.0.0.1", "::1")}
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - DAY)
+        .not_valid_after(now + 3650 * DAY)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip) for ip in ips]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    crt, key = directory / "server.crt", directory / "server.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key.chmod(0o600)
+    return crt, key
+
+
+def test_the_generated_certificate_is_a_leaf_for_tls_servers_only(tmp_path):
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    crt, key, generated = server_certificate(None, None, tmp_path, "10.0.1.5", "10.0.1.6")
+    assert generated
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical and constraints.value.ca is False
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature
+    assert not usage.value.key_cert_sign and not usage.value.crl_sign  # it can sign no certificate
+    purposes = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(purposes) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    assert ips == {"10.0.1.5", "10.0.1.6", "127.0.0.1", "::1"}
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    check_pair(crt, key)  # and the control port can use it
+
+
+def test_a_generated_ca_certificate_of_an_earlier_s2cs_is_replaced_by_a_leaf(tmp_path):
+    from cryptography import x509
+
+    old, _ = _ca_pair(tmp_path)
+    before = old.read_bytes()
+    crt, key, generated = server_certificate(None, None, tmp_path, "127.0.0.1")
+    assert generated and crt.read_bytes() != before
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    check_pair(crt, key)
+    # and a leaf it made is kept from then on: users keep the file they were given
+    assert server_certificate(None, None, tmp_path, "127.0.0.1") == (crt, key, None)

@@ -67,7 +67,7 @@ def test_the_context_trusts_the_given_certificate_and_checks_the_host_name(tmp_p
     ctx = tls_context(cert)
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.check_hostname
-    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3  # the control port speaks nothing older
     assert [c["subject"] for c in ctx.get_ca_certs()] == [((("commonName", "scistream-stream"),),)]
 
 
@@ -143,16 +143,16 @@ def test_an_unreadable_server_certificate_is_named_with_the_reason(tmp_path):
 
 
 @pytest.mark.parametrize("make", [lambda p: (p / "server.crt").touch() or p / "server.crt", _der])
-def test_s2uc_says_what_is_wrong_with_the_certificate_in_one_line(tmp_path, make, capsys):
-    from scistream.s2uc.cli import main
+def test_s2uc_says_what_is_wrong_with_the_certificate_in_one_line(tmp_path, make):
+    from typer.testing import CliRunner
+
+    from scistream.s2uc.cli import app
 
     cert = make(tmp_path)
-    with pytest.raises(SystemExit) as exited:
-        main(["info", "--s2cs", "127.0.0.1:9", "--server_cert", str(cert)])
-    assert exited.value.code == 2  # fix the command line
-    out = capsys.readouterr()
-    assert out.out == ""
-    (line,) = out.err.splitlines()
+    result = CliRunner().invoke(app, ["info", "--s2cs", "127.0.0.1:9", "--server_cert", str(cert)])
+    assert result.exit_code == 2  # fix the command line
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: {cert} is ")
 
 
@@ -285,3 +285,47 @@ def test_a_bundle_of_two_gateways_certificates_vouches_for_each_of_them_and_no_o
     finally:
         for listener in (hpc, inst, other):
             listener.close()
+
+
+# --- who may answer for a server: a certificate of the bundle, exactly, and the one pinned --------
+
+
+def _der_of(pem: bytes) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.decode())
+
+
+def test_a_server_keeps_the_certificate_it_first_presented(tmp_path):
+    import datetime
+
+    from scistream.errors import Unreachable
+    from scistream.s2uc.client import fingerprint, trust
+    from scistream.s2uc.servers import ServerPins
+    from tests.certificates import pair_pem
+
+    now = datetime.datetime.now(datetime.UTC)
+    first, _ = pair_pem(now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    second, _ = pair_pem(now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    bundle = tmp_path / "gateways.pem"
+    bundle.write_bytes(first + second)
+    pins = ServerPins(tmp_path / "home")
+    hpc, other = Server("127.0.0.1", 5000), Server("127.0.0.1", 5001)
+    trust(bundle, pins).check(hpc, _der_of(first))  # first use: pinned
+    assert pins.pinned(hpc) == fingerprint(_der_of(first))
+    trust(bundle, pins).check(hpc, _der_of(first))  # the same again
+    trust(bundle, pins).check(other, _der_of(second))  # another port is another server
+    with pytest.raises(Unreachable) as caught:
+        trust(bundle, pins).check(hpc, _der_of(second))
+    message = caught.value.message
+    assert message.startswith(
+        f"127.0.0.1:5000 presented another certificate than the one pinned for it in {pins.path}"
+    )
+    assert message.endswith("run the command again with --accept-new-cert")
+    assert pins.pinned(hpc) == fingerprint(_der_of(first))  # refused: nothing changed
+    trust(bundle, pins, accept_new=True).check(hpc, _der_of(second))
+    assert pins.pinned(hpc) == fingerprint(_der_of(second))
+    # A certificate not in the bundle is refused, pinned or not, accepted or not.
+    stranger, _ = pair_pem(now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    for checker in (trust(bundle), trust(bundle, pins, accept_new=True)):
+        with pytest.raises(Unreachable, match="presented a certificate that is not in"):
+            checker.check(hpc, _der_of(stranger))
+    assert pins.pinned(hpc) == fingerprint(_der_of(second))

@@ -11,7 +11,7 @@ from pathlib import Path
 from scistream.s2cs import doctor
 from scistream.s2cs.doctor import Status
 from scistream.s2cs.policy import ContainerLimits
-from scistream.s2ds.containers import engine_options, gateway_tag, image_command
+from scistream.s2ds.containers import DEFAULT_LIMITS, engine_options, gateway_tag, image_command
 
 
 def test_a_container_runs_the_images_program_of_the_same_name_with_the_same_arguments():
@@ -38,9 +38,16 @@ def test_two_gateways_on_one_engine_get_distinct_names_and_one_keeps_its_own(tmp
     assert gateway_tag(one) == gateway_tag(tmp_path / "x" / ".." / "hpc")
 
 
-def test_limits_become_the_engines_options_and_none_set_none():
-    assert engine_options(None) == {}
-    assert engine_options(ContainerLimits()) == {}
+def test_limits_become_the_engines_options_the_defaults_where_unset_and_0_none():
+    defaults = {
+        "mem_limit": DEFAULT_LIMITS.memory,
+        "nano_cpus": int(DEFAULT_LIMITS.cpus * 1e9),
+        "pids_limit": DEFAULT_LIMITS.pids,
+    }
+    assert engine_options(None) == defaults
+    assert engine_options(ContainerLimits()) == defaults
+    assert engine_options(ContainerLimits(memory=0, cpus=0, pids=0)) == {}
+    assert engine_options(ContainerLimits(pids=64)) == {**defaults, "pids_limit": 64}
     assert engine_options(ContainerLimits(memory=256 << 20, cpus=0.5, pids=64)) == {
         "mem_limit": 256 << 20,
         "nano_cpus": 500_000_000,

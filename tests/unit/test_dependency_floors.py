@@ -142,6 +142,15 @@ def test_typer_and_click_show_help_versions_and_refuse_a_bad_option(monkeypatch,
     assert run_cli(s2uc, ["s2uc", "--version"], monkeypatch, capsys) == (0, f"s2uc {__version__}\n")
     status, text = run_cli(s2uc, ["s2uc", "inbound_request", "--help"], monkeypatch, capsys)
     assert status == 0 and "--remote_ip" in text
+    status, text = run_cli(s2uc, ["s2uc", "inbound-request", "--help"], monkeypatch, capsys)  # hidden
+    assert status == 0 and "--remote_ip" in text
+    # A required option left out: typer before 0.18 with click 8.3 or later ran the command with None.
+    status, text = run_cli(s2uc, ["s2uc", "inbound_request", "--remote_ip", "10.0.0.1"], monkeypatch, capsys)
+    assert status == 2 and "Missing option '--receiver_ports'" in text
+    # A value that s2uc's own parser refuses, named by its option.
+    argv = ["s2uc", "inbound_request", "--remote_ip", "10.0.0.1", "--receiver_ports", "70000"]
+    status, text = run_cli(s2uc, argv, monkeypatch, capsys)
+    assert status == 2 and "'--receiver_ports' / '--receiver-ports': 70000 is not a TCP port" in text
     status, text = run_cli(s2cs, ["s2cs", "--help"], monkeypatch, capsys)
     assert status == 0 and "--listener-ip" in text
     status, text = run_cli(s2cs, ["s2cs", "--type", "nope"], monkeypatch, capsys)

@@ -36,6 +36,21 @@ def test_an_expired_generated_certificate_is_to_be_deleted_as_s2cs_would_keep_it
     assert "delete /s/server.crt" in found.fix
 
 
+def test_a_generated_ca_certificate_of_an_earlier_s2cs_warns_that_users_get_a_new_one() -> None:
+    ca = pair_pem(NOW - DAY, NOW + 400 * DAY, ["10.0.0.1"], ca=True)[0]
+    found = doctor.certificate_check(ca, "/s/server.crt", NOW, "10.0.0.1", generated=True)
+    assert found.status is Status.WARN
+    assert "is a CA certificate" in found.detail and "generates a new one at start" in found.detail
+    assert "give users the new /s/server.crt" in found.fix
+
+
+def test_an_operators_ca_certificate_warns_to_use_a_leaf() -> None:
+    ca = pair_pem(NOW - DAY, NOW + 400 * DAY, ["10.0.0.1"], ca=True)[0]
+    found = doctor.certificate_check(ca, "c.pem", NOW, "10.0.0.1", generated=False)
+    assert found.status is Status.WARN
+    assert "is a CA certificate" in found.detail and "CA:FALSE" in found.fix
+
+
 def test_a_certificate_not_valid_yet_points_at_the_clock() -> None:
     early = pem(NOW + DAY, NOW + 400 * DAY, ["10.0.0.1"], [])
     found = doctor.certificate_check(early, "c.pem", NOW, "10.0.0.1", generated=False)

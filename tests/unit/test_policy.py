@@ -18,10 +18,12 @@ from scistream.s2cs.policy import (
     TargetRule,
     attached_networks,
     build_policy,
+    interface_addresses,
     limits_verdict,
     parse_policy,
     parse_target,
     parse_targets,
+    ports_verdict,
     streams_verdict,
 )
 
@@ -59,6 +61,7 @@ users = ["ops@facility.org"]
 admin = true
 """
 BEAMLINE = "6f9a1c52-7b4e-4d1f-9a3e-2c8b5d7e0f11"
+HERE = interface_addresses(INTERFACES)  # the addresses the interfaces have when a request comes
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ def default_policy(**changes) -> Policy:
     return build_policy(OWN, INTERFACES, **changes)
 
 
-def refusal(policy: Policy, ip: str, port: int, who=None) -> str:
-    verdict = policy.target(policy.grant(who), ip, port)
+def refusal(policy: Policy, ip: str, port: int, who=None, here=HERE) -> str:
+    verdict = policy.target(policy.grant(who), ip, port, here)
     return "" if verdict.allowed else verdict.reason
 
 
@@ -174,7 +177,7 @@ def test_the_default_refuses_loopback_and_link_local_and_allows_the_lan():
         assert refusal(policy, ip, 5001).endswith(
             " (loopback) is not allowed on this gateway; " + HOW_TO_ALLOW
         ), ip
-    for ip in ("169.254.169.254", "fe80::1"):
+    for ip in ("169.254.169.254", "fe80::2"):
         assert refusal(policy, ip, 80).endswith(
             " (link-local) is not allowed on this gateway; " + HOW_TO_ALLOW
         ), ip
@@ -191,7 +194,10 @@ def test_the_gateways_own_ports_are_refused_on_every_address_it_has():
         assert "own control port; no policy allows it" in refusal(policy, ip, 5000), ip
         assert "own port range 5100-5200" in refusal(policy, ip, 5100), ip
         assert "own port range 5100-5200" in refusal(policy, ip, 5200), ip
+    for ip in ("127.0.0.1", "127.0.0.53", "::1"):  # loopback, named by 127.0.0.0/8 and ::1/128
         assert refusal(policy, ip, 5201) == "", ip
+    for ip in ("10.0.1.1", "192.0.2.7", "fd00::1", "::ffff:10.0.1.1"):  # inside 0.0.0.0/0 or ::/0 only
+        assert "(this gateway's own address) is not allowed" in refusal(policy, ip, 5201), ip
     assert refusal(policy, "10.0.1.2", 5000) == ""  # the same port on another host is not ours
     assert refusal(policy, "0.0.0.0", 8080) == "target 0.0.0.0:8080 is not the address of a host"
     assert refusal(policy, "::", 8080) == "target [::]:8080 is not the address of a host"
@@ -204,7 +210,7 @@ def test_the_gateways_own_ports_are_refused_on_every_address_it_has():
 )
 def test_no_policy_reaches_the_gateways_own_ports(rules, ip, port):
     policy = Policy(OWN, tuple(rules))
-    assert not policy.target(policy.grant(None), str(ip), port).allowed
+    assert not policy.target(policy.grant(None), str(ip), port, HERE).allowed
 
 
 def test_allow_targets_allows_exactly_what_it_names():
@@ -236,16 +242,82 @@ def test_a_broad_network_never_reaches_loopback_or_link_local_unless_named():
     assert refusal(named, "127.0.0.1", 5000).endswith("own control port; no policy allows it")
 
 
+def test_the_gateways_own_addresses_are_reached_only_by_a_rule_that_names_them():
+    policy = default_policy()  # the attached networks: 10.0.1.0/24 holds the gateway's 10.0.1.1
+    assert refusal(policy, "10.0.1.1", 22) == (
+        "target 10.0.1.1:22 (this gateway's own address) is not allowed on this gateway; its operator "
+        "allows it only with a rule that names the address, such as --allow-targets 10.0.1.1/32:22"
+    )
+    assert refusal(policy, "fd00::1", 22).endswith("such as --allow-targets [fd00::1/128]:22")
+    assert "(this gateway's own address)" in refusal(policy, "::ffff:10.0.1.1", 22)
+    # An address it was told is its own (--listener-ip behind NAT) is the gateway too.
+    assert "(this gateway's own address)" in refusal(policy, "192.0.2.7", 22)
+    broad = default_policy(allow_targets=["0.0.0.0/0", "::/0", "10.0.1.0/31:22"])
+    assert "(this gateway's own address)" in refusal(broad, "10.0.1.1", 22)
+    assert "(this gateway's own address)" in refusal(broad, "fd00::1", 22)
+    named = default_policy(allow_targets=["10.0.1.1/32:22", "[fd00::1/128]:22", "192.0.2.7"])
+    assert refusal(named, "10.0.1.1", 22) == ""
+    assert refusal(named, "fd00::1", 22) == ""
+    assert refusal(named, "192.0.2.7", 8080) == ""  # every port of it: still named on purpose
+    assert "(this gateway's own address)" in refusal(named, "10.0.1.1", 23)  # only the port named
+    assert refusal(named, "192.0.2.7", 5000).endswith("own control port; no policy allows it")
+    # An own link-local address needs its name too, not only a rule inside link-local.
+    link_local = default_policy(allow_targets=["169.254.0.0/16"])
+    assert refusal(link_local, "169.254.9.9", 80) == ""
+    assert "(this gateway's own address)" in refusal(link_local, "169.254.3.4", 80)
+
+
+def test_own_addresses_are_those_of_the_interfaces_when_the_request_comes():
+    policy = default_policy(allow_targets=["10.0.1.0/24"])
+    assert refusal(policy, "10.0.1.2", 5000) == ""  # not this gateway's: another host's port 5000
+    later = HERE | interface_addresses([("10.0.1.2", "255.255.255.0")])  # ip addr add 10.0.1.2/24
+    assert refusal(policy, "10.0.1.2", 5000, here=later).endswith("own control port; no policy allows it")
+    assert "own port range 5100-5200" in refusal(policy, "10.0.1.2", 5150, here=later)
+    assert "(this gateway's own address)" in refusal(policy, "10.0.1.2", 22, here=later)
+    assert refusal(policy, "10.0.1.2", 22) == ""  # once it is gone, another host's again
+
+
+def test_the_metrics_port_is_refused_on_every_own_address_whatever_the_policy_says():
+    own = Own(OWN.addresses, 5000, (5100, 5200), metrics_port=9100)
+    policy = build_policy(own, INTERFACES, allow_targets=["10.0.1.1/32", "127.0.0.1/32", "0.0.0.0/0"])
+    for ip in ("10.0.1.1", "127.0.0.1", "192.0.2.7"):
+        assert refusal(policy, ip, 9100) == (
+            f"target {ip}:9100 is this gateway's own metrics port; no policy allows it"
+        )
+    assert refusal(policy, "10.0.1.1", 9101) == ""
+    assert refusal(policy, "10.0.9.9", 9100) == ""  # another host's
+    assert policy.describe()["never"] == ["control port 5000", "metrics port 9100", "ports 5100-5200"]
+
+
+def test_interface_addresses_are_every_ip_address_without_zones_or_macs():
+    assert {
+        ipaddress.ip_address(ip)
+        for ip in ("127.0.0.1", "::1", "10.0.1.1", "fd00::1", "fe80::1", "169.254.3.4")
+    } == HERE
+
+
 def test_peers_are_any_unless_the_operator_names_them():
-    assert default_policy().peer("203.0.113.9", 5100).allowed
+    assert default_policy().peer("203.0.113.9", 5100, HERE).allowed
     policy = default_policy(allow_peers=["203.0.113.0/24:5100-5200"])
-    assert policy.peer("203.0.113.9", 5100).allowed
-    verdict = policy.peer("198.51.100.1", 5100)
+    assert policy.peer("203.0.113.9", 5100, HERE).allowed
+    verdict = policy.peer("198.51.100.1", 5100, HERE)
     assert verdict.reason == (
         "remote listener 198.51.100.1:5100 is not allowed on this gateway; "
         "its operator allows remote listeners with --allow-peers CIDR[:PORT[-PORT]]"
     )
-    assert policy.peer("127.0.0.1", 5100).reason.startswith("remote listener 127.0.0.1:5100 is in this")
+    assert policy.peer("127.0.0.1", 5100, HERE).reason.startswith("remote listener 127.0.0.1:5100 is in this")
+
+
+def test_a_peer_on_an_own_address_needs_a_rule_that_names_it_too():
+    policy = default_policy(allow_peers=["10.0.0.0/8"])
+    assert policy.peer("10.0.1.9", 5300, HERE).allowed
+    assert policy.peer("10.0.1.1", 5300, HERE).reason == (
+        "remote listener 10.0.1.1:5300 (this gateway's own address) is not allowed on this gateway; its "
+        "operator allows it only with a rule that names the address, such as --allow-peers 10.0.1.1/32:5300"
+    )
+    named = default_policy(allow_peers=["10.0.0.0/8", "10.0.1.1/32:5300"])
+    assert named.peer("10.0.1.1", 5300, HERE).allowed
+    assert not named.peer("10.0.1.1", 5100, HERE).allowed  # its own port range: never
 
 
 # --- identities ------------------------------------------------------------------------------------
@@ -288,17 +360,17 @@ def test_a_group_gets_its_own_subnet_and_quota_from_the_policy_file():
     member = Caller("m", "mona@anl.gov", frozenset({BEAMLINE}))
     grant = policy.grant(member)
     assert grant.quota == Quota(max_streams=8, max_rate=0, max_num_conn=32)
-    assert policy.target(grant, "10.32.5.9", 5050).allowed
-    assert policy.target(grant, "fd00:32::9", 5050).allowed
-    assert policy.target(grant, "10.20.1.1", 5999).allowed  # and what everybody may reach
-    reason = policy.target(grant, "10.32.6.9", 5050).reason
+    assert policy.target(grant, "10.32.5.9", 5050, HERE).allowed
+    assert policy.target(grant, "fd00:32::9", 5050, HERE).allowed
+    assert policy.target(grant, "10.20.1.1", 5999, HERE).allowed  # and what everybody may reach
+    reason = policy.target(grant, "10.32.6.9", 5050, HERE).reason
     assert reason == (
         "target 10.32.6.9:5050 is not allowed for mona@anl.gov on this gateway; its operator allows "
         "targets with --allow-targets CIDR[:PORT[-PORT]] or in the policy file"
     )
     ops = policy.grant(Caller("o", "ops@facility.org"))
     assert ops.admin and ops.quota == Quota(max_streams=2, max_rate=100000)
-    assert not policy.target(ops, "10.32.5.9", 5050).allowed  # the beamline's subnet is its own
+    assert not policy.target(ops, "10.32.5.9", 5050, HERE).allowed  # the beamline's subnet is its own
     with pytest.raises(Forbidden, match="may not use this gateway"):
         policy.grant(ALICE)  # the file names who may
 
@@ -330,6 +402,35 @@ def test_quotas_refuse_what_is_beyond_them_and_say_what_to_ask_for():
     )
     anonymous = Policy(OWN, (), quota=Quota(max_streams=1)).grant(None)
     assert "everybody together may have at most 1" in streams_verdict(anonymous, 1).reason
+
+
+def test_max_ports_counts_the_listener_ports_an_identity_holds():
+    toml = "max_ports = 4\nusers = ['bob@example.org']\n\n"
+    toml += "[[allow]]\nusers = ['mona@anl.gov']\nmax_ports = 2\n\n"
+    toml += "[[allow]]\nusers = ['mona@anl.gov']\nmax_ports = 10\n"
+    policy = default_policy(policy_file=parse_policy(toml, "p.toml"))
+    assert policy.quota == Quota(max_ports=4)
+    assert policy.describe()["quota"] == {"max_ports": 4}
+    mona = policy.grant(Caller("m", "mona@anl.gov"))
+    assert mona.quota.max_ports == 10  # several entries: the highest wins
+    bob = policy.grant(Caller("b", "bob@example.org"))
+    assert ports_verdict(bob, 0, 4).allowed
+    assert ports_verdict(bob, 3, 1).allowed
+    assert ports_verdict(bob, 3, 2).reason == (
+        "bob@example.org may hold at most 4 listener port(s) at once on this gateway (max_ports) and "
+        "holds 3; this stream needs 2 more: release a stream first (s2uc release UID)"
+    )
+    assert ports_verdict(bob, 0, 5).reason == (
+        "bob@example.org may hold at most 4 listener port(s) at once on this gateway (max_ports); "
+        "this stream needs 5: ask for 4 port(s) or fewer"
+    )
+    anonymous = Policy(OWN, (), quota=Quota(max_ports=1)).grant(None)
+    assert ports_verdict(anonymous, 1, 1).reason.startswith("everybody together may hold at most 1")
+    assert ports_verdict(default_policy().grant(None), 1000, 1000).allowed  # no max_ports: no limit
+    with pytest.raises(
+        ConfigError, match=r"p\.toml:1: max_ports must be a whole number of at least 1, not 0"
+    ):
+        parse_policy("max_ports = 0\n", "p.toml")
 
 
 # --- the policy file ---------------------------------------------------------------------------------
@@ -404,8 +505,8 @@ def test_containers_limits_read_as_the_engine_takes_them():
         ('max_streams = 2\n[containers]\nmemory = "lots"\n',
          'p.toml:3: memory must be bytes or a size such as "256M", not \'lots\''),
         ("[containers]\nmemory = 1024\n", "p.toml:2: memory must be at least 6M (the engine's floor)"),
-        ("[containers]\n\ncpus = 0\n", "p.toml:3: cpus must be a number above 0, such as 0.5, not 0"),
-        ("[containers]\npids = true\n", "p.toml:2: pids must be a whole number of at least 1, not True"),
+        ("[containers]\n\ncpus = -1\n", "p.toml:3: cpus must be a number, such as 0.5 (0: no limit), not -1"),
+        ("[containers]\npids = true\n", "p.toml:2: pids must be a whole number (0: no limit), not True"),
         ("[containers]\nswap = 1\n", "p.toml:2: unknown key 'swap' in [containers] (known: cpus, memory"),
         ("containers = 4\n", "p.toml:1: containers must be a table: [containers]"),
     ],

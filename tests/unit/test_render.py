@@ -120,15 +120,15 @@ def test_outbound_proxy_verifies_the_peer_holds_the_stream_certificate(env):
 def test_a_rate_limited_outbound_proxy_has_its_shaper_on_the_plain_side(env):
     """The shaper has the listener port and passes plain data on; TLS leaves HAProxy whole."""
     text = render_session("outbound-rate", env)
-    assert f"bind unix@{SESSION_DIR}/shaper-0.sock id 1 mode 600\n" in text
+    assert f"bind unix@{SESSION_DIR}/run/shaper-0.sock id 1 mode 600\n" in text
     assert "bind 127.0.0.1:5200" not in text
     assert "unix@" not in text.split("backend target0")[1]
 
 
 def test_a_rate_limited_session_reaches_its_targets_through_the_shaper(env):
     text = render_session("inbound-two-listeners-rate", env)
-    assert f"server service unix@{SESSION_DIR}/shaper-0.sock" in text
-    assert f"server service unix@{SESSION_DIR}/shaper-1.sock" in text
+    assert f"server service unix@{SESSION_DIR}/run/shaper-0.sock" in text
+    assert f"server service unix@{SESSION_DIR}/run/shaper-1.sock" in text
     assert "relays to [fd00::5]:5002" in text
 
 

@@ -10,7 +10,13 @@ import sys
 from dataclasses import dataclass
 
 from scistream.s2ds.runtime import ProcessRuntime, bound_endpoints
-from scistream.s2ds.sockdiag import socket_inodes, tcp_listeners, unix_listener, unix_listeners
+from scistream.s2ds.sockdiag import (
+    socket_inodes,
+    tcp_listeners,
+    unix_listener,
+    unix_listener_files,
+    unix_listeners,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,28 @@ def test_listening_unix_sockets_are_found_by_path(tmp_path):
         found = unix_listeners()
         assert found[inode(listening)] == str(tmp_path / "shaper-0.sock")
         assert inode(bound) not in found
+
+
+def test_a_unix_socket_file_counts_as_live_only_while_a_socket_listens_on_it(tmp_path):
+    """What tells a stale socket file (its process killed) from a live one: the file itself, as
+    stat(2) names it, not its path, which a new socket may take over."""
+    live, stale, rebound = tmp_path / "live.sock", tmp_path / "stale.sock", tmp_path / "rebound.sock"
+    with socket.socket(socket.AF_UNIX) as a, socket.socket(socket.AF_UNIX) as c:
+        a.bind(str(live))
+        a.listen()
+        with socket.socket(socket.AF_UNIX) as b:
+            b.bind(str(stale))
+            b.listen()
+        c.bind(str(rebound))
+        c.listen()
+        old = os.stat(rebound)
+        os.unlink(rebound)  # the listening socket keeps its name, not the file
+        rebound.write_text("")
+        files = unix_listener_files()
+        assert (os.stat(live).st_dev, os.stat(live).st_ino) in files
+        assert (os.stat(stale).st_dev, os.stat(stale).st_ino) not in files
+        assert (old.st_dev, old.st_ino) in files
+        assert (os.stat(rebound).st_dev, os.stat(rebound).st_ino) not in files
 
 
 def test_the_kernel_answers_only_for_the_port_asked_about():

@@ -64,14 +64,14 @@ def test_every_listener_demands_the_stream_certificate_and_tls_1_3(env):
 def test_an_inbound_stunnel_reaches_its_service_through_the_shaper(env):
     text = stunnel_config("inbound-one-listener-unlimited", env)
     assert "accept = 0.0.0.0:5100" in text
-    assert f"connect = {SESSION_DIR}/shaper-0.sock" in text
+    assert f"connect = {SESSION_DIR}/run/shaper-0.sock" in text
 
 
 def test_an_outbound_stunnel_has_its_shaper_in_front_and_reaches_the_peer_itself(env):
     """The shaper would cut the peer's TLS records into pieces, which stunnel 5.68 mishandles."""
     text = stunnel_config("outbound-rate", env)
     assert "client = yes" in text
-    assert f"accept = {SESSION_DIR}/shaper-0.sock" in text
+    assert f"accept = {SESSION_DIR}/run/shaper-0.sock" in text
     assert "connect = 192.0.2.7:5100" in text
 
 
@@ -141,7 +141,7 @@ def test_the_shaper_command_line_keeps_a_state_dir_with_an_equals_sign_whole(mak
     launch = make(env).shaper_launch(spec, SessionFiles(directory))
     assert launch.argv[1:3] == ("-m", "scistream.s2ds.shaper")
     found = shaper.options(launch.argv[3:])
-    sockets = [str(directory / f"shaper-{i}.sock") for i in range(len(spec.listeners))]
+    sockets = [str(directory / "run" / f"shaper-{i}.sock") for i in range(len(spec.listeners))]
     if spec.front:  # outbound: the listener port in front, the proxy behind it
         expected = tuple(((lst.bind_ip, lst.port), s) for lst, s in zip(spec.listeners, sockets, strict=True))
     else:

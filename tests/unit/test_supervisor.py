@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -344,6 +345,79 @@ def test_restart_later_starts_a_proxy_found_dead_at_the_next_tick(system, proc):
     assert proc.state == State.STARTING
     proc.tick()
     assert proc.state == State.RUNNING
+
+
+def _socket_file(path: Path, listening: bool) -> socket.socket | None:
+    """A Unix socket file at `path`: held by a listening socket, or left by one that is gone
+    (as a killed process leaves it: nobody unlinks it)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+    if listening:
+        return sock
+    sock.close()
+    return None
+
+
+def test_a_restart_starts_from_a_clean_slate_without_the_dead_ones_socket(system, tmp_path):
+    """stunnel fails to bind a path where a file is ("Address already in use"): a killed one
+    that left its socket could never come back, and ended FATAL."""
+    stale = tmp_path / "shaper-0.sock"
+    proc = ProxyProcess(
+        "outbound 5f0c2a9e proxy", "proxy", ["stunnel"], tmp_path, tmp_path / "p.log", [str(stale)], system
+    )
+    proc.start()
+    _socket_file(stale, listening=False)
+    found_at_spawn: list[bool] = []
+    system.on_spawn = lambda handle, log: found_at_spawn.append(stale.exists())
+    crash(system, proc, 10.0)
+    run_until(system, proc, State.RUNNING)
+    assert found_at_spawn == [False]
+    assert proc.restarts == 1
+
+
+def test_a_socket_that_a_live_process_listens_on_is_never_removed(system, tmp_path):
+    """Not ours to take: a process of an earlier s2cs that was not re-adopted may still serve
+    the stream there. The new process fails to bind, in its own words, and the live one goes on."""
+    live, stale = tmp_path / "shaper-0.sock", tmp_path / "shaper-1.sock"
+    proc = ProxyProcess(
+        "outbound 5f0c2a9e proxy",
+        "proxy",
+        ["stunnel"],
+        tmp_path,
+        tmp_path / "p.log",
+        [str(live), str(stale)],
+        system,
+    )
+    holder = _socket_file(live, listening=True)
+    _socket_file(stale, listening=False)
+    try:
+        proc.restart_later("it was not running when s2cs started")
+        run_until(system, proc, State.RUNNING)
+        assert live.exists() and not stale.exists()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(live))  # still the live one's
+        client.close()
+    finally:
+        assert holder is not None
+        holder.close()
+
+
+def test_a_file_that_is_not_a_socket_is_left_where_a_process_must_listen(system, tmp_path):
+    other = tmp_path / "shaper-0.sock"
+    other.write_text("an operator's file")
+    proc = ProxyProcess(
+        "inbound 5f0c2a9e proxy",
+        "proxy",
+        ["stunnel"],
+        tmp_path,
+        tmp_path / "p.log",
+        [str(other), 5100],
+        system,
+    )
+    proc.restart_later("it was not running when s2cs started")
+    run_until(system, proc, State.RUNNING)
+    assert other.read_text() == "an operator's file"
 
 
 # --- stop ----------------------------------------------------------------------------------------

@@ -6,17 +6,38 @@ Its work with a real swarm is tested in tests/containers/test_swarm.py.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
-from scistream.errors import ConfigError
-from scistream.s2cs.swarm import RESTARTS, Node, _age, facility_name, gateway_nodes, least_loaded, session_key
+from scistream.errors import ConfigError, Forbidden
+from scistream.protocol import InboundRequest, Limits
+from scistream.s2cs.auth import NoAuth
+from scistream.s2cs.gateway import Settings
+from scistream.s2cs.policy import Own, build_policy
+from scistream.s2cs.swarm import (
+    RESTARTS,
+    STALE_CLAIM,
+    Node,
+    SwarmGateway,
+    _age,
+    facility_name,
+    gateway_nodes,
+    half_made,
+    least_loaded,
+    node_addresses,
+    session_key,
+    stamp,
+)
 from scistream.s2cs.swarm import task_state as state_of
+from scistream.s2ds.backend import Backend
+from scistream.s2ds.containers import LABEL
 from scistream.s2ds.task import plan_of
 
 OWN = "own0node0id0000000000000a"
@@ -118,6 +139,28 @@ def test_one_node_with_an_address_label_that_is_no_ip_address_does_not_stop_the_
         node("dtn2", {**GATEWAY, "scistream.address": "192.0.2.12"}, addr="10.0.0.12"),
     ]
     assert [n.id for n in gateway_nodes(nodes, OWN, "198.51.100.1", "0.0.0.0")] == ["dtn2"]
+
+
+def test_the_addresses_of_every_gateway_node_are_the_gateways_own():
+    nodes = [Node("a", "192.0.2.11", "10.0.0.11", True), Node("b", "::ffff:192.0.2.12", "0.0.0.0", False)]
+    assert node_addresses(nodes) == {
+        ipaddress.ip_address(ip) for ip in ("192.0.2.11", "10.0.0.11", "192.0.2.12")
+    }
+
+
+def test_a_swarm_gateway_refuses_targets_on_its_nodes_as_on_its_own_host(tmp_path):
+    """A stream on one node must not open to another node's listeners (its plain entries among
+    them) nor to other services there: the same rules as for this host's own addresses."""
+    dtn = {"ID": "dtn1", "Spec": {"Labels": {**GATEWAY, "scistream.address": "10.0.0.11"}},
+           "Status": {"State": "ready", "Addr": "10.0.0.11"}}  # fmt: skip
+    engine = SimpleNamespace(nodes=SimpleNamespace(list=lambda: [SimpleNamespace(attrs=dtn)]))
+    settings = Settings("198.51.100.7", None, (5100, 5200), tmp_path)
+    policy = build_policy(Own(frozenset(), 5000, (5100, 5200)), [], allow_targets=["10.0.0.0/8"])
+    gateway = SwarmGateway(settings, cast(Backend, None), NoAuth(), "img", policy=policy, client=engine)
+    assert ipaddress.ip_address("10.0.0.11") in gateway.addresses()
+    for port, says in ((5150, "own port range 5100-5200"), (22, "(this gateway's own address)")):
+        with pytest.raises(Forbidden, match=re.escape(says)):
+            gateway.inbound(InboundRequest("10.0.0.11", (port,), Limits()), None)
 
 
 def test_max_streams_label_is_read_and_nonsense_means_no_limit():
@@ -337,3 +380,30 @@ def test_a_ready_port_of_true_is_refused_not_taken_for_port_1():
     """JSON true is a Python bool, and a bool is an int: it would make the task wait for port 1."""
     with pytest.raises(ValueError, match="ready is not a list of ports and paths"):
         plan_of('{"processes": [{"name": "proxy", "argv": ["haproxy"], "ready": [true]}]}')
+
+
+def _object(session: str | None, created: str | None = None, at: str = "") -> dict:
+    labels = {f"{LABEL}.facility": "f"}
+    if session is not None:
+        labels[f"{LABEL}.session"] = session
+    if created is not None:
+        labels[f"{LABEL}.created"] = created
+    return {"Spec": {"Labels": labels}, "CreatedAt": at}
+
+
+def test_half_made_sessions_objects_are_those_of_no_live_session_older_than_the_bound():
+    now = time.time()
+    old, young = stamp(now - STALE_CLAIM - 60), stamp(now - 5)
+    objects = [
+        _object("dead", old),  # a half-made session's: swept
+        _object("dead", None, at=old),  # no label of its own: the swarm's time
+        _object("dead", young),  # maybe another replica's request in progress: kept
+        _object("live", old),  # a live session's: kept
+        _object(None, old),  # not a session's: kept
+        _object("dead", "not a time"),  # an unreadable time is no age: kept
+    ]
+    assert half_made(objects, {"live"}) == [0, 1]
+
+
+def test_a_stamp_reads_back_as_its_age():
+    assert abs(_age(stamp(time.time() - 100)) - 100) < 5
