@@ -155,9 +155,10 @@ class Client:
         num_conn: int = DEFAULT_NUM_CONN,
         rate: int = DEFAULT_RATE,
     ) -> Outbound:
-        """Create the outbound proxy that carries what the instrument sends to `remote_ip` (all
-        interfaces when None) and `receiver_ports` (the gateway picks when None) to the inbound
-        listeners `remote_listeners`, listener i to remote listener i."""
+        """Create the outbound proxy that carries what the instrument sends to `remote_ip` (an
+        entry address of the gateway; its first when None) and `receiver_ports` (the gateway
+        picks when None) to the inbound listeners `remote_listeners`, listener i to remote
+        listener i."""
         if isinstance(remote_listeners, str):
             raise BadRequest(f"remote_listeners is a list of addresses, like [{remote_listeners!r}]")
         reply = self._call(
@@ -355,8 +356,8 @@ def connect(
     listeners it gave. `server_cert` is a PEM file with both gateways' certificates (or the
     one, when both present it). `local_ports` are the ports the instrument sends to (the
     instrument's gateway picks them when None), one per receiver port; `local_ip` the address
-    they listen on (all interfaces when None). `num_conn`, `rate` and `scope` go to both sides;
-    `accept_new_cert` as for `Client`.
+    they listen on (an entry address of that gateway; its first when None). `num_conn`, `rate`
+    and `scope` go to both sides; `accept_new_cert` as for `Client`.
 
     When the outbound side fails, the inbound side is released before the error is raised:
     nothing is left half made. The error says so, or, when that release failed too, gives the

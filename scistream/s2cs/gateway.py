@@ -413,6 +413,7 @@ class Gateway:
             },
             auth={"enabled": self.auth.enabled, "scope": self.auth.scope},
             listener_ip=self.settings.listener_ip,
+            entry_ips=list(self.entry_ips),  # where outbound requests may ask their plain entries
             port_range=self.pool.label,
             free_ports=self.pool.available(),
             streams=len(self.registry),

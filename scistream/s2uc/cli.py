@@ -334,7 +334,8 @@ def outbound_request(
             "--remote_ip",
             "--remote-ip",
             metavar="IP",
-            help="Address the instrument sends to. [default: all interfaces]",
+            help="Address the instrument sends to: an entry address of the gateway (s2cs --entry-ip). "
+            "[default: its first]",
         ),
     ] = None,
     receiver_ports: Annotated[
@@ -560,8 +561,8 @@ def connect(
             "--local_ip",
             "--local-ip",
             metavar="IP",
-            help="Address of the instrument's gateway the outbound proxy listens on. "
-            "[default: all interfaces]",
+            help="Address of the instrument's gateway the outbound proxy listens on: one of its entry "
+            "addresses (s2cs --entry-ip). [default: its first]",
         ),
     ] = None,
     num_conn: NumConn = DEFAULT_NUM_CONN,
