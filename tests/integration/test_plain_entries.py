@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from scistream.errors import Forbidden
-from scistream.loopback import S2csProcess, Sink, free_port
+from scistream.loopback import BIN, S2csProcess, Sink, free_port
 
 from .conftest import field, port_of, s2uc, wait_for
 
@@ -212,3 +212,10 @@ def test_allow_sources_replaces_the_default(networks, start_s2cs, workdir):
     data = os.urandom(1 << 16)
     assert send_from(ELSEWHERE, entry, data) == (len(data), hashlib.sha256(data).hexdigest())
     assert sink.connections == 1
+
+
+def test_s2cs_check_names_an_entry_ip_that_is_not_an_address_of_this_host(networks, workdir):
+    argv = [str(BIN / "s2cs"), "--check", "--state-dir", str(workdir / "s"), "--entry-ip", "192.0.2.10"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--entry-ip 192.0.2.10 is not an address of this host" in result.stdout
