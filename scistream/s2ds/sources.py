@@ -7,44 +7,66 @@ the entry addresses); the shaper, when it has the entry, refuses any other at ac
 reads a byte. HAProxy without a shaper does the same with `tcp-request connection reject`
 (templates/haproxy.cfg.j2).
 
-Pure: addresses in, a yes or no out. Standard library only, as the shaper (shaper.py).
+Pure: addresses in, a yes or no out. Standard library only, and what the shaper imports anyway.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from collections.abc import Iterable
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_MAPPED = 0xFFFF  # ::ffff:0:0/96, above the 32 bits of the IPv4 address an IPv6 one carries
+
+
+def _address(text: str) -> tuple[int, int] | None:
+    """(bits, value) of an IP address; None when `text` is none. An IPv4-mapped IPv6 address is
+    the IPv4 address it carries. socket.inet_pton, not ipaddress: the shaper starts with what
+    it has imported already, and every outbound request waits for it to listen."""
+    text = text.split("%")[0]
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    try:
+        raw = socket.inet_pton(family, text)
+    except (OSError, ValueError):
+        return None
+    value = int.from_bytes(raw, "big")
+    if len(raw) == 16 and value >> 32 == _MAPPED:
+        return 32, value & 0xFFFFFFFF
+    return len(raw) * 8, value
 
 
 class Sources:
-    """The networks a plain entry admits."""
+    """The networks a plain entry admits, each as (bits, network value, mask)."""
 
-    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+    def __init__(self, networks: Iterable[tuple[int, int, int]], shown: Iterable[str]) -> None:
         self.networks = tuple(networks)
+        self.shown = tuple(shown)
 
     @classmethod
     def parse(cls, texts: Iterable[str]) -> Sources:
         """`10.0.2.0/24`, `::1/128`, a bare address; ValueError naming the first that is none."""
-        found = []
+        networks, shown = [], []
         for text in texts:
-            try:
-                found.append(ipaddress.ip_network(text.strip(), strict=False))
-            except ValueError:
-                raise ValueError(f"{text!r} is not a network (CIDR) or address") from None
-        return cls(found)
+            address, slash, prefix = text.strip().partition("/")
+            found = _address(address) if "%" not in address else None
+            if found is None or (slash and not (prefix.isascii() and prefix.isdigit())):
+                raise ValueError(f"{text!r} is not a network (CIDR) or address")
+            bits, value = found
+            length = int(prefix) if slash else bits
+            if length > bits:
+                raise ValueError(f"{text!r} is not a network (CIDR) or address")
+            mask = ((1 << length) - 1) << (bits - length)
+            networks.append((bits, value & mask, mask))
+            shown.append(text.strip())
+        return cls(networks, shown)
 
     def admits(self, address: str) -> bool:
         """Whether a client of this address may send; an IPv4-mapped IPv6 address (an IPv4
         client of a dual-stack socket) is the IPv4 address it carries."""
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
+        found = _address(address)
+        if found is None:
             return False  # not an IP client at all: nothing the operator allowed
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip.version == net.version and ip in net for net in self.networks)
+        bits, value = found
+        return any(bits == b and value & mask == network for b, network, mask in self.networks)
 
     def __str__(self) -> str:
-        return ", ".join(str(net) for net in self.networks)
+        return ", ".join(self.shown)

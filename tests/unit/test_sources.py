@@ -3,10 +3,13 @@ the policy's `sources`), and how that reaches the shaper and the HAProxy templat
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from scistream.errors import ConfigError, Forbidden
 from scistream.s2cs.gateway import entry_address
@@ -167,3 +170,30 @@ def test_a_swarm_request_goes_to_a_node_where_its_address_is_an_entry_or_is_refu
     with pytest.raises(Forbidden) as refused:
         _with_entry([dtn1, dtn2], "10.0.2.13")
     assert "s2cs --entry-ip" in refused.value.message and "scistream.entry-ip" in refused.value.message
+
+
+@given(
+    st.ip_addresses(),
+    st.ip_addresses(),
+    st.integers(min_value=0, max_value=128),
+)
+def test_sources_decide_as_the_ipaddress_module_does(network_address, client, prefix):
+    prefix = min(prefix, network_address.max_prefixlen)
+    network = ipaddress.ip_network(f"{network_address}/{prefix}", strict=False)
+    sources = Sources.parse([f"{network_address}/{prefix}"])
+    mapped = getattr(client, "ipv4_mapped", None)
+    expected = (mapped or client) in network if (mapped or client).version == network.version else False
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(
+        ipaddress.ip_network("::ffff:0:0/96")
+    ):
+        return  # written as IPv4 by whoever allows them (the policy refuses mapped networks)
+    assert sources.admits(str(client)) == expected
+
+
+def test_a_bare_address_admits_itself_only():
+    sources = Sources.parse(["10.0.2.5", "fd00::5"])
+    assert sources.admits("10.0.2.5") and sources.admits("fd00::5")
+    assert not sources.admits("10.0.2.6") and not sources.admits("fd00::6")
+    for wrong in ("10.0.2.0/24x", "10.0.2.0/", "fe80::1%eth0/64", "10.0.2.0/-1"):
+        with pytest.raises(ValueError, match="is not a network"):
+            Sources.parse([wrong])
