@@ -740,6 +740,11 @@ def status(
                     typer.echo(f"                {line}")
             for failure in s.failures:
                 typer.echo(f"    failed: {failure.message} ({_occurrences(failure)})")
+            if s.refused_sources:
+                typer.echo(
+                    f"    refused: {s.refused_sources} connection(s) from sources this gateway does not "
+                    "allow (its operator's s2cs --allow-sources); nothing of them reached the stream"
+                )
             for proc in s.processes:
                 if proc.log is not None:
                     typer.echo(f"    {proc.name} log, last {len(proc.log)} line(s):")

@@ -190,6 +190,8 @@ def test_a_plain_entry_refuses_a_source_outside_its_allowed_networks(networks, s
         text = got.read().decode()
     (line,) = [ln for ln in text.splitlines() if ln.startswith("scistream_stream_refused_sources_total{")]
     assert f'stream="{stream["uid"][:8]}"' in line and line.endswith(" 1.0")
+    shown = s2uc("status", stream["uid"], "--s2cs", inst.address, "--server_cert", str(inst.cert)).stdout
+    assert "    refused: 1 connection(s) from sources this gateway does not allow" in shown
     log = inst.log.read_text()
     assert "its plain entry refused 1 connection(s) from sources that are not allowed" in log
     assert stream["uid"] not in log
