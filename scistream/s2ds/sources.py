@@ -18,20 +18,26 @@ from collections.abc import Iterable
 _MAPPED = 0xFFFF  # ::ffff:0:0/96, above the 32 bits of the IPv4 address an IPv6 one carries
 
 
-def _address(text: str) -> tuple[int, int] | None:
-    """(bits, value) of an IP address; None when `text` is none. An IPv4-mapped IPv6 address is
-    the IPv4 address it carries. socket.inet_pton, not ipaddress: the shaper starts with what
-    it has imported already, and every outbound request waits for it to listen."""
+def _raw(text: str) -> tuple[int, int] | None:
+    """(bits, value) of an IP address as written; None when `text` is none. socket.inet_pton,
+    not ipaddress: the shaper starts with what it has imported already, and every outbound
+    request waits for it to listen."""
     text = text.split("%")[0]
     family = socket.AF_INET6 if ":" in text else socket.AF_INET
     try:
         raw = socket.inet_pton(family, text)
     except (OSError, ValueError):
         return None
-    value = int.from_bytes(raw, "big")
-    if len(raw) == 16 and value >> 32 == _MAPPED:
-        return 32, value & 0xFFFFFFFF
-    return len(raw) * 8, value
+    return len(raw) * 8, int.from_bytes(raw, "big")
+
+
+def _address(text: str) -> tuple[int, int] | None:
+    """(bits, value) of a client's address: an IPv4-mapped IPv6 address (an IPv4 client of a
+    dual-stack socket) is the IPv4 address it carries."""
+    found = _raw(text)
+    if found is not None and found[0] == 128 and found[1] >> 32 == _MAPPED:
+        return 32, found[1] & 0xFFFFFFFF
+    return found
 
 
 class Sources:
@@ -47,13 +53,17 @@ class Sources:
         networks, shown = [], []
         for text in texts:
             address, slash, prefix = text.strip().partition("/")
-            found = _address(address) if "%" not in address else None
+            found = _raw(address) if "%" not in address else None
             if found is None or (slash and not (prefix.isascii() and prefix.isdigit())):
                 raise ValueError(f"{text!r} is not a network (CIDR) or address")
             bits, value = found
             length = int(prefix) if slash else bits
             if length > bits:
                 raise ValueError(f"{text!r} is not a network (CIDR) or address")
+            if bits == 128 and length >= 96 and value >> 32 == _MAPPED:
+                # Inside ::ffff:0:0/96: the IPv4 network it carries, as its clients are matched.
+                # A broader IPv6 network stays IPv6, and admits no IPv4 client.
+                bits, value, length = 32, value & 0xFFFFFFFF, length - 96
             mask = ((1 << length) - 1) << (bits - length)
             networks.append((bits, value & mask, mask))
             shown.append(text.strip())

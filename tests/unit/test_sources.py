@@ -197,3 +197,13 @@ def test_a_bare_address_admits_itself_only():
     for wrong in ("10.0.2.0/24x", "10.0.2.0/", "fe80::1%eth0/64", "10.0.2.0/-1"):
         with pytest.raises(ValueError, match="is not a network"):
             Sources.parse([wrong])
+
+
+def test_an_ipv6_network_broader_than_the_mapped_range_stays_ipv6():
+    """Found by the property above: `::/0` admitted every IPv4 client, and `::ffff:0:0/33` could
+    not be parsed, as the network's own address was read as the IPv4 address it would carry."""
+    assert not Sources.parse(["::/0"]).admits("10.0.2.5")
+    assert not Sources.parse(["::ffff:0:0/33"]).admits("10.0.2.5")
+    assert Sources.parse(["::/0"]).admits("fd00::5")
+    assert Sources.parse(["::ffff:10.0.2.0/120"]).admits("10.0.2.5")
+    assert Sources.parse(["::ffff:10.0.2.0/120"]).admits("::ffff:10.0.2.5")
