@@ -581,7 +581,7 @@ def run(
         if exporter is not None:
             typer.echo(f"  metrics on {exporter.url}", err=True)
         if gateway.auth.enabled:
-            from ..s2uc.scopes import login_form  # loads globus-sdk, as authentication does
+            from ..scopes import login_form  # loads globus-sdk, as authentication does
 
             typer.echo(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}", err=True)
             if gateway.auth.scope is not None:

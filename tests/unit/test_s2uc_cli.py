@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from scistream import __version__, api
+from scistream.client.replies import Released
 from scistream.errors import NotFound
 from scistream.s2uc.cli import main
-from scistream.s2uc.replies import Released
 
 UID = "5d2f8a61-0b7c-4f2e-9d4a-4b5c8d9e0f1a"
 COMMANDS = [

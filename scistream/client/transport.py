@@ -243,7 +243,7 @@ class Connection:
 
         token = None
         if self.scope:
-            from .scopes import login_form
+            from ..scopes import login_form
 
             token = token_for(self.scope)
             if token is None:
@@ -263,7 +263,7 @@ class Connection:
 
     def _login_needed(self, refused: Unauthenticated) -> Unauthenticated:
         """What to do when the server wants a token s2uc may not send it: log in there."""
-        from .scopes import login_form
+        from ..scopes import login_form
 
         try:
             scope = call(self.server, self.trust, "info")["auth"]["scope"]
