@@ -20,8 +20,10 @@ from pathlib import Path
 from types import TracebackType
 
 from .client import replies, transport
+from .client.address import Server, parse_server
 from .client.replies import Capabilities, Capability, Inbound, Limit, Limits, Outbound, Released
-from .client.transport import Connection, NoReply, Server, parse_server, trust
+from .client.transport import Connection, NoReply
+from .client.trust import trust
 from .client.uids import normalize_uid
 from .errors import BadRequest, NotFound, ScistreamError
 from .protocol import (

@@ -23,7 +23,9 @@ from typing import Any
 
 import psutil
 
-from .client.transport import call, parse_server, trust
+from .client.address import parse_server
+from .client.transport import call
+from .client.trust import trust
 from .errors import ScistreamError
 from .protocol import hostport
 from .s2cs.gateway import port_is_free

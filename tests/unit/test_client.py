@@ -4,7 +4,8 @@ import ssl
 
 import pytest
 
-from scistream.client.transport import Server, parse_server, tls_context
+from scistream.client.address import Server, parse_server
+from scistream.client.trust import tls_context
 from scistream.credentials import stream_credentials
 from scistream.errors import ConfigError, ScistreamError
 
@@ -128,7 +129,7 @@ def test_an_unreadable_server_certificate_is_named_with_the_reason(tmp_path):
     cert.chmod(0o000)
     check = (
         "import sys; from pathlib import Path; from scistream.errors import ConfigError\n"
-        "from scistream.client.transport import tls_context\n"
+        "from scistream.client.trust import tls_context\n"
         "try:\n    tls_context(Path(sys.argv[1]))\n"
         "except ConfigError as exc:\n    print(exc.message)\n"
     )
@@ -298,7 +299,7 @@ def test_a_server_keeps_the_certificate_it_first_presented(tmp_path):
     import datetime
 
     from scistream.client.servers import ServerPins
-    from scistream.client.transport import fingerprint, trust
+    from scistream.client.trust import fingerprint, trust
     from scistream.errors import Unreachable
     from tests.certificates import pair_pem
 

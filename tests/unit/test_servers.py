@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
+from scistream.client.address import Server
 from scistream.client.servers import Known, ServerPins, ServerScopes, key, parse, render
-from scistream.client.transport import Server
 from scistream.errors import ConfigError
 
 A = "https://auth.globus.org/scopes/3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d/scistream"
