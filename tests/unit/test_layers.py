@@ -2,7 +2,7 @@
 
     tools (scistream.cli, demo, compose_demo, loopback): may use every layer
     s2uc (the CLI) -> scistream.api -> scistream.client (the client library) -> shared
-    s2cs, s2ds (the server)                                                  -> shared
+    s2cs (the control server) -> s2ds (the data plane)                      -> shared
     shared: protocol, errors, scopes, credentials
     the package (scistream/__init__.py: __version__, and the API loaded at its first use): by all
 
@@ -25,11 +25,12 @@ PACKAGE = Path(scistream.__file__).parent
 SHARED = "shared"
 PACKAGE_LAYER = "package"
 LAYERS = {  # layer -> the layers its modules may import (each may import its own as well)
-    "tools": {"cli", "api", "client", "server", SHARED, PACKAGE_LAYER},
+    "tools": {"cli", "api", "client", "control", "data plane", SHARED, PACKAGE_LAYER},
     "cli": {"api", "client", SHARED, PACKAGE_LAYER},
     "api": {"client", SHARED, PACKAGE_LAYER},
     "client": {SHARED, PACKAGE_LAYER},
-    "server": {SHARED, PACKAGE_LAYER},
+    "control": {"data plane", SHARED, PACKAGE_LAYER},
+    "data plane": {SHARED, PACKAGE_LAYER},
     SHARED: set(),
     PACKAGE_LAYER: {"api", SHARED},
 }
@@ -41,6 +42,7 @@ PURE = (
     "scistream.scopes",
     "scistream.s2ds.render",
     "scistream.s2cs.policy",
+    "scistream.s2ds.shaping",
     "scistream.client.address",
     "scistream.client.replies",
     "scistream.client.reports",
@@ -60,8 +62,10 @@ def layer(module: str) -> str:
         return "api"
     if parts[1] == "client":
         return "client"
-    if parts[1] in ("s2cs", "s2ds"):
-        return "server"
+    if parts[1] == "s2cs":
+        return "control"
+    if parts[1] == "s2ds":
+        return "data plane"
     return "tools"  # scistream.cli, __main__, demo, compose_demo, loopback
 
 
@@ -116,7 +120,7 @@ def test_the_server_imports_nothing_of_the_clients(graph):
     wrong = [
         f"{module} imports {name}"
         for module, names in sorted(graph.items())
-        if layer(module) == "server"
+        if layer(module) in ("control", "data plane")
         for name in sorted(names)
         if name.startswith(("scistream.s2uc", "scistream.api", "scistream.client"))
     ]
