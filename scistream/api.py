@@ -1,7 +1,7 @@
 """The Python API of SciStream: ask facility gateways for streams from a program.
 
 `Client` talks to one S2CS (`inbound`, `outbound`, `release`, `status`, `info`) and returns the
-typed results of scistream/s2uc/replies.py; `connect` sets up both sides of a stream and returns
+typed results of scistream/client/replies.py; `connect` sets up both sides of a stream and returns
 a `Stream` that releases both when its `with` block ends. Failures raise the exceptions of
 scistream/errors.py, each with its wire code. `s2uc` is built on this module: its commands call
 these functions and print their results. docs/python-api.md is the guide.
@@ -19,6 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from .client import replies, transport
+from .client.address import Server, parse_server
+from .client.replies import Capabilities, Capability, Inbound, Limit, Limits, Outbound, Released
+from .client.transport import Connection, NoReply
+from .client.trust import trust
+from .client.uids import normalize_uid
 from .errors import BadRequest, NotFound, ScistreamError
 from .protocol import (
     DEFAULT_NUM_CONN,
@@ -29,26 +35,21 @@ from .protocol import (
     parse_request,
     request,
 )
-from .s2uc import client as transport
-from .s2uc import replies
-from .s2uc.client import Connection, NoReply, Server, parse_server, trust
-from .s2uc.replies import Capabilities, Capability, Inbound, Limit, Limits, Outbound, Released
-from .s2uc.uids import normalize_uid
 
 TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
 if TYPE_CHECKING:
     from typing import Any
 
-    from .s2uc.reports import Auth, Backend, Failure, Info, Policy, Process, Quota, Session, Status
+    from .client.reports import Auth, Backend, Failure, Info, Policy, Process, Quota, Session, Status
 
-# What `status` and `info` return (s2uc/reports.py) is made at its first use, as
+# What `status` and `info` return (client/reports.py) is made at its first use, as
 # `scistream.api.Status` or by the call: a request of a stream needs none of it.
 _REPORTS = {"Auth", "Backend", "Failure", "Info", "Policy", "Process", "Quota", "Session", "Status"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _REPORTS:
-        from .s2uc import reports
+        from .client import reports
 
         return getattr(reports, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -109,12 +110,12 @@ class Client:
         self._server: Server = parse_server(s2cs)
         named = None
         if scope is not None:
-            from .s2uc.scopes import expand  # loads globus-sdk: only a client given a scope pays
+            from .scopes import expand  # loads globus-sdk: only a client given a scope pays
 
             named = expand(scope)
         self.scope = named
-        from .s2uc.servers import ServerPins
-        from .s2uc.tokens import home
+        from .client.servers import ServerPins
+        from .client.tokens import home
 
         pins = ServerPins(home())
         checked = trust(self.server_cert, pins, accept_new_cert)
@@ -155,9 +156,10 @@ class Client:
         num_conn: int = DEFAULT_NUM_CONN,
         rate: int = DEFAULT_RATE,
     ) -> Outbound:
-        """Create the outbound proxy that carries what the instrument sends to `remote_ip` (all
-        interfaces when None) and `receiver_ports` (the gateway picks when None) to the inbound
-        listeners `remote_listeners`, listener i to remote listener i."""
+        """Create the outbound proxy that carries what the instrument sends to `remote_ip` (an
+        entry address of the gateway; its first when None) and `receiver_ports` (the gateway
+        picks when None) to the inbound listeners `remote_listeners`, listener i to remote
+        listener i."""
         if isinstance(remote_listeners, str):
             raise BadRequest(f"remote_listeners is a list of addresses, like [{remote_listeners!r}]")
         reply = self._call(
@@ -184,14 +186,14 @@ class Client:
             raise BadRequest("log shows the logs of one stream: give its UID")
         named = None if uid is None else normalize_uid(uid)
         # `log` only when asked: a server older than it refuses a field it does not know.
-        from .s2uc import reports
+        from .client import reports
 
         return reports.status(self.server, self._call("status", uid=named, log=log or None))
 
     def info(self) -> Info:
         """What the gateway offers: version, backend, enforced limits, authentication, ports, policy.
         Sends no token: `info` needs none."""
-        from .s2uc import reports
+        from .client import reports
 
         return reports.info(self.server, transport.call(self._server, self._connection.trust, "info"))
 
@@ -355,8 +357,8 @@ def connect(
     listeners it gave. `server_cert` is a PEM file with both gateways' certificates (or the
     one, when both present it). `local_ports` are the ports the instrument sends to (the
     instrument's gateway picks them when None), one per receiver port; `local_ip` the address
-    they listen on (all interfaces when None). `num_conn`, `rate` and `scope` go to both sides;
-    `accept_new_cert` as for `Client`.
+    they listen on (an entry address of that gateway; its first when None). `num_conn`, `rate`
+    and `scope` go to both sides; `accept_new_cert` as for `Client`.
 
     When the outbound side fails, the inbound side is released before the error is raised:
     nothing is left half made. The error says so, or, when that release failed too, gives the

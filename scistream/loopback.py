@@ -23,10 +23,12 @@ from typing import Any
 
 import psutil
 
+from .client.address import parse_server
+from .client.transport import call
+from .client.trust import trust
 from .errors import ScistreamError
 from .protocol import hostport
 from .s2cs.gateway import port_is_free
-from .s2uc.client import call, parse_server, trust
 
 BIN = Path(sys.executable).parent
 LOOPBACK_TARGETS = "127.0.0.1/32,::1/128"  # every service of the demo, the tests and the bench

@@ -61,7 +61,7 @@ class NoAuth:
 
 def default_scope(client_id: str) -> str:
     """The scope this server advertises: built as `s2uc` expands a scope ID, so the two agree."""
-    from ..s2uc.scopes import scistream_scope  # loads globus-sdk: only with authentication on
+    from ..scopes import scistream_scope  # loads globus-sdk: only with authentication on
 
     return scistream_scope(client_id)
 
@@ -72,7 +72,7 @@ class GlobusAuth:
     def __init__(self, client_id: str, client_secret: str, scope: str | None = None) -> None:
         import globus_sdk  # only servers with authentication on need it loaded
 
-        from ..s2uc.scopes import login_form
+        from ..scopes import login_form
 
         self.scope = scope or default_scope(client_id)
         # The login hint names the scope ID, as facilities hand it out and the user guide writes it.

@@ -8,7 +8,7 @@ import logging
 import resource
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +30,7 @@ from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import FIRST, is_ca, server_certificate
 from .gateway import Gateway, Settings, interfaces, told_addresses
 from .metrics import Metrics, MetricsServer, serve_metrics
-from .policy import Own, Policy, PolicyFile, build_policy, parse_policy
+from .policy import Own, Policy, PolicyFile, build_policy, entry_networks, parse_policy
 from .ports import parse_range
 from .server import MAX_PER_ADDRESS, ControlServer, server_context
 from .swarm import SwarmGateway, describe, facility_name
@@ -122,8 +122,11 @@ def make_policy(
     allow_peers: list[str],
     allow_users: list[str],
     allow_groups: list[str],
+    allow_sources: Sequence[str] = (),
+    entries: Sequence[str] = ("127.0.0.1",),
 ) -> Policy:
-    """The operator's policy from the options and the policy file; ConfigError when it is wrong."""
+    """The operator's policy from the options and the policy file; ConfigError when it is wrong.
+    `entries`: the entry addresses, whose networks are the default sources of plain entries."""
     file = PolicyFile()
     if policy_path is not None:
         try:
@@ -132,7 +135,18 @@ def make_policy(
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"--policy: cannot read {policy_path}: {reason}") from None
         file = parse_policy(text, str(policy_path))
-    policy = build_policy(own, interfaces(), allow_targets, allow_peers, allow_users, allow_groups, file)
+    found = interfaces()
+    policy = build_policy(
+        own,
+        found,
+        allow_targets,
+        allow_peers,
+        allow_users,
+        allow_groups,
+        file,
+        allow_sources=allow_sources,
+        entry_networks=entry_networks(entries, found),
+    )
     if policy.restricts_identities and not auth:
         named = "--allow-users" if allow_users else "--allow-groups" if allow_groups else str(policy_path)
         raise ConfigError(
@@ -140,6 +154,17 @@ def make_policy(
             "pass --client-id and --client-secret too"
         )
     return policy
+
+
+def entry_lines(policy: Policy, entries: Sequence[str]) -> list[str]:
+    """What the start-up output says of the plain entries: where and from whom."""
+    sources = ", ".join(str(rule) for rule in policy.sources)
+    if policy.default_sources:
+        sources += " (the networks of the entry addresses; --allow-sources to choose others)"
+    return [
+        f"  plain entries (outbound proxies' listeners) on {', '.join(entries)} only (--entry-ip)",
+        f"  plain entries accept connections from: {sources}",
+    ]
 
 
 def policy_lines(policy: Policy, policy_path: Path | None, audit_log: Path | None) -> list[str]:
@@ -257,6 +282,26 @@ def run(
             "--bind-ip",
             "--bind_ip",
             help="Address inbound proxies bind, when it differs from --listener-ip (NAT).",
+        ),
+    ] = None,
+    entry_ip: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--entry-ip",
+            metavar="ADDRESS",
+            help="Address of this gateway on the instruments' network, where outbound proxies listen "
+            "for plain TCP (their entry); a request without --remote_ip gets the first, one naming "
+            "another address is refused. Repeatable. [default: 127.0.0.1]",
+        ),
+    ] = None,
+    allow_sources: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-sources",
+            metavar="CIDR[,...]",
+            help="Networks whose hosts may send to plain entries; others are reset at accept. "
+            "Repeatable. [default: the networks of the --entry-ip addresses; 127.0.0.0/8 and ::1 "
+            "for loopback]",
         ),
     ] = None,
     haproxy_bin: Annotated[
@@ -413,7 +458,8 @@ def run(
         bind = parse_ip(bind_ip, "--bind-ip") if bind_ip else None
         control = parse_ip(control_ip, "--control-ip") if control_ip else None
         state = (state_dir or Path.home() / ".scistream" / f"s2cs-{port}").expanduser()
-        settings = Settings(listener_ip, bind, parse_range(port_range), state)
+        entries = tuple(parse_ip(ip, "--entry-ip") for ip in entry_ip or ["127.0.0.1"])
+        settings = Settings(listener_ip, bind, parse_range(port_range), state, entries)
         # Its interfaces' addresses are read again for every request (Gateway.addresses).
         own = Own(told_addresses(listener_ip, bind, control), port, settings.port_range, metrics_port)
 
@@ -426,6 +472,8 @@ def run(
                 allow_peers or [],
                 allow_users or [],
                 allow_groups or [],
+                allow_sources or [],
+                entries,
             )
 
         if as_json and not check:
@@ -526,12 +574,14 @@ def run(
             f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",
             err=True,
         )
+        for line in entry_lines(gateway.policy, gateway.entry_ips):
+            typer.echo(line, err=True)
         for line in policy_lines(policy, policy_path, audit_log):
             typer.echo(line, err=True)
         if exporter is not None:
             typer.echo(f"  metrics on {exporter.url}", err=True)
         if gateway.auth.enabled:
-            from ..s2uc.scopes import login_form  # loads globus-sdk, as authentication does
+            from ..scopes import login_form  # loads globus-sdk, as authentication does
 
             typer.echo(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}", err=True)
             if gateway.auth.scope is not None:

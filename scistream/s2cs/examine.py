@@ -35,7 +35,7 @@ from ..s2ds.stunnel import StunnelBackend
 from . import doctor
 from .certs import check_pair
 from .doctor import Check, DirFacts, Proxy, Status
-from .gateway import Settings, inbound_bind, port_is_free
+from .gateway import Settings, entry_addresses, inbound_bind, port_is_free
 from .policy import Policy
 from .state import StateDir
 
@@ -250,6 +250,10 @@ def _port_range(
         bind = inbound_bind(settings)
     except ConfigError as exc:
         return Check("port range", Status.FAIL, exc.message, "give --bind-ip an address of this host")
+    try:
+        entry_addresses(settings)  # where outbound proxies listen, in the same range
+    except ConfigError as exc:
+        return Check("port range", Status.FAIL, exc.message, "give --entry-ip an address of this host")
     first, last = settings.port_range
     busy: dict[int, str] = {}
     for port in range(first, last + 1):

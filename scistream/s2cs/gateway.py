@@ -37,7 +37,7 @@ from ..protocol import (
     ok,
     rate_bytes_per_second,
 )
-from ..s2ds.backend import Backend, Launch
+from ..s2ds.backend import Backend, Launch, Stats
 from ..s2ds.diagnosis import Tally, merge
 from ..s2ds.proxylog import LogWatch, last_lines
 from ..s2ds.render import ListenerSpec, ProxySpec, Role, SessionFiles
@@ -62,6 +62,8 @@ from .state import StateDir
 
 log = logging.getLogger(__name__)
 
+ENTRY_LOOK = 5.0  # seconds between two looks at what the plain entries refused, for the log
+
 
 @dataclass(frozen=True)
 class Place:
@@ -72,6 +74,7 @@ class Place:
     advertise: str
     inbound_bind: str
     node: str = ""
+    entry: str = "127.0.0.1"  # where an outbound proxy's plain listeners listen (entry_address)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,48 @@ class Settings:
     bind_ip: str | None  # where inbound proxies listen; None = listener_ip if local, else all
     port_range: tuple[int, int]
     state_dir: Path
+    # Where plain entries listen (outbound proxies' listeners, where instruments send): the
+    # instrument side of this gateway only, never every interface. The first is the default.
+    entry_ips: tuple[str, ...] = ("127.0.0.1",)
+
+
+ENTRY_OPTION = "s2cs --entry-ip"
+
+
+def entry_addresses(settings: Settings) -> tuple[str, ...]:
+    """--entry-ip, each checked: an address of this host, not one that means all of them."""
+    for ip in settings.entry_ips:
+        if ipaddress.ip_address(ip).is_unspecified:
+            raise ConfigError(
+                f"--entry-ip {ip} would open plain entries on every interface; give the address of "
+                "this gateway on the instruments' network (the default is 127.0.0.1)"
+            )
+        if not is_local_address(ip):
+            raise ConfigError(f"--entry-ip {ip} is not an address of this host; give one of its own")
+    return tuple(str(ipaddress.ip_address(ip)) for ip in settings.entry_ips)
+
+
+def entry_address(wanted: str | None, entries: Sequence[str]) -> str:
+    """Where an outbound request's plain listeners listen: the address it names, when that is
+    an entry address; the first entry address when it names none. Forbidden otherwise, never
+    widened to all interfaces: anyone who reaches a plain entry sends into the stream. Pure."""
+    if wanted is None:
+        return entries[0]
+    ip = ipaddress.ip_address(wanted)
+    shown = ", ".join(entries)
+    if ip.is_unspecified:
+        raise Forbidden(
+            f"remote_ip {wanted} would listen on every interface; plain entries listen only on this "
+            f"gateway's entry addresses ({shown}): leave --remote_ip out, or its operator adds "
+            f"one with {ENTRY_OPTION}"
+        )
+    for entry in entries:
+        if ipaddress.ip_address(entry) == ip:
+            return entry
+    raise Forbidden(
+        f"remote_ip {wanted} is not an entry address of this gateway ({shown}); its operator "
+        f"adds one with {ENTRY_OPTION} {wanted}"
+    )
 
 
 def is_local_address(ip: str) -> bool:
@@ -209,6 +254,10 @@ class Gateway:
         self._checks = ThreadPoolExecutor(thread_name_prefix="config-check")
         self.inbound_bind = inbound_bind(settings)  # checked now, not at the first request
         self._addresses: tuple[tuple[str, ...], frozenset[IPAddress]] = ((), frozenset())
+        self.entry_ips = entry_addresses(settings)  # as this one
+        self._refused: dict[str, int] = {}  # by sid: sources refused by its plain entry, as logged
+        self._refused_lock = threading.Lock()
+        self._entry_watch = threading.Event()  # set: stop looking (close)
 
     def reconfigure(self, templates: jinja2.Environment, policy: Policy) -> None:
         """New templates and policy for the requests to come (SIGHUP), both checked already.
@@ -228,9 +277,11 @@ class Gateway:
         """Recover the streams of the state dir and supervise them; `open()` came first."""
         self.recover()
         self.supervisor.start()
+        threading.Thread(target=self._watch_entries, name="entry-watch", daemon=True).start()
 
     def close(self, keep_streams: bool = False) -> None:
         """Stop supervising; release every session unless the streams are to outlive us."""
+        self._entry_watch.set()
         self.supervisor.close()
         self._checks.shutdown()
         sessions = self.registry.all()
@@ -362,6 +413,7 @@ class Gateway:
             },
             auth={"enabled": self.auth.enabled, "scope": self.auth.scope},
             listener_ip=self.settings.listener_ip,
+            entry_ips=list(self.entry_ips),  # where outbound requests may ask their plain entries
             port_range=self.pool.label,
             free_ports=self.pool.available(),
             streams=len(self.registry),
@@ -408,31 +460,21 @@ class Gateway:
             policy.peer(remote.ip, remote.port, here).enforce()
         limits_verdict(grant, req.limits).enforce()
         ports_verdict(grant, 0, len(req.remote_listeners)).enforce()  # too many alone: before any is taken
-        note = ""
-        if req.bind_ip is None:
-            bind = "0.0.0.0"
-        elif ipaddress.ip_address(req.bind_ip).is_unspecified or is_local_address(req.bind_ip):
-            bind = req.bind_ip  # "::" listens on IPv6 and IPv4
-        else:
-            bind = any_address(req.bind_ip)
-            note = f"{req.bind_ip} is not an address of this host; listening on all interfaces"
         sid = secrets.token_hex(6)
-        place = self._place(sid, len(req.remote_listeners), req.receiver_ports)
+        # The entry address is checked before any port is taken: a refusal changes nothing.
+        place = self._place(sid, len(req.remote_listeners), req.receiver_ports, entry=req.bind_ip)
+        bind = place.entry
         listeners = tuple(
             ListenerSpec(bind, port, remote.ip, remote.port)
             for port, remote in zip(place.ports, req.remote_listeners, strict=True)
         )
-        shown = place.advertise if ipaddress.ip_address(bind).is_unspecified else bind
-        advertised = tuple(hostport(shown, port) for port in place.ports)
+        advertised = tuple(hostport(bind, port) for port in place.ports)  # where it really listens
         session = self._session(req.uid, sid, "outbound", who, listeners, advertised, req.limits)
         session.node = place.node
         self._launch(session, grant)
-        reply = ok(
+        return ok(
             uid=req.uid, role="outbound", listeners=list(advertised), bind=bind, **self._limits(req.limits)
         )
-        if note:
-            reply["note"] = note
-        return reply
 
     def release(self, uid: str, who: Identity | None) -> dict[str, Any]:
         with self.registry.lock:
@@ -472,10 +514,12 @@ class Gateway:
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _place(self, sid: str, count: int, requested: Sequence[int] = ()) -> Place:
-        """`requested` ports, else `count` free ones, for session `sid`, on this host."""
+    def _place(self, sid: str, count: int, requested: Sequence[int] = (), entry: str | None = None) -> Place:
+        """`requested` ports, else `count` free ones, for session `sid`, on this host; `entry`:
+        the plain entry address an outbound request names (entry_address), checked first."""
+        chosen = entry_address(entry, self.entry_ips)
         ports = self.pool.reserve(count, requested, owner=sid)
-        return Place(ports, self.settings.listener_ip, self.inbound_bind)
+        return Place(ports, self.settings.listener_ip, self.inbound_bind, entry=chosen)
 
     def _session(
         self,
@@ -528,8 +572,10 @@ class Gateway:
 
     def _spec(self, session: Session) -> ProxySpec:
         rate_bytes = rate_bytes_per_second(session.limits.rate)
+        # A plain entry admits the sources of the policy in force when its proxy is configured.
+        sources = tuple(str(rule.network) for rule in self.policy.sources)
         return self.backend.spec(
-            session.sid, session.role, session.listeners, session.limits.num_conn, rate_bytes
+            session.sid, session.role, session.listeners, session.limits.num_conn, rate_bytes, sources
         )
 
     def _prepare(self, session: Session, files: SessionFiles) -> list[Launch]:
@@ -617,6 +663,9 @@ class Gateway:
         self._persist(session)  # first: should s2cs die meanwhile, the next one finishes the release
         files = SessionFiles(self.state.session_dir(session.sid))
         stats = self.backend.stats(files) if session.procs else None
+        self.note_refused(session, stats)
+        with self._refused_lock:
+            self._refused.pop(session.sid, None)
         for proc in reversed(session.procs):  # the proxy first, then what it connects through
             self.supervisor.remove(proc)
             proc.stop()
@@ -632,6 +681,31 @@ class Gateway:
         self.registry.remove(session)
         self.pool.release(session.ports, owner=session.sid)
         self._persist(session)
+
+    def _watch_entries(self) -> None:
+        """Every ENTRY_LOOK seconds, what the plain entries refused since the last look, in the log."""
+        while not self._entry_watch.wait(ENTRY_LOOK):
+            for session in self.registry.all():
+                if session.role == "outbound" and session.phase == Phase.ACTIVE:
+                    files = SessionFiles(self.state.session_dir(session.sid))
+                    self.note_refused(session, self.backend.stats(files))
+
+    def note_refused(self, session: Session, stats: Stats | None) -> None:
+        """Log the connections a session's plain entry refused since they were last logged: one
+        line, naming the stream by its prefix; the proxy's (or shaper's) log has each source."""
+        if stats is None or session.role != "outbound":
+            return
+        with self._refused_lock:
+            before = self._refused.get(session.sid, 0)
+            self._refused[session.sid] = stats.refused  # lower after a restart: counted from 0 again
+        if stats.refused > before:
+            log.warning(
+                "%s: its plain entry refused %d connection(s) from sources that are not allowed "
+                "(%d in all; s2cs --allow-sources, policy sources)",
+                session.label,
+                stats.refused - before,
+                stats.refused,
+            )
 
     def _persist(self, changed: Session | None = None, strict: bool = False) -> None:
         """Save every session in state.json. A request fails when that cannot be done (strict); a
@@ -700,7 +774,10 @@ class Gateway:
             # Why connections failed, in plain words: only its owner sees the addresses.
             entry["failures"] = [f.as_dict() for f in self._tally(session).failures()]
         stats = self.backend.stats(SessionFiles(self.state.session_dir(session.sid)))
+        self.note_refused(session, stats)
         if stats is not None:
+            if session.role == "outbound":
+                entry["refused_sources"] = stats.refused
             entry.update(
                 connections=stats.connections,
                 total_connections=stats.total_connections,

@@ -137,6 +137,12 @@ class GatewayCollector(Collector):
             labels=STREAM_LABELS,
             unit="bytes",
         )
+        refused = CounterMetricFamily(
+            "scistream_stream_refused_sources",
+            "Connections to the stream's plain entry (outbound) refused at accept: their source is "
+            "not allowed (s2cs --allow-sources, policy sources).",
+            labels=STREAM_LABELS,
+        )
         failures = CounterMetricFamily(
             "scistream_stream_failures",
             "Connections of the stream that failed, by kind (handshake, service-refused, ...).",
@@ -162,8 +168,11 @@ class GatewayCollector(Collector):
             connections_total.add_metric(labels, stats.total_connections)
             bytes_in.add_metric(labels, stats.bytes_in)
             bytes_out.add_metric(labels, stats.bytes_out)
+            if session.role == "outbound":
+                refused.add_metric(labels, stats.refused)
+                gateway.note_refused(session, stats)
         yield from (stream_state, started, max_conn, rate, restarts, connections, connections_total)
-        yield from (bytes_in, bytes_out, failures)
+        yield from (bytes_in, bytes_out, failures, refused)
 
 
 def _flag(value: bool) -> str:

@@ -93,6 +93,10 @@ def _inside(inner: IPNetwork, outer: IPNetwork) -> bool:
     return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
 
 
+# The default sources of plain entries on loopback: this host, whatever it connects from.
+LOOPBACK_SOURCES = tuple(TargetRule(net) for net in LOOPBACK)
+
+
 def parse_target(spec: str) -> TargetRule:
     """`10.0.1.0/24:5000-5100`, `[fd00::/64]:5001`, ...; ValueError with the reason."""
     text = spec.strip()
@@ -399,6 +403,9 @@ class Policy:
     quota: Quota = Quota()
     allows: tuple[Allow, ...] = ()
     containers: ContainerLimits = ContainerLimits()
+    # Who may send to the plain entries of outbound proxies (s2cs --allow-sources): networks only.
+    sources: tuple[TargetRule, ...] = LOOPBACK_SOURCES
+    default_sources: bool = True  # True: the networks of the entry addresses, as nothing named any
 
     @property
     def restricts_identities(self) -> bool:
@@ -449,6 +456,7 @@ class Policy:
             "never": self.own.never,
             "identities": "listed" if self.restricts_identities else "any",
             "quota": self.quota.as_dict(),
+            "sources": [str(s) for s in self.sources],
             # Only where set: what each proxy's container may use, with --runtime docker.
             **({"containers": self.containers.as_dict()} if self.containers.as_dict() else {}),
         }
@@ -519,10 +527,11 @@ class PolicyFile:
     quota: Quota = Quota()
     allows: tuple[Allow, ...] = field(default_factory=tuple)
     containers: ContainerLimits = ContainerLimits()
+    sources: tuple[TargetRule, ...] | None = None
 
 
 _QUOTA_KEYS = ("max_streams", "max_rate", "max_num_conn", "max_ports")
-_TOP_KEYS = {"targets", "peers", "users", "groups", *_QUOTA_KEYS, "allow", "containers"}
+_TOP_KEYS = {"targets", "peers", "users", "groups", *_QUOTA_KEYS, "allow", "containers", "sources"}
 _CONTAINER_KEYS = {"memory", "cpus", "pids"}
 _CONTAINERS = -1  # the entry number _Invalid and _line_of give the [containers] table
 _ALLOW_KEYS = {"users", "groups", "targets", "admin", *_QUOTA_KEYS}
@@ -563,7 +572,20 @@ def _policy(data: Mapping[str, Any]) -> PolicyFile:
         quota=_quota(data, None),
         allows=tuple(_allow(entry, i) for i, entry in enumerate(allows)),
         containers=_containers(data.get("containers", {})),
+        sources=_sources(data) if "sources" in data else None,
     )
+
+
+def _sources(data: Mapping[str, Any]) -> tuple[TargetRule, ...]:
+    rules = _targets(data, "sources", None)
+    if not rules:
+        raise _Invalid(
+            "sources = [] would refuse every instrument: name a network, or leave it out", "sources"
+        )
+    for rule in rules:
+        if rule.ports is not None:
+            raise _Invalid(f"sources: {rule} names ports; a source is a network (CIDR) only", "sources")
+    return rules
 
 
 _SIZE = re.compile(r"(\d+)\s*([kmg]?)i?b?", re.IGNORECASE)
@@ -711,6 +733,8 @@ def build_policy(
     allow_users: Sequence[str] = (),
     allow_groups: Sequence[str] = (),
     policy_file: PolicyFile | None = None,
+    allow_sources: Sequence[str] = (),
+    entry_networks: Sequence[TargetRule] = LOOPBACK_SOURCES,
 ) -> Policy:
     """The options and the file together: what both name is allowed; the defaults fill the rest."""
     file = policy_file or PolicyFile()
@@ -740,4 +764,42 @@ def build_policy(
         quota=file.quota,
         allows=file.allows,
         containers=file.containers,
+        **_sources_of(allow_sources, file, entry_networks),
     )
+
+
+def _sources_of(
+    allow_sources: Sequence[str], file: PolicyFile, entry_networks: Sequence[TargetRule]
+) -> dict[str, Any]:
+    """Who may send to plain entries: what --allow-sources and the file's `sources` name
+    together, else the networks of the entry addresses."""
+    named = parse_targets(allow_sources, "--allow-sources")
+    for rule in named:
+        if rule.ports is not None:
+            raise ConfigError(f"--allow-sources: {rule} names ports; a source is a network (CIDR) only")
+    if not named and file.sources is None:
+        return {"sources": tuple(entry_networks), "default_sources": True}
+    return {"sources": named + (file.sources or ()), "default_sources": False}
+
+
+def entry_networks(
+    entries: Iterable[str], interfaces: Iterable[tuple[str, str | None]]
+) -> tuple[TargetRule, ...]:
+    """The default sources: the networks of the entry addresses, as their interfaces have them
+    (an address without a netmask is a network of its own); for loopback, 127.0.0.0/8 and ::1."""
+    masks: dict[IPAddress, str | None] = {}
+    for address, netmask in interfaces:
+        try:
+            masks.setdefault(ipaddress.ip_address(address.split("%")[0]), netmask)
+        except ValueError:
+            continue  # a MAC address, among psutil's entries
+    rules: list[TargetRule] = []
+    for entry in entries:
+        ip = normalised(entry)
+        if ip.is_loopback:
+            found = LOOPBACK_SOURCES
+        else:
+            prefix = _prefix_length(masks.get(ip), ip.max_prefixlen)
+            found = (TargetRule(ipaddress.ip_network(f"{ip}/{prefix}", strict=False)),)
+        rules += [rule for rule in found if rule not in rules]
+    return tuple(rules)

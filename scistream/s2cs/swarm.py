@@ -28,7 +28,9 @@ replicas, each stateless, serve them together (docs/scale-out.md):
   it was made: `half_made`).
 - The address a user gets is the node's `scistream.address` label; a node without one (a
   single-node swarm) advertises `--listener-ip`; `scistream.bind-ip` is where its inbound proxies
-  listen, `scistream.max-streams` the most streams placed on it.
+  listen, `scistream.max-streams` the most streams placed on it; `scistream.entry-ip` (addresses,
+  comma-separated) where its outbound proxies' plain entries listen, else `--entry-ip`: an
+  outbound request goes to a node where the address it names is one, or is refused.
 
 Not here (docs/scale-out.md says so): byte counts and failure diagnosis in `s2uc status` (they
 are inside the task's container, on another node), and metrics of the streams.
@@ -53,7 +55,16 @@ from typing import Any
 
 import psutil
 
-from ..errors import BackendFailed, BadRequest, ConfigError, Conflict, NoPorts, NotFound, ScistreamError
+from ..errors import (
+    BackendFailed,
+    BadRequest,
+    ConfigError,
+    Conflict,
+    Forbidden,
+    NoPorts,
+    NotFound,
+    ScistreamError,
+)
 from ..protocol import hostport, ok
 from ..s2ds.backend import Backend
 from ..s2ds.containers import ENGINE_LOGS, ENGINE_TIMEOUT, LABEL, effective, engine_error, image_command
@@ -61,7 +72,7 @@ from ..s2ds.render import SessionFiles
 from ..s2ds.runtime import bound_endpoints
 from ..s2ds.task import READY
 from .auth import Authenticator, Identity
-from .gateway import Gateway, Place, Settings, any_address, port_is_free, within_quota
+from .gateway import Gateway, Place, Settings, any_address, entry_address, port_is_free, within_quota
 from .policy import Grant, IPAddress, Policy, normalised
 from .sessions import Phase, Session, short
 
@@ -75,6 +86,7 @@ GATEWAY_NODE = "scistream.gateway"  # node label: "true" on the nodes that run s
 ADDRESS = "scistream.address"  # node label: the address users are given for that node
 BIND = "scistream.bind-ip"  # node label: where its inbound proxies listen (default: every address)
 MAX_STREAMS = "scistream.max-streams"  # node label: the most streams placed on it
+ENTRY = "scistream.entry-ip"  # node label: where its plain entries listen (default: --entry-ip)
 RESTARTS = 5  # the swarm gives a task up after this many failures within RESTART_WINDOW
 RESTART_WINDOW = 60  # seconds
 GIVEN_UP = 3.0  # seconds after which an ended newest task has no successor: the swarm gave up
@@ -108,9 +120,16 @@ class Node:
     bind: str  # where inbound proxies listen
     local: bool  # the node of this s2cs's own engine: its ports can be probed here
     max_streams: int | None = None  # label scistream.max-streams: what this DTN may carry
+    entries: tuple[str, ...] = ("127.0.0.1",)  # label scistream.entry-ip, else --entry-ip
 
 
-def gateway_nodes(nodes: Sequence[dict[str, Any]], own: str, listener_ip: str, own_bind: str) -> list[Node]:
+def gateway_nodes(
+    nodes: Sequence[dict[str, Any]],
+    own: str,
+    listener_ip: str,
+    own_bind: str,
+    entries: Sequence[str] = ("127.0.0.1",),
+) -> list[Node]:
     """The nodes that may run streams, from the swarm's node list. Pure.
 
     Nodes labelled `scistream.gateway=true`; without any such label in the swarm, this s2cs's own
@@ -131,7 +150,15 @@ def gateway_nodes(nodes: Sequence[dict[str, Any]], own: str, listener_ip: str, o
             continue
         bind = labels.get(BIND) or (own_bind if local else any_address(address))
         most = labels.get(MAX_STREAMS, "")
-        found.append(Node(node["ID"], address, bind, local, int(most) if most.isdigit() else None))
+        entry = node_entries(labels.get(ENTRY, ""), entries)
+        if entry is None:
+            log.warning(
+                "swarm node %s: its %s label is not a list of IP addresses: it runs no stream",
+                node["ID"],
+                ENTRY,
+            )
+            continue
+        found.append(Node(node["ID"], address, bind, local, int(most) if most.isdigit() else None, entry))
     return found
 
 
@@ -140,6 +167,23 @@ def node_addresses(nodes: Sequence[Node]) -> frozenset[IPAddress]:
     gateway itself as much as this s2cs's host is. Pure."""
     found = {normalised(ip) for node in nodes for ip in (node.address, node.bind)}
     return frozenset(ip for ip in found if not ip.is_unspecified)
+
+
+def node_entries(label: str, default: Sequence[str]) -> tuple[str, ...] | None:
+    """A node's entry addresses: its label's (comma-separated), else `default` (--entry-ip);
+    None when the label holds something else than specific IP addresses. Pure."""
+    if not label.strip():
+        return tuple(default)
+    found = []
+    for text in label.split(","):
+        try:
+            ip = ipaddress.ip_address(text.strip())
+        except ValueError:
+            return None
+        if ip.is_unspecified:
+            return None  # never every interface
+        found.append(str(ip))
+    return tuple(found)
 
 
 def _is_ip(text: str) -> bool:
@@ -246,6 +290,22 @@ def describe(client: Any, image: str, listener_ip: str, own_bind: str) -> tuple[
     return f"swarm {cluster}, {len(nodes)} gateway node(s), image {image}", node_id
 
 
+def _with_entry(nodes: Sequence[Node], entry: str) -> list[Node]:
+    """The nodes where `entry` is an entry address; Forbidden (entry_address's) when none is."""
+    found = []
+    refusal: ScistreamError | None = None
+    for node in nodes:
+        try:
+            entry_address(entry, node.entries)
+        except ScistreamError as exc:
+            refusal = exc
+            continue
+        found.append(node)
+    if not found and refusal is not None:
+        raise Forbidden(f"{refusal.message} (on a swarm node: the node label {ENTRY})")
+    return found
+
+
 class SwarmGateway(Gateway):
     """The gateway's operations on a swarm: sessions are services, found again by their labels."""
 
@@ -305,6 +365,7 @@ class SwarmGateway(Gateway):
             self.node_id,
             self.settings.listener_ip,
             self.inbound_bind,
+            self.entry_ips,
         )
 
     def _services(self, **more: str) -> list[Any]:
@@ -426,7 +487,7 @@ class SwarmGateway(Gateway):
             with contextlib.suppress(Exception):
                 claim.remove()
 
-    def _place(self, sid: str, count: int, requested: Sequence[int] = ()) -> Place:
+    def _place(self, sid: str, count: int, requested: Sequence[int] = (), entry: str | None = None) -> Place:
         first, last = self.settings.port_range
         if len(set(requested)) != len(requested):
             raise BadRequest("the same port is requested twice")
@@ -440,6 +501,8 @@ class SwarmGateway(Gateway):
                     "no swarm node can run streams: label one "
                     f"(docker node update --label-add {GATEWAY_NODE}=true NODE)"
                 )
+            if entry is not None:  # an outbound request naming its plain entry: only nodes that have it
+                nodes = _with_entry(nodes, entry)
             load: dict[str, int] = {}
             for session, _ in self._sessions():
                 load[session.node] = load.get(session.node, 0) + 1
@@ -471,7 +534,7 @@ class SwarmGateway(Gateway):
             raise
         except Exception as exc:
             raise self._engine("cannot place the stream on the swarm", exc) from None
-        return Place(chosen, node.address, node.bind, node.id)
+        return Place(chosen, node.address, node.bind, node.id, entry_address(entry, node.entries))
 
     # --- operations ------------------------------------------------------------------------------
 

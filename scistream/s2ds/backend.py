@@ -65,6 +65,7 @@ class Stats:
     total_connections: int
     bytes_in: int  # from the clients of the listeners
     bytes_out: int  # to them
+    refused: int = 0  # connections to a plain entry from a source not allowed, refused at accept
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -125,7 +126,13 @@ class Backend(ABC):
         return [f"--max-conn={spec.num_conn}"]
 
     def spec(
-        self, name: str, role: Role, listeners: tuple[ListenerSpec, ...], num_conn: int, rate_bytes: int
+        self,
+        name: str,
+        role: Role,
+        listeners: tuple[ListenerSpec, ...],
+        num_conn: int,
+        rate_bytes: int,
+        sources: tuple[str, ...] | None = None,
     ) -> ProxySpec:
         """What the proxy of a session must do, with the shaper where this backend needs one: for
         the gateway's sessions and the start-up check's samples alike (preflight.py)."""
@@ -138,6 +145,7 @@ class Backend(ABC):
             rate_bytes=rate_bytes,
             shaped=shaped,
             front=shaped and self.shaper_in_front(role),
+            sources=sources if role == "outbound" else None,
         )
 
     def shaper_in_front(self, role: str) -> bool:
@@ -198,5 +206,8 @@ class Backend(ABC):
             else:
                 routes += ["--route", socket_path, hostport(lst.target_ip, lst.target_port)]
         options = self.shaper_options(spec, files)
+        if spec.front and spec.sources is not None:
+            # The shaper has the plain entry: it refuses other sources at accept (shaping.Sources).
+            options += [f"--allow-source={network}" for network in spec.sources]
         argv = (sys.executable, "-m", "scistream.s2ds.shaper", f"--rate={spec.rate_bytes}", *options, *routes)
         return Launch("shaper", argv, self.ready(spec, files, "shaper"))

@@ -9,6 +9,8 @@ ships 2.6), so that `pip install` alone gives every host a recent, known data pl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -22,8 +24,8 @@ import jinja2
 
 from ..errors import BackendFailed, ConfigError
 from .backend import SHAPER, Backend, Capabilities, Capability, Stats, shaper_rate
-from .logfiles import directory_of
-from .render import SessionFiles
+from .logfiles import directory_of, read_small
+from .render import ProxySpec, SessionFiles
 
 MIN_VERSION = (2, 7)
 _VERSION = re.compile(r"HA-?Proxy version (\d+)\.(\d+)(\S*)")
@@ -79,6 +81,11 @@ class HaproxyBackend(Backend):
         num_conn = Capability(True, by=f"HAProxy maxconn{over}")
         return Capabilities(num_conn=num_conn, rate=shaper_rate())
 
+    def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
+        options = super().shaper_options(spec, files)
+        # A shaper in front has the plain entry: what it refused is counted there, not in HAProxy.
+        return [*options, f"--stats={files.shaper_stats}"] if spec.front else options
+
     def command(self, files: SessionFiles) -> list[str]:
         # -db: stay in the foreground, one process, so s2cs supervises it directly.
         return [self.binary, "-db", "-f", str(files.config)]
@@ -115,7 +122,15 @@ class HaproxyBackend(Backend):
                     chunks.append(chunk)
         except OSError:
             return None
-        return parse_typed_stats(b"".join(chunks).decode("utf-8", "replace"))
+        found = parse_typed_stats(b"".join(chunks).decode("utf-8", "replace"))
+        if found is None:
+            return None
+        try:
+            # The shaper's, read as stunnel.py does: never a link's target.
+            refused = int(json.loads(read_small(files.shaper_stats)).get("refused", 0))
+        except (OSError, ValueError, AttributeError):
+            return found  # no shaper in front: the refusals are HAProxy's own (dcon)
+        return dataclasses.replace(found, refused=found.refused + refused)
 
 
 @contextlib.contextmanager
@@ -151,4 +166,6 @@ def parse_typed_stats(text: str) -> Stats | None:
         total_connections=values.get("stot", 0),
         bytes_in=values.get("bin", 0),
         bytes_out=values.get("bout", 0),
+        # Connections refused by `tcp-request connection reject` (a source not allowed).
+        refused=values.get("dcon", 0),
     )

@@ -28,6 +28,7 @@ from .render import ListenerSpec, ProxySpec, Role, SessionFiles, render
 # Credentials for the check only: the proxies want real certificate files to load.
 SAMPLE_UID = "00000000-0000-4000-8000-000000000000"
 SAMPLE_RATE = 1_250_000  # bytes per second: 10 Mb/s
+SAMPLE_SOURCES = ("127.0.0.0/8", "::1/128", "192.0.2.0/24")  # outbound: IPv4 and IPv6, as a policy may
 
 # The config lines a proxy names: haproxy `parsing [.../proxy.conf:12]`, stunnel `.../dry.conf:12:`.
 _CONFIG_LINE = re.compile(r"(?:proxy|dry)\.conf:(\d+)")
@@ -70,7 +71,7 @@ def samples(backend: Backend) -> list[Sample]:
     ]
     found = []
     for i, (role, listeners, num_conn, rate) in enumerate(cases):
-        spec = backend.spec(f"check{i}", role, listeners, num_conn, rate)
+        spec = backend.spec(f"check{i}", role, listeners, num_conn, rate, SAMPLE_SOURCES)
         found.append(Sample(describe(role, len(listeners), rate), spec))
     return found
 

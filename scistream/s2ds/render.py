@@ -43,6 +43,9 @@ class ProxySpec:
     rate_bytes: int  # per second, each direction, all connections together; 0 = unlimited
     shaped: bool  # the session has a shaper (see shaper.py) between the proxy and its targets...
     front: bool = False  # ...or in front of the proxy: it has the listener ports, the proxy Unix sockets
+    # The networks (CIDR) that may connect to a plain entry (outbound listeners); None: anyone,
+    # as on an inbound listener, where only a peer with the stream certificate gets through.
+    sources: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

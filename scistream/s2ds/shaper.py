@@ -49,6 +49,10 @@ from collections.abc import Sequence
 
 from .shaping import Bucket, Finish, Flow, Read, Turns, Write, share, step, wakeup
 
+TYPE_CHECKING = False  # as in shaping.py: no import of typing at start
+if TYPE_CHECKING:
+    from .sources import Sources
+
 PIPE_SIZE = 1 << 20  # what each flow's pipe is asked to hold; see Pipe
 CONNECT_TIMEOUT = 10.0  # as the proxies' own `timeout connect`
 STATS_EVERY = 1.0  # seconds between two writes of --stats, at most
@@ -183,8 +187,11 @@ class Shaper:
         rate: int,
         max_conn: int = 0,
         stats: str | None = None,
+        sources: Sources | None = None,
     ) -> None:
         self.epoll = select.epoll()
+        self.sources = sources  # None: every client; else only these (a plain entry)
+        self.refused = 0  # clients refused for their source
         now = time.monotonic()
         self.buckets = [Bucket.full(rate, now), Bucket.full(rate, now)]
         self.turns = [Turns(), Turns()]
@@ -234,9 +241,13 @@ class Shaper:
     def _accept(self, sock: socket.socket, target: Endpoint) -> None:
         while not self.max_conn or len(self.conns) < self.max_conn:
             try:
-                client, _ = sock.accept()
+                client, peer = sock.accept()
             except BlockingIOError:
                 return
+            source = peer[0] if isinstance(peer, tuple) else ""  # "": a client of a Unix socket
+            if self.sources is not None and not self.sources.admits(source):
+                self._refuse(client, source or "a Unix socket")
+                continue
             client.setblocking(False)
             upstream = _socket(target)
             upstream.setblocking(False)
@@ -254,6 +265,14 @@ class Shaper:
             for side, s in ((UP, client), (DOWN, upstream)):
                 self.owners[s.fileno()] = (conn, side)
                 self.epoll.register(s.fileno(), _EVENTS)
+
+    def _refuse(self, client: socket.socket, source: str) -> None:
+        """A client of a source the operator does not allow: reset at once, before a byte of it
+        is read, so nothing it sent reaches the stream, and counted."""
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        client.close()
+        self.refused += 1
+        say(f"refused a connection from {source}: not an allowed source (s2cs --allow-sources)")
 
     def _tell_pipes(self, conn: Connection) -> None:
         refused = next((p for p in conn.pipes if p.refused), None)
@@ -391,7 +410,7 @@ class Shaper:
 
     def _stats(self) -> tuple[int, ...]:
         moved = [self.bytes[d] + sum(c.flows[d].moved for c in self.conns.values()) for d in (UP, DOWN)]
-        return (len(self.conns), self.total, *moved)
+        return (len(self.conns), self.total, *moved, self.refused)
 
     def _write_stats(self, now: float) -> None:
         if not self.stats_path or now - self._stats_written < STATS_EVERY:
@@ -400,7 +419,7 @@ class Shaper:
         if current == self._last_stats:
             return
         self._stats_written = now
-        keys = ("connections", "total_connections", "bytes_in", "bytes_out")
+        keys = ("connections", "total_connections", "bytes_in", "bytes_out", "refused")
         tmp = f"{self.stats_path}.tmp"
         try:
             import json  # here: the first counts come a second after the start, which waits for none of it
@@ -479,10 +498,13 @@ def _listen(where: Endpoint) -> socket.socket:
 
 USAGE = (
     "usage: python -m scistream.s2ds.shaper --rate BYTES_PER_S [--max-conn N] [--stats FILE]\n"
+    "                                       [--allow-source CIDR ...]\n"
     "                                       --route LISTEN TARGET [--route LISTEN TARGET ...]\n\n"
     "  --rate       bytes/s, each direction; 0: no limit\n"
     "  --max-conn   most connections at once; 0 (the default): no limit\n"
     "  --stats      file to keep connection and byte counts in (JSON)\n"
+    "  --allow-source  admit clients of this network only (repeatable); others are reset at\n"
+    "               accept, before a byte is read. Without it: every client\n"
     "  --route      listen on LISTEN, relay to TARGET; each an absolute Unix socket path or\n"
     "               HOST:PORT (two arguments, so that a path may hold any character)\n"
 )
@@ -490,12 +512,18 @@ USAGE = (
 
 class Options:
     def __init__(
-        self, rate: int, max_conn: int, stats: str | None, routes: tuple[tuple[Endpoint, Endpoint], ...]
+        self,
+        rate: int,
+        max_conn: int,
+        stats: str | None,
+        routes: tuple[tuple[Endpoint, Endpoint], ...],
+        sources: Sources | None = None,
     ) -> None:
         self.rate = rate  # bytes/s, each direction; 0: no limit
         self.max_conn = max_conn  # 0: no limit
         self.stats = stats
         self.routes = routes
+        self.sources = sources  # None: every client
 
 
 class UsageError(Exception):
@@ -508,6 +536,7 @@ def parse(argv: Sequence[str]) -> Options:
     always two arguments."""
     values: dict[str, str] = {}
     routes: list[tuple[str, str]] = []
+    allowed: list[str] = []
     rest = list(argv)
     while rest:
         arg = rest.pop(0)
@@ -516,6 +545,12 @@ def parse(argv: Sequence[str]) -> Options:
             if equals or len(rest) < 2:
                 raise UsageError("--route takes two arguments: LISTEN TARGET")
             routes.append((rest.pop(0), rest.pop(0)))
+        elif name == "--allow-source":
+            if not equals:
+                if not rest:
+                    raise UsageError(f"{name} takes a value")
+                value = rest.pop(0)
+            allowed.append(value)
         elif name in ("--rate", "--max-conn", "--stats"):
             if not equals:
                 if not rest:
@@ -536,7 +571,15 @@ def parse(argv: Sequence[str]) -> Options:
         pairs = tuple((endpoint(listen), endpoint(target)) for listen, target in routes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return Options(numbers["--rate"], numbers["--max-conn"], values.get("--stats"), pairs)
+    sources = None
+    if allowed:  # imported only for a plain entry: every other shaper starts without it
+        from .sources import Sources
+
+        try:
+            sources = Sources.parse(allowed)
+        except ValueError as exc:
+            raise UsageError(f"--allow-source: {exc}") from None
+    return Options(numbers["--rate"], numbers["--max-conn"], values.get("--stats"), pairs, sources)
 
 
 def options(argv: Sequence[str] | None = None) -> Options:
@@ -555,14 +598,17 @@ def options(argv: Sequence[str] | None = None) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = options(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    shaper = Shaper(opts.routes, opts.rate, opts.max_conn, opts.stats)
+    shaper = Shaper(opts.routes, opts.rate, opts.max_conn, opts.stats, opts.sources)
     bucket = shaper.buckets[UP]
     limit = "unlimited"
     if opts.rate:
         limit = f"{opts.rate} bytes/s each direction (bursts of {bucket.burst} bytes at most, "
         limit += f"reads of {bucket.quantum} or more)"
     routes = ", ".join(f"{_text(listen)} -> {_text(target)}" for listen, target in opts.routes)
-    print(f"shaper: {limit}, {opts.max_conn or 'unlimited'} connections, routes {routes}", flush=True)
+    admitted = f", sources {opts.sources}" if opts.sources is not None else ""
+    print(
+        f"shaper: {limit}, {opts.max_conn or 'unlimited'} connections, routes {routes}{admitted}", flush=True
+    )
     try:
         shaper.run()
     except KeyboardInterrupt:

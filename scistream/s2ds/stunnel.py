@@ -123,4 +123,5 @@ class StunnelBackend(Backend):
             total_connections=int(data["total_connections"]),
             bytes_in=int(data["bytes_in"]),
             bytes_out=int(data["bytes_out"]),
+            refused=int(data.get("refused", 0)),
         )

@@ -26,11 +26,9 @@ from ..errors import ConfigError, ExitStatus, NotFound, ScistreamError, Unauthen
 from ..protocol import DEFAULT_NUM_CONN, DEFAULT_RATE, MAX_NUM_CONN, MAX_RATE
 
 if TYPE_CHECKING:
-    from ..api import Client, Outcome, Stream
-    from .client import Server
-    from .replies import Limits
-    from .reports import Failure, Policy
-    from .uids import UidFile
+    from ..api import Client, Failure, Limits, Outcome, Policy, Stream
+    from ..client.address import Server
+    from ..client.uids import UidFile
 
 DEFAULT_S2CS = "localhost:5000"
 DEFAULT_CERT = Path("server.crt")
@@ -158,7 +156,7 @@ ServicePorts = Annotated[
 
 def _uid(given: str | None, uid_file: Path | None) -> str:
     """The stream's UID, from the command line or from --uid-file (exactly one of them)."""
-    from .uids import normalize_uid, read_uid
+    from ..client.uids import normalize_uid, read_uid
 
     if given is not None and uid_file is not None:
         raise ConfigError("give the UID as an argument or with --uid-file, not both")
@@ -192,7 +190,7 @@ def _fail(exc: ScistreamError, server: str | None = None) -> NoReturn:
 
 
 def _expand(scope: str) -> str:
-    from .scopes import expand  # loads globus-sdk: only commands given a scope pay for it
+    from ..scopes import expand  # loads globus-sdk: only commands given a scope pay for it
 
     return expand(scope)
 
@@ -266,7 +264,7 @@ def inbound_request(
     ports = receiver_ports or Ports()
 
     def body(client: Client) -> None:
-        from .uids import UidFile
+        from ..client.uids import UidFile
 
         target = UidFile.prepare(uid_file) if uid_file is not None else None
         try:
@@ -334,7 +332,8 @@ def outbound_request(
             "--remote_ip",
             "--remote-ip",
             metavar="IP",
-            help="Address the instrument sends to. [default: all interfaces]",
+            help="Address the instrument sends to: an entry address of the gateway (s2cs --entry-ip). "
+            "[default: its first]",
         ),
     ] = None,
     receiver_ports: Annotated[
@@ -560,8 +559,8 @@ def connect(
             "--local_ip",
             "--local-ip",
             metavar="IP",
-            help="Address of the instrument's gateway the outbound proxy listens on. "
-            "[default: all interfaces]",
+            help="Address of the instrument's gateway the outbound proxy listens on: one of its entry "
+            "addresses (s2cs --entry-ip). [default: its first]",
         ),
     ] = None,
     num_conn: NumConn = DEFAULT_NUM_CONN,
@@ -605,7 +604,7 @@ def connect(
     When the outbound side fails, the inbound side is released again: nothing is left half made.
     """
     from .. import api
-    from .uids import UidFile
+    from ..client.uids import UidFile
 
     service, local = receiver_ports or Ports(), local_port
     try:
@@ -739,6 +738,11 @@ def status(
                     typer.echo(f"                {line}")
             for failure in s.failures:
                 typer.echo(f"    failed: {failure.message} ({_occurrences(failure)})")
+            if s.refused_sources:
+                typer.echo(
+                    f"    refused: {s.refused_sources} connection(s) from sources this gateway does not "
+                    "allow (its operator's s2cs --allow-sources); nothing of them reached the stream"
+                )
             for proc in s.processes:
                 if proc.log is not None:
                     typer.echo(f"    {proc.name} log, last {len(proc.log)} line(s):")
@@ -798,7 +802,7 @@ def info(
         auth = found.auth
         typer.echo(f"  auth       {'on, scope ' + str(auth.scope) if auth.enabled else 'off'}")
         if auth.enabled and auth.scope is not None:
-            from .scopes import login_form
+            from ..scopes import login_form
 
             here = f"s2uc login --s2cs {client.server}"
             if server_cert != DEFAULT_CERT:
@@ -838,9 +842,9 @@ def login(
     Needs SCISTREAM_CLIENT_ID: the id of the Globus native-app client your facility registered
     (the one built into s2uc is a placeholder until the project registers its own).
     """
-    from .client import parse_server
-    from .servers import ServerScopes
-    from .tokens import TokenStore, home, registered_client_id
+    from ..client.address import parse_server
+    from ..client.servers import ServerScopes
+    from ..client.tokens import TokenStore, home, registered_client_id
 
     def ask(url: str) -> str:
         typer.echo("Open this address in a browser, log in, then paste the authorization code here:")
@@ -879,7 +883,7 @@ def login(
 
 def _scope_of(server: Server, server_cert: Path, named: str | None, accept_new_cert: bool) -> str:
     from ..api import Client
-    from .scopes import to_bind
+    from ..scopes import to_bind
 
     auth = Client(str(server), server_cert, accept_new_cert=accept_new_cert).info().auth
     return to_bind({"enabled": auth.enabled, "scope": auth.scope}, named, str(server))
@@ -892,8 +896,8 @@ def check_auth(
     show_token: Annotated[bool, typer.Option("--show-token", help="Also print the access token.")] = False,
 ) -> None:
     """Tell whether a valid token for a scope is stored (exit 0) or not (exit 4)."""
-    from .scopes import login_form
-    from .tokens import TokenStore
+    from ..client.tokens import TokenStore
+    from ..scopes import login_form
 
     try:
         scope = _expand(scope)
@@ -916,8 +920,8 @@ def logout(
     ] = None,
 ) -> None:
     """Revoke stored tokens at Globus Auth and delete them."""
-    from .servers import ServerScopes
-    from .tokens import TokenStore, home
+    from ..client.servers import ServerScopes
+    from ..client.tokens import TokenStore, home
 
     try:
         scope = _expand(scope) if scope is not None else None

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from scistream.client.tokens import NATIVE_CLIENT_ID
 from scistream.loopback import BIN, Sink
-from scistream.s2uc.tokens import NATIVE_CLIENT_ID
 
 from ..globus_standin import GlobusStandIn
 from .conftest import field, s2uc

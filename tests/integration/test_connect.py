@@ -309,7 +309,7 @@ def test_the_api_client_sets_up_and_releases_each_side_itself(two):
     assert made.limits.rate.value == 0 and made.limits.num_conn.value == 2
     port = inst.port_range[1]
     sent = inst_client.outbound(made.uid, made.listeners, receiver_ports=[port], num_conn=2, rate=0)
-    assert sent.listeners == (f"127.0.0.1:{port}",) and sent.bind == "0.0.0.0"
+    assert sent.listeners == (f"127.0.0.1:{port}",) and sent.bind == "127.0.0.1"
     with pytest.raises(Conflict):  # the stream has its outbound side here already
         inst_client.outbound(made.uid, made.listeners)
     data = os.urandom(500_000)

@@ -33,6 +33,7 @@ from .conftest import field, port_of, s2uc, wait_for
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 HPC, INSTRUMENT, SERVICE = "203.0.113.7", "198.51.100.20", "10.0.1.5"
+ENTRY = "192.168.2.10"  # the instrument gateway on the instruments' network: its entry address
 RANGE = 101  # 5100-5200, as in the docs
 
 HPC_GATEWAY = "s2cs --listener-ip 203.0.113.7 --port-range 5100-5200 --state-dir /var/lib/scistream"
@@ -98,6 +99,7 @@ class Facilities:
             subs += [
                 (f"{HPC}:{5100 + k}", f"{HPC}:{h + k}"),
                 (f"{INSTRUMENT}:{5100 + k}", f"{INSTRUMENT}:{i + k}"),
+                (f"{ENTRY}:{5100 + k}", f"{ENTRY}:{i + k}"),
             ]
             subs += [(f"--receiver_ports {5100 + k}", f"--receiver_ports {i + k}")]  # outbound, instrument
         return subs
@@ -294,9 +296,11 @@ def facilities(workdir: Path) -> Iterator[Facilities]:
 
 def instrument_gateway(world: Facilities) -> None:
     ip("addr", "add", f"{INSTRUMENT}/24", "dev", "ss-inst")
+    ip("addr", "add", f"{ENTRY}/24", "dev", "ss-inst")
     ip("link", "set", "ss-inst", "up")
     state, (first, last) = world.workdir / "inst", (world.inst_range, world.inst_range + RANGE - 1)
-    command = f"s2cs --listener-ip {INSTRUMENT} --port {world.inst_port} --port-range {first}-{last}"
+    command = f"s2cs --listener-ip {INSTRUMENT} --entry-ip {ENTRY} --port {world.inst_port}"
+    command += f" --port-range {first}-{last}"
     assert world.start_gateway(f"{command} --state-dir {state}")[-1].startswith("s2cs ready on ")
 
 
@@ -325,7 +329,7 @@ def test_the_user_guides_examples(facilities):
             # service answers with its 73-byte receipt.
             for _ in range(2):
                 data = os.urandom(2_000_000)
-                assert send((INSTRUMENT, facilities.inst_range), data)[0] == len(data)
+                assert send((ENTRY, facilities.inst_range), data)[0] == len(data)
             wait_for(lambda: facilities.service.connections == 2, what="both connections at the service")
             sent = True
         facilities.run(example)

@@ -700,9 +700,9 @@ def test_stats_count_connections_and_bytes(start_shaper, service, home):
     with server:
         client.sendall(b"x" * 1000)
         server.sendall(b"y" * 500)
-        wait_for({"connections": 1, "total_connections": 1, "bytes_in": 1000, "bytes_out": 500})
+        wait_for({"connections": 1, "total_connections": 1, "bytes_in": 1000, "bytes_out": 500, "refused": 0})
         client.close()
-    wait_for({"connections": 0, "total_connections": 1, "bytes_in": 1000, "bytes_out": 500})
+    wait_for({"connections": 0, "total_connections": 1, "bytes_in": 1000, "bytes_out": 500, "refused": 0})
 
 
 # --- 8: a path with "=" ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from scistream.credentials import stream_credentials
 from scistream.errors import ScistreamError
 from scistream.loopback import Echo, Sink, proxies_of, send
 
-from .conftest import BACKENDS, field, open_stream, port_of, s2uc
+from .conftest import BACKENDS, open_stream, port_of, s2uc
 
 EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -316,14 +316,13 @@ def test_ipv6_listeners_and_services(start_s2cs, backend, workdir):
         hpc.stop()
 
 
-def test_an_outbound_address_that_is_not_local_listens_everywhere_and_says_so(start_s2cs):
+def test_an_outbound_address_that_is_not_an_entry_address_is_refused_never_widened(start_s2cs):
     hpc = start_s2cs("hpc")
     inst = start_s2cs("instrument")
-    sink = Sink()
-    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)
+    inbound = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[Sink().port], rate=0)
     args = ["--s2cs", inst.address, "--server_cert", str(inst.cert), "--remote_ip", "192.0.2.10"]
-    out = s2uc("outbound_request", *args, inbound["uid"], inbound["listeners"][0])
-    assert "192.0.2.10 is not an address of this host; listening on all interfaces" in out.stderr
-    port = port_of(field(out.stdout, "Listeners"))
-    data = b"the guide's localhost:5100 works"
-    assert send(("127.0.0.1", port), data) == (len(data), hashlib.sha256(data).hexdigest())
+    out = s2uc("outbound_request", *args, inbound["uid"], inbound["listeners"][0], check=False)
+    assert out.returncode == 4  # not allowed
+    assert "remote_ip 192.0.2.10 is not an entry address of this gateway (127.0.0.1)" in out.stderr
+    assert "s2cs --entry-ip 192.0.2.10" in out.stderr
+    assert inst.call("info")["streams"] == 0

@@ -2,7 +2,7 @@
 
 What runs here is pure logic: how replies are read, how a stream's limits come from its two sides,
 what `connect` does when a side fails, how `s2uc release` reports several gateways. The stand-in
-replaces the one function that talks to a gateway (`scistream.s2uc.client.call`); real gateways
+replaces the one function that talks to a gateway (`scistream.client.transport.call`); real gateways
 are in tests/integration/test_connect.py.
 """
 
@@ -18,6 +18,8 @@ import pytest
 
 import scistream
 from scistream import api
+from scistream.client import replies, reports
+from scistream.client.transport import NoReply
 from scistream.errors import (
     BadRequest,
     ConfigError,
@@ -29,8 +31,6 @@ from scistream.errors import (
     Unreachable,
     from_wire,
 )
-from scistream.s2uc import replies, reports
-from scistream.s2uc.client import NoReply
 
 HPC, INST = "hpc.facility.org:5000", "instrument.facility.org:5000"
 UID = "5d2f8a61-3b7e-4c09-9a1d-6e4b2c8f0a37"
@@ -108,11 +108,11 @@ def cert(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def gateways(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Gateways:
-    import scistream.s2uc.client as client
+    import scistream.client.transport as transport
 
     monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path / "home"))  # no login: no token anywhere
     fake = Gateways()
-    monkeypatch.setattr(client, "call", fake)
+    monkeypatch.setattr(transport, "call", fake)
     return fake
 
 

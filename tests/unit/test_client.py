@@ -4,9 +4,10 @@ import ssl
 
 import pytest
 
+from scistream.client.address import Server, parse_server
+from scistream.client.trust import tls_context
 from scistream.credentials import stream_credentials
 from scistream.errors import ConfigError, ScistreamError
-from scistream.s2uc.client import Server, parse_server, tls_context
 
 
 @pytest.mark.parametrize(
@@ -128,7 +129,7 @@ def test_an_unreadable_server_certificate_is_named_with_the_reason(tmp_path):
     cert.chmod(0o000)
     check = (
         "import sys; from pathlib import Path; from scistream.errors import ConfigError\n"
-        "from scistream.s2uc.client import tls_context\n"
+        "from scistream.client.trust import tls_context\n"
         "try:\n    tls_context(Path(sys.argv[1]))\n"
         "except ConfigError as exc:\n    print(exc.message)\n"
     )
@@ -181,20 +182,20 @@ class _Gateway:
 
 @pytest.fixture
 def gateway(monkeypatch, tmp_path):
-    import scistream.s2uc.client as client
-    import scistream.s2uc.tokens as tokens
+    import scistream.client.tokens as tokens
+    import scistream.client.transport as transport
 
     monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path))
     stored = {HPC_SCOPE: "hpc-token"}  # the user is logged in for the hpc facility's scope
     monkeypatch.setattr(tokens, "token_for", stored.get)
     fake = _Gateway(HPC_SCOPE)
-    monkeypatch.setattr(client, "call", fake)
+    monkeypatch.setattr(transport, "call", fake)
     return fake
 
 
 def test_no_token_goes_to_a_server_the_user_did_not_name_whatever_it_advertises(gateway, tmp_path):
+    from scistream.client.transport import Connection
     from scistream.errors import Unauthenticated
-    from scistream.s2uc.client import Connection
 
     other = Server("other.facility.org", 5000)
     with pytest.raises(Unauthenticated) as caught:
@@ -206,8 +207,8 @@ def test_no_token_goes_to_a_server_the_user_did_not_name_whatever_it_advertises(
 
 
 def test_the_token_goes_where_the_user_named_its_scope_or_logged_in(gateway, tmp_path):
-    from scistream.s2uc.client import Connection
-    from scistream.s2uc.servers import ServerScopes
+    from scistream.client.servers import ServerScopes
+    from scistream.client.transport import Connection
 
     hpc = Server("hpc.facility.org", 5000)
     Connection(hpc, ssl.create_default_context(), HPC_SCOPE).call("status")
@@ -297,9 +298,9 @@ def _der_of(pem: bytes) -> bytes:
 def test_a_server_keeps_the_certificate_it_first_presented(tmp_path):
     import datetime
 
+    from scistream.client.servers import ServerPins
+    from scistream.client.trust import fingerprint, trust
     from scistream.errors import Unreachable
-    from scistream.s2uc.client import fingerprint, trust
-    from scistream.s2uc.servers import ServerPins
     from tests.certificates import pair_pem
 
     now = datetime.datetime.now(datetime.UTC)

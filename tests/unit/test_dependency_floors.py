@@ -96,8 +96,8 @@ def test_psutil_sees_the_tcp_and_unix_listeners_of_a_process(tmp_path):
 
 
 def test_globus_sdk_starts_a_native_app_login_and_stores_nothing_without_a_code(tmp_path, monkeypatch):
+    from scistream.client.tokens import TokenStore
     from scistream.errors import Unauthenticated
-    from scistream.s2uc.tokens import TokenStore
 
     scope = "https://auth.example.org/scopes/s2cs/scistream"
     monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path))

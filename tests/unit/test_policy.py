@@ -447,6 +447,7 @@ def test_a_policy_file_adds_its_targets_to_the_options():
         "never": ["control port 5000", "ports 5100-5200"],
         "identities": "listed",
         "quota": {"max_streams": 2, "max_rate": 100000},
+        "sources": ["127.0.0.0/8", "::1/128"],
     }
     nothing = default_policy(policy_file=parse_policy("targets = []\n", "p.toml"))
     assert nothing.targets == () and not nothing.default_targets  # no network for everybody

@@ -67,6 +67,17 @@ SESSIONS = {
         rate_bytes=rate_bytes_per_second(100_000),
         shaped=True,
         front=True,  # as s2cs makes it: an outbound proxy's shaper is in front (Backend.shaper_in_front)
+        sources=("127.0.0.0/8", "::1/128"),  # the default of the default entry address, loopback
+    ),
+    # s2cs --entry-ip 10.0.2.1 (a /24); s2uc outbound_request --rate 0 UID 192.0.2.7:5100
+    "outbound-unlimited": ProxySpec(
+        name="5f0c2a9e41b7",
+        role="outbound",
+        listeners=(ListenerSpec("10.0.2.1", 5200, "192.0.2.7", 5100),),
+        num_conn=5,
+        rate_bytes=0,
+        shaped=False,  # HAProxy: no shaper, its own listener is the plain entry
+        sources=("10.0.2.0/24",),
     ),
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scistream.errors import ConfigError
-from scistream.s2uc.scopes import expand, login_form, scistream_scope, to_bind
+from scistream.scopes import expand, login_form, scistream_scope, to_bind
 
 ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
 FULL = f"https://auth.globus.org/scopes/{ID}/scistream"

@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
+from scistream.client.address import Server
+from scistream.client.servers import Known, ServerPins, ServerScopes, key, parse, render
 from scistream.errors import ConfigError
-from scistream.s2uc.client import Server
-from scistream.s2uc.servers import Known, ServerPins, ServerScopes, key, parse, render
 
 A = "https://auth.globus.org/scopes/3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d/scistream"
 B = "https://auth.globus.org/scopes/9c8b7a6d-5e4f-4321-8fed-cba987654321/scistream"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from scistream.client.uids import UidFile, normalize_uid, read_uid
 from scistream.errors import BadRequest, ConfigError
-from scistream.s2uc.uids import UidFile, normalize_uid, read_uid
 
 UID = "0b7c1f2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
 STDIN = Path("-")

@@ -56,6 +56,7 @@ class Session:
     total_connections: int | None
     bytes_in: int | None
     bytes_out: int | None
+    refused_sources: int | None = None  # outbound: connections its plain entry refused by source
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ def _session(read: _Reader) -> Session:
         total_connections=read.maybe_integer("total_connections"),
         bytes_in=read.maybe_integer("bytes_in"),
         bytes_out=read.maybe_integer("bytes_out"),
+        refused_sources=read.maybe_integer("refused_sources"),
     )
 
 

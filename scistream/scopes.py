@@ -20,7 +20,7 @@ from globus_sdk.scopes import DynamicScopeCollection, Scope, ScopeParseError
 # output, under the lowest globus-sdk pyproject.toml allows too.
 from globus_sdk.scopes.collection import _url_scope
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 # Only hex digits and dashes: meant as an ID, even when a digit was lost in the copy.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..protocol import hostport
-from .client import Server
+from .address import Server
 
 TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
 if TYPE_CHECKING:
