@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     print(f"soak: {command} ({environment_note()})", flush=True)
     work = Path(tempfile.mkdtemp(prefix="sk-", dir="/tmp"))  # short: proxies' sockets live below it
+    # The clients' own directory (pinned certificates, scopes): the soak's gateways come and go
+    # on ports another run reuses, and must not touch the pins of whoever runs it.
+    os.environ["SCISTREAM_HOME"] = str(work / "home")
     mounts = make_mounts(work) if os.environ.get(PRIVATE_MOUNTS) else {}
     keep = args.keep
     try:
