@@ -7,6 +7,11 @@ host, open connections included, so each look cost more with every stream the ga
 by state in the kernel. And a request asks only about its own: the TCP ports it wants, filtered
 by port in the kernel, and the Unix sockets its process holds, one by one by inode. The cost of
 a look follows what the session listens on, not how many streams the gateway carries.
+
+A kernel built without these diagnostics, or a seccomp profile that forbids netlink sockets,
+leaves them unavailable; `probe` says so (and why), and readiness then asks psutil instead
+(runtime.readiness). The probe asks about sockets of its own, so a kernel whose answers do not
+fit the fixed offsets of the structures read here is found out too, not trusted.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import errno
 import os
 import socket
 import struct
+import tempfile
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -163,3 +169,28 @@ def socket_inodes(pid: int) -> set[int]:
         if target.startswith("socket:["):
             inodes.add(int(target[8:-1]))
     return inodes
+
+
+def probe() -> str | None:
+    """Why the kernel's socket diagnostics cannot tell which sockets listen, None when they can:
+    asked about a listening TCP socket and a listening Unix socket of this process, which must
+    come back as they are."""
+    try:
+        with (
+            socket.socket() as tcp,
+            socket.socket(socket.AF_UNIX) as unix,
+            tempfile.TemporaryDirectory() as scratch,
+        ):
+            tcp.bind(("127.0.0.1", 0))
+            tcp.listen()
+            path = os.path.join(scratch, "probe.sock")
+            unix.bind(path)
+            unix.listen()
+            port = tcp.getsockname()[1]
+            if tcp_listeners(port) != {os.fstat(tcp.fileno()).st_ino: port}:
+                return "its answer about a listening TCP socket was not that socket"
+            if unix_listener(os.fstat(unix.fileno()).st_ino) != path:
+                return "its answer about a listening Unix socket was not that socket"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

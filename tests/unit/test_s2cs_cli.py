@@ -3,6 +3,7 @@ dir, certificate or lock behind (scistream/s2cs/cli.py, options.py)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -58,3 +59,33 @@ def test_a_refused_start_makes_no_state_dir(options, said, short_dir, capsys, mo
     assert len(err.strip().splitlines()) == 1, err  # one line, before any start-up output
     assert not state.exists()
 
+
+def readiness_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("readiness"))
+
+
+def test_check_says_readiness_uses_netlink(short_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["--check", "--state-dir", str(short_dir / "state"), "--port", str(free_port())])
+    line = readiness_line(capsys.readouterr().out)
+    assert line.split() == ["readiness", "OK", "kernel", "socket", "diagnostics", "(netlink)"]
+    assert not (short_dir / "state").exists()
+
+
+def test_check_warns_that_readiness_falls_back_to_psutil_without_netlink(short_dir, capsys, monkeypatch):
+    """A seccomp profile that forbids netlink sockets: s2cs still starts, and says what it costs."""
+    real = socket.socket
+
+    def refused(family: int = -1, *args: object, **kwargs: object) -> socket.socket:
+        if family == socket.AF_NETLINK:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "socket", refused)
+    with pytest.raises(SystemExit):
+        main(["--check", "--state-dir", str(short_dir / "state"), "--port", str(free_port())])
+    line = readiness_line(capsys.readouterr().out)
+    assert line.split(None, 2)[:2] == ["readiness", "WARN"]
+    assert line.split(None, 2)[2].startswith(
+        "psutil (netlink unavailable: Operation not permitted), slower with many streams; fix: "
+    )
