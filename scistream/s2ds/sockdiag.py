@@ -20,7 +20,6 @@ import errno
 import os
 import socket
 import struct
-import tempfile
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -122,11 +121,18 @@ def unix_listener_files() -> set[tuple[int, int]]:
 def unix_listener(inode: int) -> str | None:
     """The bound path of the Unix socket of this inode if it listens and has a path in the file
     system, else None (as for a TCP socket's inode)."""
+    body = _unix_socket(inode)
+    if body is not None and body[2] == TCP_LISTEN:  # asked by inode, the kernel answers whatever its state
+        return _unix_name(body)[1]
+    return None
+
+
+def _unix_socket(inode: int) -> bytes | None:
+    """The kernel's unix_diag_msg of the Unix socket of this inode, with its name; None if none."""
     cookie = (NO_COOKIE, NO_COOKIE)
     request = _UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, inode, UDIAG_SHOW_NAME, *cookie)
     for body in _dump(request, flags=0):
-        if body[2] == TCP_LISTEN:  # asked by inode, the kernel answers whatever its state
-            return _unix_name(body)[1]
+        return body
     return None
 
 
@@ -174,22 +180,20 @@ def socket_inodes(pid: int) -> set[int]:
 def probe() -> str | None:
     """Why the kernel's socket diagnostics cannot tell which sockets listen, None when they can:
     asked about a listening TCP socket and a listening Unix socket of this process, which must
-    come back as they are."""
+    come back as they are. The Unix one is abstract: no file, so a read-only file system (a
+    swarm task's) cannot fail the probe."""
     try:
-        with (
-            socket.socket() as tcp,
-            socket.socket(socket.AF_UNIX) as unix,
-            tempfile.TemporaryDirectory() as scratch,
-        ):
+        with socket.socket() as tcp, socket.socket(socket.AF_UNIX) as unix:
             tcp.bind(("127.0.0.1", 0))
             tcp.listen()
-            path = os.path.join(scratch, "probe.sock")
-            unix.bind(path)
+            unix.bind(b"\0scistream-probe-%d-%d" % (os.getpid(), id(unix)))
             unix.listen()
             port = tcp.getsockname()[1]
             if tcp_listeners(port) != {os.fstat(tcp.fileno()).st_ino: port}:
                 return "its answer about a listening TCP socket was not that socket"
-            if unix_listener(os.fstat(unix.fileno()).st_ino) != path:
+            inode = os.fstat(unix.fileno()).st_ino
+            body = _unix_socket(inode)
+            if body is None or body[2] != TCP_LISTEN or _unix_name(body)[0] != inode:
                 return "its answer about a listening Unix socket was not that socket"
     except OSError as exc:
         return exc.strerror or str(exc)

@@ -236,6 +236,14 @@ def test_with_netlink_the_probe_finds_its_own_sockets(monkeypatch):
     assert runtime.readiness() == runtime.Readiness(netlink=True)
 
 
+def test_an_answer_that_does_not_fit_the_structures_read_is_not_trusted(monkeypatch):
+    """Offsets of another kernel's structures: the probe's own listener is not found as it is."""
+    from scistream.s2ds import sockdiag
+
+    monkeypatch.setattr(sockdiag, "tcp_listeners", lambda port=0: {1: port})
+    assert probe() == "its answer about a listening TCP socket was not that socket"
+
+
 def test_without_netlink_a_stale_socket_file_is_still_removed_and_a_live_one_kept(tmp_path, monkeypatch):
     no_netlink(monkeypatch)
     live, stale = str(tmp_path / "live.sock"), str(tmp_path / "stale.sock")
