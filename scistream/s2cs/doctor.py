@@ -355,6 +355,20 @@ def auth_check(client_id: str | None, secret_given: bool, scope: str | None, por
     return Check(name, Status.OK, f"ON: Globus client id {client_id}, tokens must carry scope {scope}")
 
 
+def readiness_check(unavailable: str | None) -> Check:
+    """How s2cs will tell that a stream's proxies listen (s2ds/runtime.readiness): the kernel's
+    socket diagnostics, or psutil when `unavailable` says why they cannot be used."""
+    if unavailable is None:
+        return Check("readiness", Status.OK, "kernel socket diagnostics (netlink)")
+    return Check(
+        "readiness",
+        Status.WARN,
+        f"psutil (netlink unavailable: {unavailable}), slower with many streams",
+        "allow netlink sockets of NETLINK_SOCK_DIAG (a seccomp profile may forbid them), or load "
+        "the kernel's inet_diag, tcp_diag and unix_diag modules",
+    )
+
+
 def docker_check(found: str, usable: bool) -> Check:
     """--runtime docker: the engine answers and has the image (`found` says what), or why not."""
     if usable:

@@ -26,7 +26,7 @@ import typer
 
 from ..errors import ConfigError
 from ..protocol import hostport
-from ..s2ds import preflight
+from ..s2ds import preflight, sockdiag
 from ..s2ds.backend import Backend
 from ..s2ds.containers import DockerRuntime
 from ..s2ds.haproxy import HaproxyBackend
@@ -89,6 +89,7 @@ def examine(setup: Setup) -> list[Check]:
             checks.append(doctor.swarm_check(setup.swarm(), True))
         except ConfigError as exc:
             checks.append(doctor.swarm_check(exc.message, False))
+    checks.append(doctor.readiness_check(sockdiag.probe()))
     checks.append(_auth(setup))
     try:
         checks.append(doctor.policy_check(setup.policy()))

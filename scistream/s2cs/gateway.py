@@ -311,6 +311,7 @@ class Gateway:
             self.pool.take(session.ports, owner=session.sid)
             files = SessionFiles(self.state.session_dir(session.sid))
             files.directory.mkdir(mode=0o700, exist_ok=True)
+            files.run.mkdir(mode=0o700, exist_ok=True)
             spec = self._spec(session)
             gone = []
             for before in recorded:
@@ -609,6 +610,9 @@ class Gateway:
         try:
             files = SessionFiles(self.state.session_dir(session.sid))
             files.directory.mkdir(mode=0o700)
+            # Before any process: the shaper may start, and listen in run/, while another thread
+            # still writes the proxy's config (below).
+            files.run.mkdir(mode=0o700)
             spec = self._spec(session)
             session.procs = [
                 self._process(session, files, launch) for launch in self.backend.launches(spec, files)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import logging
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +26,16 @@ from typing import BinaryIO, Protocol
 import psutil
 
 from .logfiles import append_log
-from .sockdiag import socket_inodes, tcp_listeners, unix_listener, unix_listener_files, unix_listeners
+from .sockdiag import (
+    probe,
+    socket_inodes,
+    tcp_listeners,
+    unix_listener,
+    unix_listener_files,
+    unix_listeners,
+)
+
+log = logging.getLogger(__name__)
 
 
 class Handle(Protocol):
@@ -225,13 +237,46 @@ class ProcessRuntime:
         time.sleep(seconds)
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """How this s2cs tells which sockets listen: the kernel's socket diagnostics (sockdiag.py), or
+    psutil when they are unavailable, for `reason`."""
+
+    netlink: bool
+    reason: str = ""
+
+
+_readiness: Readiness | None = None  # decided at the first look, once for the life of s2cs
+_readiness_lock = threading.Lock()
+
+
+def readiness() -> Readiness:
+    """Netlink if its probe finds this process's own sockets, else psutil, said once in the log."""
+    global _readiness
+    with _readiness_lock:
+        if _readiness is None:
+            reason = probe()
+            _readiness = Readiness(netlink=True) if reason is None else Readiness(False, reason)
+            if reason is not None:
+                log.warning(
+                    "readiness: kernel socket diagnostics (netlink) unavailable (%s): psutil tells "
+                    "which sockets listen instead, slower with many streams",
+                    reason,
+                )
+        return _readiness
+
+
 def bound_endpoints(
     processes: Sequence[psutil.Process], wanted: Collection[int | str] | None = None
 ) -> set[int | str]:
     """The TCP ports these processes listen on and the Unix socket paths they listen on: the
     listening sockets of this network namespace (sockdiag.py) that one of them holds open. With
     `wanted`, only those of them, and asked of the kernel by port and by inode, not by a dump of
-    every listener of the host: what a request or the supervisor looks for again and again."""
+    every listener of the host: what a request or the supervisor looks for again and again.
+    Without the kernel's socket diagnostics, psutil's view of each process (`_psutil_bound`)."""
+    if not readiness().netlink:
+        seen = _psutil_bound(processes)
+        return seen if wanted is None else seen & set(wanted)
     held: set[int] = set()
     for process in processes:
         held |= socket_inodes(process.pid)
@@ -251,13 +296,37 @@ def bound_endpoints(
                 if name is not None:
                     names[inode] = name
     bound: set[int | str] = set(ports.values())
-    for name in names.values():
-        # HAProxy binds PATH.PID.tmp and renames it to PATH, and the kernel keeps the name of
-        # the bind: PATH counts once the rename is done.
-        path = _HAPROXY_TEMP.sub("", name)
-        if path == name or os.path.exists(path):
-            bound.add(path)
+    bound.update(_renamed(name) for name in names.values())
+    bound.discard("")
     return bound if wanted is None else bound & set(wanted)
+
+
+def _renamed(name: str) -> str:
+    """HAProxy binds PATH.PID.tmp and renames it to PATH, and the kernel keeps the name of the
+    bind: PATH counts once the rename is done ("" until then)."""
+    path = _HAPROXY_TEMP.sub("", name)
+    return path if path == name or os.path.exists(path) else ""
+
+
+def _psutil_bound(processes: Sequence[psutil.Process]) -> set[int | str]:
+    """What psutil sees of these processes' sockets: every TCP port in LISTEN, and the path of
+    every Unix stream socket bound to one. psutil reads /proc/net/tcp and /proc/net/tcp6, a line
+    for every TCP socket of the host, so a look costs more with every stream the gateway
+    carries; and it tells a Unix socket's path, not whether it listens (the proxies listen on it
+    right after binding it)."""
+    bound: set[int | str] = set()
+    for process in processes:
+        try:
+            tcp = process.net_connections(kind="tcp")
+            unix = process.net_connections(kind="unix")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or not ours: never ready
+            continue
+        bound.update(c.laddr.port for c in tcp if c.status == psutil.CONN_LISTEN and c.laddr)
+        for c in unix:
+            if c.type == socket.SOCK_STREAM and isinstance(c.laddr, str) and c.laddr.startswith("/"):
+                bound.add(_renamed(c.laddr))
+    bound.discard("")
+    return bound
 
 
 def clear_stale_sockets(endpoints: Sequence[int | str]) -> list[str]:
@@ -280,14 +349,24 @@ def clear_stale_sockets(endpoints: Sequence[int | str]) -> list[str]:
             found.append((path, (info.st_dev, info.st_ino)))
     if not found:
         return []  # a first start, in a new directory: no look at the kernel's sockets
-    live = unix_listener_files()
-    removed = []
-    for path, file in found:
-        if file not in live:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            removed.append(path)
-    return removed
+    if readiness().netlink:
+        live = unix_listener_files()
+        stale = [path for path, file in found if file not in live]
+    else:
+        # psutil knows a Unix socket by the name it was bound with, not by its file: a file
+        # whose name a live socket still bears is kept, as one it is bound to would be.
+        try:
+            names: set[str] = set()
+            for c in psutil.net_connections(kind="unix"):
+                if isinstance(c.laddr, str):
+                    names.add(c.laddr)
+        except psutil.Error as exc:
+            raise OSError(f"psutil cannot list this host's Unix sockets: {exc}") from None
+        stale = [path for path, _ in found if path not in names]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return stale
 
 
 def _append(fd: int) -> bool:

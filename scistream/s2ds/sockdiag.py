@@ -7,6 +7,11 @@ host, open connections included, so each look cost more with every stream the ga
 by state in the kernel. And a request asks only about its own: the TCP ports it wants, filtered
 by port in the kernel, and the Unix sockets its process holds, one by one by inode. The cost of
 a look follows what the session listens on, not how many streams the gateway carries.
+
+A kernel built without these diagnostics, or a seccomp profile that forbids netlink sockets,
+leaves them unavailable; `probe` says so (and why), and readiness then asks psutil instead
+(runtime.readiness). The probe asks about sockets of its own, so a kernel whose answers do not
+fit the fixed offsets of the structures read here is found out too, not trusted.
 """
 
 from __future__ import annotations
@@ -116,11 +121,18 @@ def unix_listener_files() -> set[tuple[int, int]]:
 def unix_listener(inode: int) -> str | None:
     """The bound path of the Unix socket of this inode if it listens and has a path in the file
     system, else None (as for a TCP socket's inode)."""
+    body = _unix_socket(inode)
+    if body is not None and body[2] == TCP_LISTEN:  # asked by inode, the kernel answers whatever its state
+        return _unix_name(body)[1]
+    return None
+
+
+def _unix_socket(inode: int) -> bytes | None:
+    """The kernel's unix_diag_msg of the Unix socket of this inode, with its name; None if none."""
     cookie = (NO_COOKIE, NO_COOKIE)
     request = _UNIX_REQUEST.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, inode, UDIAG_SHOW_NAME, *cookie)
     for body in _dump(request, flags=0):
-        if body[2] == TCP_LISTEN:  # asked by inode, the kernel answers whatever its state
-            return _unix_name(body)[1]
+        return body
     return None
 
 
@@ -163,3 +175,26 @@ def socket_inodes(pid: int) -> set[int]:
         if target.startswith("socket:["):
             inodes.add(int(target[8:-1]))
     return inodes
+
+
+def probe() -> str | None:
+    """Why the kernel's socket diagnostics cannot tell which sockets listen, None when they can:
+    asked about a listening TCP socket and a listening Unix socket of this process, which must
+    come back as they are. The Unix one is abstract: no file, so a read-only file system (a
+    swarm task's) cannot fail the probe."""
+    try:
+        with socket.socket() as tcp, socket.socket(socket.AF_UNIX) as unix:
+            tcp.bind(("127.0.0.1", 0))
+            tcp.listen()
+            unix.bind(b"\0scistream-probe-%d-%d" % (os.getpid(), id(unix)))
+            unix.listen()
+            port = tcp.getsockname()[1]
+            if tcp_listeners(port) != {os.fstat(tcp.fileno()).st_ino: port}:
+                return "its answer about a listening TCP socket was not that socket"
+            inode = os.fstat(unix.fileno()).st_ino
+            body = _unix_socket(inode)
+            if body is None or body[2] != TCP_LISTEN or _unix_name(body)[0] != inode:
+                return "its answer about a listening Unix socket was not that socket"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

@@ -377,3 +377,50 @@ def test_a_proxy_starting_when_s2cs_is_killed_is_stopped_by_the_next_one(start_s
     assert proxies_of(hpc.state_dir) == []
     assert list((hpc.state_dir / "sessions").iterdir()) == []
     assert hpc.call("info")["free_ports"] == 2
+
+
+def test_a_request_whose_shaper_starts_before_its_proxy_config_is_written_is_served(workdir):
+    """A request starts the shaper while another thread writes and checks the proxy's config
+    (Gateway._launch). The shaper's sockets are in the session's run/ directory: under load the
+    shaper once came first, found no run/ yet and failed the request ("shaper did not start").
+    Here the config is written only once the shaper listens or has ended, whichever comes."""
+    from scistream.protocol import InboundRequest, Limits, parse_request
+    from scistream.s2cs.auth import NoAuth
+    from scistream.s2cs.gateway import Gateway, Settings
+    from scistream.s2cs.policy import Own, build_policy
+    from scistream.s2ds.haproxy import HaproxyBackend
+    from scistream.s2ds.render import ProxySpec, SessionFiles, default_templates, environment
+
+    def shaper_settled(files: SessionFiles) -> bool:
+        for child in psutil.Process().children():
+            try:
+                if str(files.shaper_socket(0)) in child.cmdline():
+                    return child.status() == psutil.STATUS_ZOMBIE or files.shaper_socket(0).exists()
+            except psutil.Error:
+                continue
+        return False
+
+    class LateConfig(HaproxyBackend):
+        def write_config(self, uid: str, spec: ProxySpec, files: SessionFiles) -> None:
+            # Before the fix the shaper could not listen: the session had no run/ directory yet.
+            wait_for(lambda: shaper_settled(files), what="the shaper to listen or end")
+            super().write_config(uid, spec, files)
+
+    service = Sink()
+    ports = free_port_range(4)
+    settings = Settings("127.0.0.1", None, ports, workdir / "state")
+    policy = build_policy(Own(frozenset(), 5000, ports), [], allow_targets=["127.0.0.1/32"])
+    gateway = Gateway(settings, LateConfig(environment(None, default_templates())), NoAuth(), policy=policy)
+    gateway.open()
+    gateway.start()
+    try:
+        request = parse_request(
+            {"v": 1, "op": "inbound", "remote_ip": "127.0.0.1", "receiver_ports": [service.port]}
+        ).body
+        assert isinstance(request, InboundRequest)
+        assert request.limits == Limits(5, 10000)  # the default rate: a shaper behind the proxy
+        reply = gateway.inbound(request, None)
+        assert reply["ok"] and reply["listeners"]
+    finally:
+        gateway.close()
+        service.close()

@@ -185,8 +185,7 @@ def test_a_plain_entry_refuses_a_source_outside_its_allowed_networks(networks, s
     assert sink.connections == 1 and sink.received == len(data)
 
     # Counted in the metrics, per stream, and logged by s2cs without the UID.
-    url = f"http://127.0.0.1:{metrics}/metrics"
-    with urllib.request.urlopen(url, timeout=30) as got:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30) as got:
         text = got.read().decode()
     (line,) = [ln for ln in text.splitlines() if ln.startswith("scistream_stream_refused_sources_total{")]
     assert f'stream="{stream["uid"][:8]}"' in line and line.endswith(" 1.0")

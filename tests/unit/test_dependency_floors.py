@@ -4,7 +4,8 @@ pyproject.toml declares each direct dependency's lowest allowed version; constra
 exactly those, and `make test-lowest` runs the unit tests with them. The first tests keep the two
 files in agreement, so a floor raised in one and not the other fails `make test`. The others call
 what SciStream calls in psutil, globus-sdk and typer where no other unit test does, so that the
-run at the floors catches a floor too low for them (psutil 5.9 has no `net_connections`).
+run at the floors catches a floor too low for them (psutil 5.9 has no `Process.net_connections`,
+which readiness calls when the kernel's socket diagnostics are unavailable).
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ class ThisProcess:
         return None
 
 
-def test_psutil_sees_the_tcp_and_unix_listeners_of_a_process(tmp_path):
-    from scistream.s2ds.runtime import ProcessRuntime
+def test_psutil_sees_the_tcp_and_unix_listeners_of_a_process(tmp_path, monkeypatch):
+    """Readiness without netlink: Process.net_connections, and psutil.net_connections for the
+    stale socket files a restart removes."""
+    from scistream.s2ds import runtime
+    from scistream.s2ds.runtime import ProcessRuntime, Readiness, clear_stale_sockets
+
+    monkeypatch.setattr(runtime, "_readiness", Readiness(netlink=False, reason="forbidden here"))
 
     path = str(tmp_path / "shaper.sock")
     with socket.socket() as tcp, socket.socket(socket.AF_UNIX) as unix:
@@ -93,6 +99,7 @@ def test_psutil_sees_the_tcp_and_unix_listeners_of_a_process(tmp_path):
         me = ThisProcess(os.getpid())
         assert ProcessRuntime().listening(me, [port, path])
         assert not ProcessRuntime().listening(me, [port, path + ".other"])
+        assert clear_stale_sockets([path]) == []  # a live one stays
 
 
 def test_globus_sdk_starts_a_native_app_login_and_stores_nothing_without_a_code(tmp_path, monkeypatch):

@@ -227,3 +227,13 @@ def test_json_has_the_same_verdicts() -> None:
 def test_any_fail_makes_the_exit_status_an_error() -> None:
     assert doctor.exit_status(CHECKS) is ExitStatus.ERROR
     assert doctor.exit_status([c for c in CHECKS if c.status is not Status.FAIL]) is ExitStatus.OK
+
+
+def test_readiness_says_which_way_s2cs_tells_that_proxies_listen() -> None:
+    assert doctor.table([doctor.readiness_check(None)]).splitlines()[0] == (
+        "readiness  OK    kernel socket diagnostics (netlink)"
+    )
+    slower = doctor.readiness_check("Operation not permitted")
+    assert slower.status is Status.WARN
+    assert slower.detail == "psutil (netlink unavailable: Operation not permitted), slower with many streams"
+    assert "seccomp" in slower.fix

@@ -3,14 +3,20 @@ of this process: a request counts a proxy as started only once it listens."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 
+import pytest
+
+from scistream.s2ds import runtime
 from scistream.s2ds.runtime import ProcessRuntime, bound_endpoints
 from scistream.s2ds.sockdiag import (
+    probe,
     socket_inodes,
     tcp_listeners,
     unix_listener,
@@ -171,3 +177,81 @@ def test_another_users_process_holds_no_socket_we_may_count(monkeypatch):
 
     monkeypatch.setattr(os, "listdir", closed)
     assert socket_inodes(os.getpid()) == set()
+
+
+# --- without the kernel's socket diagnostics: psutil -------------------------------------------
+
+LISTENER = """
+import socket, sys, time
+tcp = socket.socket(); tcp.bind(("127.0.0.1", 0)); tcp.listen()
+unix = socket.socket(socket.AF_UNIX); unix.bind(sys.argv[1]); unix.listen()
+bound = socket.socket(); bound.bind(("127.0.0.1", 0))  # bound, not listening: nothing can connect
+print(tcp.getsockname()[1], bound.getsockname()[1], flush=True)
+time.sleep(60)
+"""
+
+
+def no_netlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without NETLINK_SOCK_DIAG, or a seccomp profile that forbids it: every netlink
+    socket refused, every other made as usual. The readiness decided anew under it."""
+    real = socket.socket
+
+    def refused(family: int = -1, *args: object, **kwargs: object) -> socket.socket:
+        if family == socket.AF_NETLINK:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "socket", refused)
+    monkeypatch.setattr(runtime, "_readiness", None)
+
+
+def test_without_netlink_the_listeners_of_a_child_are_found_by_psutil(tmp_path, monkeypatch, caplog):
+    no_netlink(monkeypatch)
+    path = str(tmp_path / "shaper-0.sock")
+    child = subprocess.Popen([sys.executable, "-c", LISTENER, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        port, bound = (int(word) for word in child.stdout.readline().split())
+        it = Me(child.pid)
+        with caplog.at_level(logging.WARNING, logger="scistream.s2ds.runtime"):
+            assert ProcessRuntime().listening(it, [port, path])
+            assert not ProcessRuntime().listening(it, [port, bound])  # bound is no listener
+            assert not ProcessRuntime().listening(it, [port, path + ".other"])
+            assert not ProcessRuntime().listening(Me(os.getpid()), [port])  # not ours: a squatter
+        assert runtime.readiness().reason == "Operation not permitted"
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warned == [
+            "readiness: kernel socket diagnostics (netlink) unavailable (Operation not permitted): "
+            "psutil tells which sockets listen instead, slower with many streams"
+        ]
+    finally:
+        child.kill()
+        child.wait()
+    assert not ProcessRuntime().listening(it, [port])  # gone
+
+
+def test_with_netlink_the_probe_finds_its_own_sockets(monkeypatch):
+    monkeypatch.setattr(runtime, "_readiness", None)
+    assert probe() is None
+    assert runtime.readiness() == runtime.Readiness(netlink=True)
+
+
+def test_an_answer_that_does_not_fit_the_structures_read_is_not_trusted(monkeypatch):
+    """Offsets of another kernel's structures: the probe's own listener is not found as it is."""
+    from scistream.s2ds import sockdiag
+
+    monkeypatch.setattr(sockdiag, "tcp_listeners", lambda port=0: {1: port})
+    assert probe() == "its answer about a listening TCP socket was not that socket"
+
+
+def test_without_netlink_a_stale_socket_file_is_still_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    no_netlink(monkeypatch)
+    live, stale = str(tmp_path / "live.sock"), str(tmp_path / "stale.sock")
+    with socket.socket(socket.AF_UNIX) as a:
+        a.bind(live)
+        a.listen()
+        with socket.socket(socket.AF_UNIX) as b:
+            b.bind(stale)
+            b.listen()
+        assert runtime.clear_stale_sockets([live, stale, 5100]) == [stale]
+        assert os.path.exists(live) and not os.path.exists(stale)
