@@ -35,7 +35,7 @@ from scistream.s2ds.render import default_templates
 
 from .soak_faults import RECOVERY, Fault, Stage, run_fault, wait_until
 from .soak_figures import figures, goals_missed, plot, report
-from .soak_plan import KINDS, Planned, StreamShape, plan
+from .soak_plan import FS_FULL, KINDS, Planned, StreamShape, plan
 from .soak_traffic import CheckedService, Ledger, empty_silences, judge
 from .soak_world import (
     Book,
@@ -210,7 +210,7 @@ def _soak(
         streams[name] = stream
     churn_service = CheckedService("churn", ledger)
     services.append(churn_service)
-    kinds = tuple(k for k in KINDS if by_name and (k != "state-fs-full" or any(g.tmpfs for g in gateways)))
+    kinds = tuple(k for k in KINDS if k != FS_FULL or any(g.tmpfs for g in gateways))  # a tmpfs needs root
     shapes = [StreamShape(s.name, s.hpc.name, s.inst.name, s.rate) for s in streams.values()]
     schedule = plan(args.seed, seconds, shapes, list(by_name), kinds, every=args.every)
     print(f"soak: {len(streams)} long-lived streams, {args.clients} churn clients, {len(schedule)} faults "
