@@ -431,8 +431,7 @@ class SwarmGateway(Gateway):
             log.warning(
                 "removing %s: left by a half-made session (its service was never made)", found[i].name
             )
-            with contextlib.suppress(Exception):
-                found[i].remove()
+            self._gone(found[i], "config or secret")
 
     def close(self, keep_streams: bool = False) -> None:
         """The streams are the swarm's: they outlive every replica, and any other one serves them."""
@@ -457,8 +456,7 @@ class SwarmGateway(Gateway):
                 and _age(claim.attrs.get("CreatedAt", "")) > STALE_CLAIM
             ):
                 log.warning("removing the port claim %s: its stream was never made", claim.name)
-                with contextlib.suppress(Exception):
-                    claim.remove()
+                self._gone(claim, "port claim")
                 continue
             with contextlib.suppress(KeyError, ValueError):
                 taken.add(int(labels[f"{LABEL}.port"]))
@@ -482,10 +480,16 @@ class SwarmGateway(Gateway):
             raise
         return True
 
-    def _unclaim(self, sid: str) -> None:
-        for claim in self.client().configs.list(filters=self._filter(session=sid)):
-            with contextlib.suppress(Exception):
-                claim.remove()
+    def _unclaim(self, sid: str) -> list[str]:
+        """Remove the session's port claims; what is left, in the engine's words."""
+        try:
+            claims = self.client().configs.list(filters=self._filter(session=sid))
+        except Exception as exc:
+            log.warning("cannot list the port claims of session %s: %s", sid, self._words(exc))
+            return [f"the port claims of session {sid}: {self._words(exc)}"]
+        return [
+            f"{claim.name}: {refused}" for claim in claims if (refused := self._gone(claim, "port claim"))
+        ]
 
     def _place(self, sid: str, count: int, requested: Sequence[int] = (), entry: str | None = None) -> Place:
         first, last = self.settings.port_range
@@ -674,14 +678,12 @@ class SwarmGateway(Gateway):
             if why or (task is not None and state not in ("RUNNING", "STARTING")):
                 status = (task or {}).get("Status", {})
                 why = why or status.get("Message") or status.get("State")
-                raise BackendFailed(
-                    f"{session.label} did not start: {why}; {self._output(service, 5) or 'no output'}"
-                )
+                raise BackendFailed(f"{session.label} did not start: {why}; {self._said(service, 5)}")
             if time.monotonic() > deadline:
                 where = (task or {}).get("Status", {}).get("State", "not scheduled")
                 raise BackendFailed(
                     f"{session.label} did not start within {START_TIMEOUT:.0f}s: the task is {where}; "
-                    + (self._output(service, 5) or "no output")
+                    + self._said(service, 5)
                 )
             time.sleep(0.05)
 
@@ -700,44 +702,98 @@ class SwarmGateway(Gateway):
         return set(session.ports) <= bound_endpoints(processes, session.ports)
 
     def _output(self, service: Any, lines: int | None = None) -> str:
-        """What the service's tasks printed (the newest `lines`), as the swarm has it."""
-        try:
-            chunks = service.logs(stdout=True, stderr=True, tail=lines or "all")
-            text = b"".join(chunks).decode("utf-8", "replace")
-        except Exception:
-            return ""
+        """What the service's tasks printed (the newest `lines`), as the swarm has it; the engine's
+        errors are raised: readiness is read from it."""
+        chunks = service.logs(stdout=True, stderr=True, tail=lines or "all")
+        text = b"".join(chunks).decode("utf-8", "replace")
         return "\n".join(line for line in text.splitlines() if line.strip() and "[NOTICE]" not in line)
 
-    def _remove(self, sid: str, service: Any, made: Sequence[Any] = ()) -> None:
+    def _said(self, service: Any, lines: int) -> str:
+        """_output, for a message or a listing: the engine's error, logged, in its place."""
+        try:
+            return self._output(service, lines) or "no output"
+        except Exception as exc:
+            log.warning("cannot read the output of service %s: %s", service.name, self._words(exc))
+            return f"its output cannot be read: {self._words(exc)}"
+
+    def _tasks(self, service: Any) -> tuple[list[dict[str, Any]], str]:
+        """The service's tasks, and the engine's words when it would not list them (logged)."""
+        try:
+            return list(service.tasks()), ""
+        except Exception as exc:
+            log.warning("cannot list the tasks of service %s: %s", service.name, self._words(exc))
+            return [], self._words(exc)
+
+    def _remove(self, sid: str, service: Any, made: Sequence[Any] = ()) -> list[str]:
         """The service, then its configs and secrets and port claims, once its task has ended here.
+        What the swarm would not remove, each in the engine's words (and in the log): empty when
+        all of it is gone.
 
         A task of this node is stopped first, by the engine: its processes end at once (a
         task stopped by SIGTERM exits 0, which the restart policy leaves alone), where the
         swarm would take seconds to get round to it; and its ports are free when this returns."""
         client = self.client()
+        left: list[str] = []
         if service is not None:
-            running = f"com.docker.swarm.service.id={service.id}"
-            with contextlib.suppress(Exception):
-                for container in client.containers.list(filters={"label": running}):
+            running = {"label": f"com.docker.swarm.service.id={service.id}"}
+            try:
+                for container in client.containers.list(filters=running):
                     container.stop(timeout=5)
-            with contextlib.suppress(Exception):
-                service.remove()
-            deadline = time.monotonic() + RELEASE_WAIT
-            while time.monotonic() < deadline:
-                try:
-                    if not client.containers.list(filters={"label": running}):
-                        break
-                except Exception:
-                    break
-                time.sleep(0.1)
-        objects = list(made) or [
-            *client.configs.list(filters=self._filter(session=sid)),
-            *client.secrets.list(filters=self._filter(session=sid)),
-        ]
+            except Exception as exc:  # the swarm ends its task when the service goes: only slower
+                log.warning("cannot stop the task of service %s here: %s", service.name, self._words(exc))
+            refused = self._gone(service, "service")
+            if refused:
+                left.append(f"service {service.name}: {refused}")
+            else:
+                self._wait_ended(service, running)
+        try:
+            objects = list(made) or [
+                *client.configs.list(filters=self._filter(session=sid)),
+                *client.secrets.list(filters=self._filter(session=sid)),
+            ]
+        except Exception as exc:
+            log.warning("cannot list the configs and secrets of session %s: %s", sid, self._words(exc))
+            return [*left, f"the configs and secrets of session {sid}: {self._words(exc)}"]
         for obj in objects:
-            with contextlib.suppress(Exception):
-                obj.remove()
-        self._unclaim(sid)
+            refused = self._gone(obj, "config or secret")
+            if refused:
+                left.append(f"{obj.name}: {refused}")
+        return left + self._unclaim(sid)
+
+    def _wait_ended(self, service: Any, running: dict[str, Any]) -> None:
+        """Until the removed service's task container has ended on this node (its ports free)."""
+        deadline = time.monotonic() + RELEASE_WAIT
+        while time.monotonic() < deadline:
+            try:
+                if not self.client().containers.list(filters=running):
+                    return
+            except Exception as exc:
+                log.warning(
+                    "cannot see whether service %s has ended here: %s", service.name, self._words(exc)
+                )
+                return
+            time.sleep(0.1)
+        log.warning(
+            "the task of service %s still runs here %.0fs after its removal", service.name, RELEASE_WAIT
+        )
+
+    def _gone(self, obj: Any, what: str) -> str:
+        """Remove a swarm object: empty when it is gone (or was already), else the engine's words,
+        logged in one line."""
+        import docker.errors
+
+        try:
+            obj.remove()
+        except docker.errors.NotFound:
+            return ""
+        except Exception as exc:
+            words = self._words(exc)
+            log.warning("the swarm refused to remove %s %s: %s", what, obj.name, words)
+            return words
+        return ""
+
+    def _words(self, exc: Exception) -> str:
+        return engine_error(exc, self.image)
 
     def _of_uid(self, uid: str, who: Identity | None) -> list[tuple[Session, Any]]:
         """The sessions of a stream that `who` may see, with their services."""
@@ -752,10 +808,21 @@ class SwarmGateway(Gateway):
         mine = self._of_uid(uid, who)
         if not mine:
             raise NotFound(f"no stream {short(uid)} on this server (already released?)")
-        self._uids.pop(hashlib.sha256(uid.encode()).hexdigest(), None)
+        left = []
         for session, service in mine:
-            self._remove(session.sid, service)
-            log.info("%s: released (service %s)", session.label, service.name)
+            refused = self._remove(session.sid, service)
+            if refused:
+                left.append((session, service, refused))
+            else:
+                log.info("%s: released (service %s)", session.label, service.name)
+        if left:
+            # Not "released": its service may still run, and its ports stay claimed.
+            session, service, refused = left[0]
+            raise BackendFailed(
+                f"the swarm refused to remove what {session.label} is made of ({'; '.join(refused)}); "
+                f"it is still there: release it again, or remove it with docker service rm {service.name}"
+            )
+        self._uids.pop(hashlib.sha256(uid.encode()).hexdigest(), None)
         return ok(uid=uid, released=[s.role for s, _ in mine])
 
     def status(self, uid: str | None, who: Identity | None, log: bool = False) -> dict[str, Any]:
@@ -774,10 +841,7 @@ class SwarmGateway(Gateway):
     def _describe_service(
         self, session: Session, service: Any, full: bool, log: bool = False
     ) -> dict[str, Any]:
-        try:
-            tasks = service.tasks()
-        except Exception:
-            tasks = []
+        tasks, unlisted = self._tasks(service)
         state, restarts, task = task_state(tasks)
         if state == "RUNNING" and session.node == self.node_id and not self._listening(task, session):
             state = "STARTING"  # its container runs, its proxy does not listen yet
@@ -800,12 +864,14 @@ class SwarmGateway(Gateway):
                 "restarts": restarts,
             }
             if log:
-                shown["log"] = self._output(service, 20)
+                shown["log"] = self._said(service, 20)
             entry["processes"] = [shown]
             entry["service"] = service.name
             entry["node"] = session.node
             why = failure(tasks)
-            if why and state != "RUNNING":
+            if unlisted:
+                entry["last_error"] = f"the swarm did not list its tasks: {unlisted}"
+            elif why and state != "RUNNING":
                 entry["last_error"] = f"task: {why}"
             entry["failures"] = []
         return entry

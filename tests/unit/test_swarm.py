@@ -6,6 +6,7 @@ Its work with a real swarm is tested in tests/containers/test_swarm.py.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -14,9 +15,10 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+import docker.errors
 import pytest
 
-from scistream.errors import ConfigError, Forbidden
+from scistream.errors import BackendFailed, ConfigError, Forbidden
 from scistream.protocol import InboundRequest, Limits
 from scistream.s2cs.auth import NoAuth
 from scistream.s2cs.gateway import Settings
@@ -407,3 +409,98 @@ def test_half_made_sessions_objects_are_those_of_no_live_session_older_than_the_
 
 def test_a_stamp_reads_back_as_its_age():
     assert abs(_age(stamp(time.time() - 100)) - 100) < 5
+
+
+# --- the swarm's refusals, with a stand-in for its engine ------------------------------------------
+
+
+class Thing(SimpleNamespace):
+    """A service, config or secret of the stand-in engine; `refuse`: its remove() fails."""
+
+    def remove(self) -> None:
+        if getattr(self, "refuse", ""):
+            raise docker.errors.APIError("500 Server Error", explanation=self.refuse)
+        self.store.remove(self)
+
+
+def matches(thing: Thing, filters: dict[str, Any] | None) -> bool:
+    wanted = (filters or {}).get("label", [])
+    labels = thing.attrs["Spec"].get("Labels", {})
+    if (filters or {}).get("name") and thing.name != filters["name"]:  # type: ignore[index]
+        return False
+    return all(labels.get(k) == v for k, _, v in (w.partition("=") for w in wanted))
+
+
+class Kind:
+    """One kind of the engine's objects (services, configs, secrets), listed by label."""
+
+    def __init__(self) -> None:
+        self.things: list[Thing] = []
+
+    def add(self, name: str, labels: dict[str, str], created: str = "", **more: Any) -> Thing:
+        thing = Thing(name=name, id=name, attrs={"Spec": {"Labels": labels}, "CreatedAt": created},
+                      store=self.things, **more)  # fmt: skip
+        self.things.append(thing)
+        return thing
+
+    def list(self, filters: dict[str, Any] | None = None) -> list[Thing]:
+        return [t for t in self.things if matches(t, filters)]
+
+
+def stand_in_engine() -> SimpleNamespace:
+    own = {"ID": OWN, "Spec": {"Labels": {}}, "Status": {"State": "ready", "Addr": "127.0.0.1"}}
+    return SimpleNamespace(
+        services=Kind(),
+        configs=Kind(),
+        secrets=Kind(),
+        containers=SimpleNamespace(list=lambda filters=None: []),
+        nodes=SimpleNamespace(list=lambda: [SimpleNamespace(attrs=own)]),
+    )
+
+
+def swarm_gateway(tmp_path, engine: SimpleNamespace) -> SwarmGateway:
+    settings = Settings("127.0.0.1", None, (5100, 5200), tmp_path)
+    policy = build_policy(Own(frozenset(), 5000, (5100, 5200)), [])
+    return SwarmGateway(settings, cast(Backend, None), NoAuth(), "img", facility="f", policy=policy,
+                        client=engine)  # fmt: skip
+
+
+def a_service(engine: SimpleNamespace, uid: str, sid: str, **more: Any) -> Thing:
+    """A stream's inbound session as a replica made it: its service, labelled with its record."""
+    record = {
+        "sid": sid,
+        "role": "inbound",
+        "owner": None,
+        "listeners": [["127.0.0.1", 5100, "10.0.0.9", 80]],
+        "advertised": ["127.0.0.1:5100"],
+        "num_conn": 2,
+        "rate": 0,
+        "created": time.time(),
+        "uid_prefix": uid[:8],
+    }
+    labels = {f"{LABEL}.facility": "f", f"{LABEL}.session": sid, f"{LABEL}.node": OWN,
+              f"{LABEL}.uid-hash": hashlib.sha256(uid.encode()).hexdigest(),
+              f"{LABEL}.record": json.dumps(record)}  # fmt: skip
+    return engine.services.add(f"scistream-f-{sid}", labels, tasks=lambda: [], **more)
+
+
+def test_a_release_the_swarm_refuses_says_so_and_what_is_left(tmp_path, caplog):
+    """A user told "released" would think the ports free and the stream ended: it still runs."""
+    engine = stand_in_engine()
+    service = a_service(engine, UID, "0123456789ab", refuse="rpc error: node is not a manager")
+    gateway = swarm_gateway(tmp_path, engine)
+    with pytest.raises(BackendFailed) as failed:
+        gateway.release(UID, None)
+    says = failed.value.message
+    assert service.name in says and "node is not a manager" in says and "still there" in says
+    assert engine.services.list() == [service]
+    assert any("node is not a manager" in r.getMessage() for r in caplog.records)  # and in the log
+
+
+def test_a_release_removes_the_service_and_its_objects(tmp_path):
+    engine = stand_in_engine()
+    a_service(engine, UID, "0123456789ab")
+    engine.configs.add("claim", {f"{LABEL}.facility": "f", f"{LABEL}.session": "0123456789ab"})
+    reply = swarm_gateway(tmp_path, engine).release(UID, None)
+    assert reply["released"] == ["inbound"]
+    assert engine.services.list() == [] and engine.configs.list() == []
