@@ -93,6 +93,7 @@ GIVEN_UP = 3.0  # seconds after which an ended newest task has no successor: the
 SECRETS = ("stream.crt", "stream.pem")  # files the swarm keeps as secrets
 NOT_MOUNTED = ("stream.key",)  # no proxy reads the key alone: the PEM has it
 TASK_TMPFS = 16 << 20  # bytes: the session directory of a task, sockets and counts
+PHASE = f"{LABEL}.phase"  # service label: STARTING until its request answers, then ACTIVE
 
 _RUNNING = {"running"}
 _STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
@@ -250,6 +251,21 @@ def half_made(objects: Sequence[dict[str, Any]], live: set[str]) -> list[int]:
         if session is None or session in live:
             continue
         if _age(labels.get(f"{LABEL}.created") or obj.get("CreatedAt", "")) > STALE_CLAIM:
+            found.append(i)
+    return found
+
+
+def never_answered(services: Sequence[dict[str, Any]]) -> list[int]:
+    """Which of a facility's services (their attrs) a replica made, then died before its request
+    answered, older than STALE_CLAIM: no user has their UID, so nobody would ever release them.
+    A service is marked `phase=ACTIVE` once its task is ready, just before the reply; one made
+    before that mark existed has none and is a user's. Pure but for the clock."""
+    found = []
+    for i, service in enumerate(services):
+        labels = service.get("Spec", {}).get("Labels", {}) or {}
+        if labels.get(PHASE) != str(Phase.STARTING):
+            continue
+        if _age(labels.get(f"{LABEL}.created") or service.get("CreatedAt", "")) > STALE_CLAIM:
             found.append(i)
     return found
 
@@ -416,16 +432,27 @@ class SwarmGateway(Gateway):
         self.supervisor.start()
 
     def _sweep(self) -> None:
-        """Remove the configs and secrets (port claims among them) of sessions never made."""
+        """Remove the services whose request never answered, and the configs and secrets (port
+        claims among them) of sessions never made."""
         client = self.client()
         try:
+            services = self._services()
+            for i in never_answered([service.attrs for service in services]):
+                service = services[i]
+                log.warning(
+                    "removing service %s: the s2cs that made it stopped before its request answered, "
+                    "so no user has its stream",
+                    service.name,
+                )
+                sid = service.attrs["Spec"]["Labels"].get(f"{LABEL}.session", "")
+                self._remove(sid, service)  # what it leaves is logged, and looked for again next time
             found = [
                 *client.configs.list(filters=self._filter()),
                 *client.secrets.list(filters=self._filter()),
             ]
             live = {s.attrs["Spec"]["Labels"].get(f"{LABEL}.session") for s in self._services()}
         except Exception as exc:
-            log.warning("cannot look for objects of half-made sessions: %s", engine_error(exc, self.image))
+            log.warning("cannot look for objects of half-made sessions: %s", self._words(exc))
             return
         for i in half_made([obj.attrs for obj in found], live):
             log.warning(
@@ -578,6 +605,7 @@ class SwarmGateway(Gateway):
             (files.directory / "task.json").write_text(json.dumps(plan))
             service = self._create(session, files, name, made)
             self._wait_ready(session, service)
+            self._answered(service)
         except BaseException as exc:
             self._remove(session.sid, service, made)
             shutil.rmtree(files.directory, ignore_errors=True)
@@ -636,7 +664,8 @@ class SwarmGateway(Gateway):
             ["python", "-m", "scistream.s2ds.task", str(files.directory / "task.json")],
             name=name,
             labels={
-                **labels,
+                **made_labels,
+                PHASE: str(Phase.STARTING),  # until its request answers (_answered)
                 f"{LABEL}.uid-hash": hashlib.sha256(session.uid.encode()).hexdigest(),
                 f"{LABEL}.node": session.node,
                 f"{LABEL}.record": json.dumps(record),
@@ -686,6 +715,27 @@ class SwarmGateway(Gateway):
                     + self._said(service, 5)
                 )
             time.sleep(0.05)
+
+    def _answered(self, service: Any) -> None:
+        """Mark the service as its request's answer (label phase=ACTIVE): a user has it from now
+        on, and no sweep removes it. Only the labels change: its task runs on untouched. A
+        service left STARTING is the sweep's (never_answered), so a mark that fails fails the
+        request, which then removes the service itself."""
+        service.reload()  # its spec as made, and its version, which an update must name
+        spec = service.attrs["Spec"]
+        # The spec as it is, but for one label: the SDK's fetch_current_spec would fill in the
+        # engine's defaults, a task template the swarm takes for a new one (it replaces the task).
+        self.client().api.update_service(
+            service.id,
+            service.version,
+            task_template=spec["TaskTemplate"],
+            name=spec["Name"],
+            labels={**spec.get("Labels", {}), PHASE: str(Phase.ACTIVE)},
+            mode=spec.get("Mode"),
+            update_config=spec.get("UpdateConfig"),
+            rollback_config=spec.get("RollbackConfig"),
+            endpoint_spec=spec.get("EndpointSpec"),
+        )
 
     def _listening(self, task: dict[str, Any] | None, session: Session) -> bool:
         """Whether the task's processes listen on all the session's ports: where this s2cs sees

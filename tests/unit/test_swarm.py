@@ -11,6 +11,7 @@ import ipaddress
 import json
 import re
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -504,3 +505,34 @@ def test_a_release_removes_the_service_and_its_objects(tmp_path):
     reply = swarm_gateway(tmp_path, engine).release(UID, None)
     assert reply["released"] == ["inbound"]
     assert engine.services.list() == [] and engine.configs.list() == []
+
+
+def test_a_service_whose_request_never_answered_is_removed_by_the_next_replicas_sweep(tmp_path, caplog):
+    """A replica that died while its new service started left a stream nobody has the UID of: it
+    would run, and hold its node's ports, for ever. One being started now, or answered, stays."""
+    engine = stand_in_engine()
+    long_ago, just_now = stamp(time.time() - STALE_CLAIM - 60), stamp(time.time() - 5)
+
+    def made(sid: str, phase: str | None, created: str) -> Thing:
+        labels = {f"{LABEL}.created": created, **({f"{LABEL}.phase": phase} if phase else {})}
+        service = a_service(engine, str(uuid.uuid4()), sid)
+        service.attrs["Spec"]["Labels"].update(labels)
+        engine.configs.add(f"claim-{sid}", {f"{LABEL}.facility": "f", f"{LABEL}.session": sid, **labels})
+        return service
+
+    made("00000000dead", "STARTING", long_ago)  # its replica died before it answered
+    kept = [
+        made("000000young0", "STARTING", just_now),  # another replica's request, in progress
+        made("00000answer0", "ACTIVE", long_ago),  # answered: a user's stream
+        made("000000older0", None, long_ago),  # made before services were marked: a user's
+    ]
+    gateway = swarm_gateway(tmp_path, engine)
+    gateway.state.open()
+    gateway.start()
+    assert engine.services.list() == kept
+    assert [c.name for c in engine.configs.list()] == [
+        "claim-000000young0",
+        "claim-00000answer0",
+        "claim-000000older0",
+    ]
+    assert any("scistream-f-00000000dead" in r.getMessage() for r in caplog.records)
