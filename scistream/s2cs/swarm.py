@@ -1,7 +1,8 @@
 """`s2cs --runtime swarm`: each session one Docker Swarm service, and the swarm is the state.
 
 A facility that outgrows one DTN runs several, as the nodes of a swarm; any number of s2cs
-replicas, each stateless, serve them together (docs/scale-out.md):
+replicas, each stateless, serve them together (docs/scale-out.md). `Swarm` is the gateway's site
+there (`Site`, gateway.py): the rules of a request are the gateway's, as on a host of its own.
 
 - **A session is a service** of one replica on host networking, placed on a gateway node (label
   `scistream.gateway=true`; the one with the fewest streams). Its container runs every process
@@ -25,7 +26,8 @@ replicas, each stateless, serve them together (docs/scale-out.md):
   replicas never hand out the same port, without a lock service. A claim left by a replica that
   died before it made its service is removed once older than STALE_CLAIM; so are the configs and
   secrets of a session whose service was never made (each labelled with its session and the time
-  it was made: `half_made`).
+  it was made: `half_made`), and a service whose request never answered (labelled
+  `phase=STARTING` until just before the reply: `never_answered`).
 - The address a user gets is the node's `scistream.address` label; a node without one (a
   single-node swarm) advertises `--listener-ip`; `scistream.bind-ip` is where its inbound proxies
   listen, `scistream.max-streams` the most streams placed on it; `scistream.entry-ip` (addresses,
@@ -47,7 +49,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,19 +64,29 @@ from ..errors import (
     Conflict,
     Forbidden,
     NoPorts,
-    NotFound,
     ScistreamError,
 )
-from ..protocol import hostport, ok
+from ..protocol import hostport
 from ..s2ds.backend import Backend
 from ..s2ds.containers import ENGINE_LOGS, ENGINE_TIMEOUT, LABEL, effective, engine_error, image_command
 from ..s2ds.render import SessionFiles
 from ..s2ds.runtime import bound_endpoints
 from ..s2ds.task import READY
-from .auth import Authenticator, Identity
-from .gateway import Gateway, Place, Settings, any_address, entry_address, port_is_free, within_quota
+from .gateway import (
+    Place,
+    Settings,
+    any_address,
+    default_policy,
+    entry_address,
+    entry_addresses,
+    inbound_bind,
+    port_is_free,
+    proxy_spec,
+    within_quota,
+)
 from .policy import Grant, IPAddress, Policy, normalised
 from .sessions import Phase, Session, short
+from .state import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -322,22 +334,32 @@ def _with_entry(nodes: Sequence[Node], entry: str) -> list[Node]:
     return found
 
 
-class SwarmGateway(Gateway):
-    """The gateway's operations on a swarm: sessions are services, found again by their labels."""
+class Swarm:
+    """Sessions as services of a swarm, found again by their labels (the `Site` of gateway.py).
 
-    streams_outlive_s2cs = True
+    Of the state dir it keeps the lock, the control-plane certificate and the scratch files of
+    the requests it serves (their configs until the swarm has them): what start() removes would
+    be another replica's, were two to share one state dir. No supervisor, no runtime, no port
+    pool, no state.json: the swarm restarts the tasks, the claims hold the ports, the labels
+    the records."""
+
+    streams_outlive_s2cs = True  # they are the facility's: any other replica serves them
 
     def __init__(
         self,
         settings: Settings,
         backend: Backend,
-        auth: Authenticator,
         image: str,
         facility: str = "scistream",
         policy: Policy | None = None,
         client: Any = None,
     ) -> None:
-        super().__init__(settings, backend, auth, policy=policy)
+        self.settings = settings
+        self.backend = backend
+        self.policy = policy or default_policy(settings)
+        self.state = StateDir(settings.state_dir)
+        self.inbound_bind = inbound_bind(settings)  # checked now, not at the first request
+        self.entry_ips = entry_addresses(settings)  # where a node without its label has them
         self.image = image
         self.facility = facility_name(facility)
         self._client = client
@@ -409,15 +431,15 @@ class SwarmGateway(Gateway):
         return sorted(found, key=lambda pair: pair[0].created)
 
     def addresses(self) -> frozenset[IPAddress]:
-        """This host's addresses and those of every gateway node: a target on another node's
-        port range would reach that node's listeners, a plain entry among them."""
+        """The addresses of every gateway node: a target on another node's port range would
+        reach that node's listeners, a plain entry among them."""
         try:
             nodes = self._nodes()
         except ScistreamError:
             raise
         except Exception as exc:
             raise self._engine("cannot list the swarm's gateway nodes", exc) from None
-        return super().addresses() | node_addresses(nodes)
+        return node_addresses(nodes)
 
     # --- life of the server ----------------------------------------------------------------------
 
@@ -429,7 +451,6 @@ class SwarmGateway(Gateway):
         for path in self.state.sessions.iterdir():  # scratch of requests a killed s2cs was serving
             shutil.rmtree(path, ignore_errors=True)
         self._sweep()
-        self.supervisor.start()
 
     def _sweep(self) -> None:
         """Remove the services whose request never answered, and the configs and secrets (port
@@ -462,7 +483,6 @@ class SwarmGateway(Gateway):
 
     def close(self, keep_streams: bool = False) -> None:
         """The streams are the swarm's: they outlive every replica, and any other one serves them."""
-        self.supervisor.close()
         log.info("the swarm keeps the facility's streams; release them with s2uc release")
 
     # --- ports -----------------------------------------------------------------------------------
@@ -518,7 +538,7 @@ class SwarmGateway(Gateway):
             f"{claim.name}: {refused}" for claim in claims if (refused := self._gone(claim, "port claim"))
         ]
 
-    def _place(self, sid: str, count: int, requested: Sequence[int] = (), entry: str | None = None) -> Place:
+    def place(self, sid: str, count: int, requested: Sequence[int] = (), entry: str | None = None) -> Place:
         first, last = self.settings.port_range
         if len(set(requested)) != len(requested):
             raise BadRequest("the same port is requested twice")
@@ -567,20 +587,27 @@ class SwarmGateway(Gateway):
             raise self._engine("cannot place the stream on the swarm", exc) from None
         return Place(chosen, node.address, node.bind, node.id, entry_address(entry, node.entries))
 
-    # --- operations ------------------------------------------------------------------------------
+    # --- what the gateway asks of its site --------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        reply = super().info()
         sessions = self._sessions()
-        reply["streams"] = len(sessions)
         first, last = self.settings.port_range
-        reply["free_ports"] = (last - first + 1) * max(1, len(self._nodes())) - sum(
-            len(s.ports) for s, _ in sessions
-        )
-        reply["runtime"] = {"type": "swarm", "facility": self.facility, "image": self.image}
-        return reply
+        free = (last - first + 1) * max(1, len(self._nodes())) - sum(len(s.ports) for s, _ in sessions)
+        return {
+            "port_range": f"{first}-{last}",
+            "free_ports": free,
+            "streams": len(sessions),
+            "runtime": {"type": "swarm", "facility": self.facility, "image": self.image},
+        }
 
-    def _launch(self, session: Session, grant: Grant) -> None:
+    def sessions(self, uid: str | None = None) -> list[Session]:
+        """Every session of the facility, or those of a stream; each with its service."""
+        found = self._sessions() if uid is None else self._of_uid(uid)
+        for session, service in found:
+            session.service = service
+        return [session for session, _ in found]
+
+    def launch(self, session: Session, grant: Grant) -> None:
         """Make the session's service and wait until its task listens; on any failure nothing
         of it is left (service, configs, secrets, port claims, scratch files)."""
         import docker.errors
@@ -595,7 +622,8 @@ class SwarmGateway(Gateway):
             if self.client().services.list(filters={"name": name}):
                 raise Conflict(f"stream {short(session.uid)} already has an {session.role} proxy here")
             files.directory.mkdir(mode=0o700)
-            launches = self._prepare(session, files)
+            spec = proxy_spec(self.backend, self.policy, session)
+            launches = self.backend.prepare(session.uid, spec, files)
             plan = {
                 "processes": [
                     {"name": launch.name, "argv": image_command(launch.argv), "ready": list(launch.ready)}
@@ -845,68 +873,46 @@ class SwarmGateway(Gateway):
     def _words(self, exc: Exception) -> str:
         return engine_error(exc, self.image)
 
-    def _of_uid(self, uid: str, who: Identity | None) -> list[tuple[Session, Any]]:
-        """The sessions of a stream that `who` may see, with their services."""
+    def _of_uid(self, uid: str) -> list[tuple[Session, Any]]:
+        """The sessions of a stream, with their services."""
         digest = hashlib.sha256(uid.encode()).hexdigest()
         found = self._sessions(**{"uid-hash": digest})
         for session, _ in found:
             session.uid = uid  # not in the swarm (only its hash): the one asked for
-        visible = {id(s) for s in self._visible([s for s, _ in found], who)}
-        return [(s, svc) for s, svc in found if id(s) in visible]
+        return found
 
-    def release(self, uid: str, who: Identity | None) -> dict[str, Any]:
-        mine = self._of_uid(uid, who)
-        if not mine:
-            raise NotFound(f"no stream {short(uid)} on this server (already released?)")
+    def release(self, uid: str, visible: Callable[[list[Session]], list[Session]]) -> list[Session]:
+        mine = visible(self.sessions(uid))
         left = []
-        for session, service in mine:
-            refused = self._remove(session.sid, service)
+        for session in mine:
+            refused = self._remove(session.sid, session.service)
             if refused:
-                left.append((session, service, refused))
+                left.append((session, refused))
             else:
-                log.info("%s: released (service %s)", session.label, service.name)
+                log.info("%s: released (service %s)", session.label, session.service.name)
         if left:
             # Not "released": its service may still run, and its ports stay claimed.
-            session, service, refused = left[0]
+            session, refused = left[0]
             raise BackendFailed(
                 f"the swarm refused to remove what {session.label} is made of ({'; '.join(refused)}); "
-                f"it is still there: release it again, or remove it with docker service rm {service.name}"
+                f"it is still there: release it again, or remove it with docker service rm "
+                f"{session.service.name}"
             )
-        self._uids.pop(hashlib.sha256(uid.encode()).hexdigest(), None)
-        return ok(uid=uid, released=[s.role for s, _ in mine])
+        if mine:
+            self._uids.pop(hashlib.sha256(uid.encode()).hexdigest(), None)
+        return mine
 
-    def status(self, uid: str | None, who: Identity | None, log: bool = False) -> dict[str, Any]:
-        if uid is not None:
-            mine = self._of_uid(uid, who)
-            if not mine:
-                raise NotFound(f"no stream {short(uid)} on this server")
-            return ok(streams=[self._describe_service(s, svc, True, log) for s, svc in mine])
-        everything = self._sessions()
-        if self.auth.enabled:
-            everyone = self._admin(who)
-            mine = [(s, svc) for s, svc in everything if everyone or (who is not None and s.owner == who.id)]
-            return ok(streams=[self._describe_service(s, svc, True) for s, svc in mine])
-        return ok(streams=[self._describe_service(s, svc, False) for s, svc in everything])
-
-    def _describe_service(
-        self, session: Session, service: Any, full: bool, log: bool = False
-    ) -> dict[str, Any]:
+    def describe(self, session: Session, full: bool, log: bool = False) -> dict[str, Any]:
+        """Its state as the swarm reports its task; with `full`, the task, the service and its node
+        (no byte counts, no failure diagnosis: they are inside the task, maybe on another node)."""
+        service = session.service
         tasks, unlisted = self._tasks(service)
         state, restarts, task = task_state(tasks)
         if state == "RUNNING" and session.node == self.node_id and not self._listening(task, session):
             state = "STARTING"  # its container runs, its proxy does not listen yet
-        entry: dict[str, Any] = {
-            "uid": session.uid if full else short(session.uid),
-            "role": session.role,
-            "state": state,
-            "listeners": list(session.advertised),
-            "created": session.created,
-            "restarts": restarts,
-            **self._limits(session.limits),
-        }
+        entry: dict[str, Any] = {"state": state, "restarts": restarts}
         if full:
             status = (task or {}).get("Status", {})
-            entry["targets"] = [hostport(lst.target_ip, lst.target_port) for lst in session.listeners]
             shown: dict[str, Any] = {
                 "name": "task",
                 "pid": status.get("ContainerStatus", {}).get("PID") or None,

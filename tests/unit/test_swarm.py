@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -22,13 +23,13 @@ import pytest
 from scistream.errors import BackendFailed, ConfigError, Forbidden
 from scistream.protocol import InboundRequest, Limits
 from scistream.s2cs.auth import NoAuth
-from scistream.s2cs.gateway import Settings
+from scistream.s2cs.gateway import Gateway, Settings
 from scistream.s2cs.policy import Own, build_policy
 from scistream.s2cs.swarm import (
     RESTARTS,
     STALE_CLAIM,
     Node,
-    SwarmGateway,
+    Swarm,
     _age,
     facility_name,
     gateway_nodes,
@@ -41,6 +42,8 @@ from scistream.s2cs.swarm import (
 from scistream.s2cs.swarm import task_state as state_of
 from scistream.s2ds.backend import Backend
 from scistream.s2ds.containers import LABEL
+from scistream.s2ds.render import default_templates, environment
+from scistream.s2ds.stunnel import StunnelBackend
 from scistream.s2ds.task import plan_of
 
 OWN = "own0node0id0000000000000a"
@@ -159,7 +162,7 @@ def test_a_swarm_gateway_refuses_targets_on_its_nodes_as_on_its_own_host(tmp_pat
     engine = SimpleNamespace(nodes=SimpleNamespace(list=lambda: [SimpleNamespace(attrs=dtn)]))
     settings = Settings("198.51.100.7", None, (5100, 5200), tmp_path)
     policy = build_policy(Own(frozenset(), 5000, (5100, 5200)), [], allow_targets=["10.0.0.0/8"])
-    gateway = SwarmGateway(settings, cast(Backend, None), NoAuth(), "img", policy=policy, client=engine)
+    gateway = Gateway(NoAuth(), Swarm(settings, cast(Backend, None), "img", policy=policy, client=engine))
     assert ipaddress.ip_address("10.0.0.11") in gateway.addresses()
     for port, says in ((5150, "own port range 5100-5200"), (22, "(this gateway's own address)")):
         with pytest.raises(Forbidden, match=re.escape(says)):
@@ -459,11 +462,10 @@ def stand_in_engine() -> SimpleNamespace:
     )
 
 
-def swarm_gateway(tmp_path, engine: SimpleNamespace) -> SwarmGateway:
+def swarm_gateway(tmp_path, engine: SimpleNamespace) -> Gateway:
     settings = Settings("127.0.0.1", None, (5100, 5200), tmp_path)
     policy = build_policy(Own(frozenset(), 5000, (5100, 5200)), [])
-    return SwarmGateway(settings, cast(Backend, None), NoAuth(), "img", facility="f", policy=policy,
-                        client=engine)  # fmt: skip
+    return Gateway(NoAuth(), Swarm(settings, cast(Backend, None), "img", "f", policy, client=engine))
 
 
 def a_service(engine: SimpleNamespace, uid: str, sid: str, **more: Any) -> Thing:
@@ -536,3 +538,22 @@ def test_a_service_whose_request_never_answered_is_removed_by_the_next_replicas_
         "claim-000000older0",
     ]
     assert any("scistream-f-00000000dead" in r.getMessage() for r in caplog.records)
+
+
+def test_a_swarm_replica_supervises_nothing_and_records_no_stream_on_its_disk(tmp_path):
+    """The swarm restarts the tasks and holds the records: a replica that kept a supervisor or a
+    state.json of its own would watch nothing, or disagree with the swarm after another replica
+    released a stream."""
+    engine = stand_in_engine()
+    a_service(engine, UID, "0123456789ab")
+    gateway = swarm_gateway(tmp_path, engine)
+    gateway.site.backend = StunnelBackend(environment(None, default_templates()))  # for the limits shown
+    gateway.open = gateway.site.state.open  # type: ignore[method-assign]  # no engine to check
+    gateway.open()
+    gateway.start()
+    assert [s["role"] for s in gateway.status(UID, None)["streams"]] == ["inbound"]
+    gateway.release(UID, None)
+    gateway.close()
+    assert not [t for t in threading.enumerate() if t.name in ("supervisor", "entry-watch")]
+    assert not (tmp_path / "state.json").exists()
+    assert not hasattr(gateway.site, "supervisor") and not hasattr(gateway.site, "runtime")
