@@ -1,7 +1,11 @@
 """Settings for the whole test suite."""
 
+from collections import Counter
+
 import pytest
 from hypothesis import settings
+
+from tests.needs import SKIPPED, require, under_ci
 
 # Hypothesis fails an example that takes longer than 200 ms by default: a timed assertion, which
 # a busy 2-core machine fails now and then (a parser example once took 357 ms under load). What
@@ -17,3 +21,35 @@ def _scistream_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     own, and a pin left by one test would refuse the next gateway on that port. A test that
     names SCISTREAM_HOME itself sets it after this."""
     monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path_factory.mktemp("scistream-home")))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.needs("root" | "netns", reason=...)`: the rule of tests/needs.py, checked
+    before any fixture of the test is made."""
+    for mark in item.iter_markers("needs"):
+        if len(mark.args) != 1 or not mark.kwargs.get("reason"):
+            raise pytest.UsageError(f'{item.nodeid}: write @pytest.mark.needs("root", reason="what it does")')
+        require(mark.args[0], mark.kwargs["reason"])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """A loud last word on the tests this machine could not run: a skip is easy to miss in a
+    line of dots, and each of these is something `make test` checks that this run did not."""
+    missed: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            message = str(report.longrepr[2]).removeprefix("Skipped: ")
+            if message.startswith(SKIPPED):
+                missed[message] += 1
+    if not missed:
+        return
+    total = sum(missed.values())
+    terminalreporter.write_sep(
+        "!", f"{total} TEST(S) DID NOT RUN: THIS MACHINE LACKS WHAT THEY NEED", red=True
+    )
+    for message, count in sorted(missed.items()):
+        terminalreporter.write_line(f"{count:4d} x {message}", yellow=True)
+    if not under_ci():
+        terminalreporter.write_line("(under CI=true each of these fails: CI runs every test)")
