@@ -1,6 +1,7 @@
 """Settings for the whole test suite."""
 
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import settings
@@ -33,10 +34,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require(mark.args[0], mark.kwargs["reason"])
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    """A loud last word on the tests this machine could not run: a skip is easy to miss in a
-    line of dots, and each of these is something `make test` checks that this run did not."""
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> Iterator[None]:
+    """A loud last word on the tests this machine could not run, after pytest's own summary (so
+    right above the counts): a skip is easy to miss in a line of dots, and each of these is
+    something `make test` checks that this run did not."""
+    yield
     missed: Counter[str] = Counter()
     for report in terminalreporter.stats.get("skipped", []):
         if isinstance(report.longrepr, tuple):
