@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-from tests.needs import SKIPPED, require, under_ci
+from tests.needs import SKIPPED, require, under_ci, unmet
 
 # Hypothesis fails an example that takes longer than 200 ms by default: a timed assertion, which
 # a busy 2-core machine fails now and then (a parser example once took 357 ms under load). What
@@ -24,14 +24,32 @@ def _scistream_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path_factory.mktemp("scistream-home")))
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """`@pytest.mark.needs("root" | "netns", reason=...)`: the rule of tests/needs.py, checked
-    before any fixture of the test is made."""
+def _needs(item: pytest.Item) -> Iterator[tuple[str, str]]:
+    """The (need, reason) of each `@pytest.mark.needs("root" | "netns", reason=...)` of a test."""
     for mark in item.iter_markers("needs"):
         if len(mark.args) != 1 or not mark.kwargs.get("reason"):
             raise pytest.UsageError(f'{item.nodeid}: write @pytest.mark.needs("root", reason="what it does")')
-        require(mark.args[0], mark.kwargs["reason"])
+        yield mark.args[0], mark.kwargs["reason"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Outside CI, a test whose need is not met is skipped, under its own name and line."""
+    if under_ci():
+        return
+    for item in items:
+        for need, reason in _needs(item):
+            if (message := unmet(need, reason)) is not None:
+                item.add_marker(pytest.mark.skip(reason=message))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under CI, a test whose need is not met fails with the reason, before any of its fixtures
+    is made (tests/needs.py). Elsewhere it was marked to be skipped at collection."""
+    if not under_ci():
+        return
+    for need, reason in _needs(item):
+        require(need, reason)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -35,19 +35,27 @@ def under_ci() -> bool:
 
 def lacking(need: str, reason: str, why: str) -> NoReturn:
     """Fail under CI, skip elsewhere: `reason` says what the test does that needs it."""
-    message = f"{SKIPPED}{need} ({reason}): {why}"
+    _stop(f"{SKIPPED}{need} ({reason}): {why}")
+
+
+def _stop(message: str) -> NoReturn:
     if under_ci():
         pytest.fail(f"{message} (CI=true: a test that cannot run fails)", pytrace=False)
     pytest.skip(message)
 
 
-def require(need: str, reason: str) -> None:
+def unmet(need: str, reason: str) -> str | None:
+    """Why this machine does not meet `need` (a skip's message), or None when it does."""
     if need not in WHAT:
         raise ValueError(f"unknown need {need!r}: one of {', '.join(WHAT)}")
     words, lacks = WHAT[need]
     why = lacks()
-    if why is not None:
-        lacking(words, reason, why)
+    return None if why is None else f"{SKIPPED}{words} ({reason}): {why}"
+
+
+def require(need: str, reason: str) -> None:
+    if (message := unmet(need, reason)) is not None:
+        _stop(message)
 
 
 def require_root(reason: str) -> None:
