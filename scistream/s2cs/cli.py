@@ -35,6 +35,7 @@ from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import FIRST, is_ca, server_certificate
 from .gateway import Gateway, Settings, interfaces
+from .host import Host
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .options import (
     DEFAULT_IMAGE,
@@ -79,7 +80,7 @@ from .options import (
 from .options import check as check_options
 from .policy import Own, Policy, PolicyFile, build_policy, entry_networks, parse_policy
 from .server import MAX_PER_ADDRESS, ControlServer, server_context
-from .swarm import SwarmGateway, describe, facility_name
+from .swarm import Swarm, describe, facility_name
 
 log = logging.getLogger("s2cs")
 
@@ -349,20 +350,15 @@ def build(options: Options, plan: Plan) -> Gateway:
     if options.client_id and options.client_secret:
         auth = GlobusAuth(options.client_id, options.client_secret, options.auth_scope)
         auth.lookup_groups = policy.needs_groups
-    if options.runtime_name == "swarm":
-        return SwarmGateway(
-            plan.settings,
-            backend,
-            auth,
-            options.image or DEFAULT_IMAGE,
-            facility=options.facility,
-            policy=policy,
-        )
+    if options.runtime_name == "swarm":  # the swarm's tasks are its own: no runtime here
+        image = options.image or DEFAULT_IMAGE
+        return Gateway(auth, Swarm(plan.settings, backend, image, options.facility, policy))
     runtime = make_runtime(options.runtime_name, options.image, plan.settings.state_dir)
-    gateway = Gateway(plan.settings, backend, auth, runtime=runtime, policy=policy)
+    host = Host(plan.settings, backend, runtime, policy)
+    host.supervisor.limit_logs(options.log_max_bytes)
+    gateway = Gateway(auth, host)
     if isinstance(runtime, DockerRuntime):
         runtime.limits = lambda: gateway.policy.containers  # as a SIGHUP leaves it
-    gateway.supervisor.limit_logs(options.log_max_bytes)
     return gateway
 
 
@@ -370,7 +366,8 @@ def serve(options: Options, plan: Plan, gateway: Gateway) -> None:
     """Take what the start writes and listens on, then serve until SIGTERM or SIGINT. The audit
     log and the metrics port first: a file s2cs cannot write or a port taken leaves no state dir."""
     audit = AuditLog(options.audit_log) if options.audit_log else None
-    metrics = Metrics(gateway) if plan.metrics else None
+    # The streams' counts are a Host's: check() refuses --metrics-port with --runtime swarm.
+    metrics = Metrics(gateway.site) if plan.metrics and isinstance(gateway.site, Host) else None
     exporter = serve_metrics(metrics, *plan.metrics) if metrics and plan.metrics else None
     try:
         gateway.open()  # before anything else touches the state dir
@@ -411,7 +408,7 @@ def reloader(options: Options, plan: Plan, gateway: Gateway) -> Callable[[], Non
     def reload() -> None:
         with reloading:
             env = environment(options.templates, default_templates())
-            preflight.check(gateway.backend, env)
+            preflight.check(gateway.site.backend, env)
             new_policy = read_policy(options, plan)
             if isinstance(auth, GlobusAuth):  # groups looked up before a policy that needs them
                 auth.lookup_groups = auth.lookup_groups or new_policy.needs_groups
@@ -445,14 +442,15 @@ def banner(
             "gateway, but a CA's key can sign certificates for others: give the control port "
             "a leaf certificate (CA:FALSE)"
         )
-    backend = gateway.backend
+    backend = gateway.site.backend
     caps = backend.capabilities
     say(f"  backend {backend.name} ({backend.version})")
     say(f"  num_conn {caps.num_conn.describe()}; rate {caps.rate.describe()}")
-    if isinstance(gateway, SwarmGateway):
-        say(f"  runtime swarm: a service per stream, facility {options.facility}, {gateway.check()}")
-    else:
-        for line in runtime_lines(gateway.runtime):
+    if isinstance(gateway.site, Swarm):
+        facility = options.facility
+        say(f"  runtime swarm: a service per stream, facility {facility}, {gateway.site.check()}")
+    elif isinstance(gateway.site, Host):
+        for line in runtime_lines(gateway.site.runtime):
             say(line)
     settings = plan.settings
     say(

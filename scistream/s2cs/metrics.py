@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..protocol import OPS, hostport, rate_bytes_per_second
 from ..s2ds.render import SessionFiles
 from ..s2ds.supervisor import State
-from .gateway import Gateway
+from .host import Host
 from .sessions import Session, short
 
 PATH = "/metrics"
@@ -46,9 +46,9 @@ def stream_labels(session: Session) -> list[str]:
 
 
 class GatewayCollector(Collector):
-    """Everything the gateway knows, read at each scrape."""
+    """Everything the gateway knows of its streams on this host, read at each scrape."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Host) -> None:
         self.gateway = gateway
 
     def collect(self) -> Iterator[Metric]:
@@ -182,7 +182,7 @@ def _flag(value: bool) -> str:
 class Metrics:
     """The registry of one s2cs: its gateway's collector and the requests it answered."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Host) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(gateway))
         self.requests = Counter(

@@ -49,6 +49,8 @@ class Session:
     procs: list[ProxyProcess] = field(default_factory=list)
     phase: Phase = Phase.ACTIVE
     node: str = ""  # the swarm node it runs on (swarm.py); empty on a gateway of its own
+    # The swarm service it is, as last listed (swarm.py); None on a gateway of its own.
+    service: Any = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:

@@ -1,7 +1,8 @@
 """`s2cs --runtime swarm`: each session one Docker Swarm service, and the swarm is the state.
 
 A facility that outgrows one DTN runs several, as the nodes of a swarm; any number of s2cs
-replicas, each stateless, serve them together (docs/scale-out.md):
+replicas, each stateless, serve them together (docs/scale-out.md). `Swarm` is the gateway's site
+there (`Site`, gateway.py): the rules of a request are the gateway's, as on a host of its own.
 
 - **A session is a service** of one replica on host networking, placed on a gateway node (label
   `scistream.gateway=true`; the one with the fewest streams). Its container runs every process
@@ -25,7 +26,8 @@ replicas, each stateless, serve them together (docs/scale-out.md):
   replicas never hand out the same port, without a lock service. A claim left by a replica that
   died before it made its service is removed once older than STALE_CLAIM; so are the configs and
   secrets of a session whose service was never made (each labelled with its session and the time
-  it was made: `half_made`).
+  it was made: `half_made`), and a service whose request never answered (labelled
+  `phase=STARTING` until just before the reply: `never_answered`).
 - The address a user gets is the node's `scistream.address` label; a node without one (a
   single-node swarm) advertises `--listener-ip`; `scistream.bind-ip` is where its inbound proxies
   listen, `scistream.max-streams` the most streams placed on it; `scistream.entry-ip` (addresses,
@@ -47,7 +49,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,19 +64,29 @@ from ..errors import (
     Conflict,
     Forbidden,
     NoPorts,
-    NotFound,
     ScistreamError,
 )
-from ..protocol import hostport, ok
+from ..protocol import hostport
 from ..s2ds.backend import Backend
 from ..s2ds.containers import ENGINE_LOGS, ENGINE_TIMEOUT, LABEL, effective, engine_error, image_command
 from ..s2ds.render import SessionFiles
 from ..s2ds.runtime import bound_endpoints
 from ..s2ds.task import READY
-from .auth import Authenticator, Identity
-from .gateway import Gateway, Place, Settings, any_address, entry_address, port_is_free, within_quota
+from .gateway import (
+    Place,
+    Settings,
+    any_address,
+    default_policy,
+    entry_address,
+    entry_addresses,
+    inbound_bind,
+    port_is_free,
+    proxy_spec,
+    within_quota,
+)
 from .policy import Grant, IPAddress, Policy, normalised
 from .sessions import Phase, Session, short
+from .state import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +105,7 @@ GIVEN_UP = 3.0  # seconds after which an ended newest task has no successor: the
 SECRETS = ("stream.crt", "stream.pem")  # files the swarm keeps as secrets
 NOT_MOUNTED = ("stream.key",)  # no proxy reads the key alone: the PEM has it
 TASK_TMPFS = 16 << 20  # bytes: the session directory of a task, sockets and counts
+PHASE = f"{LABEL}.phase"  # service label: STARTING until its request answers, then ACTIVE
 
 _RUNNING = {"running"}
 _STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
@@ -254,6 +267,21 @@ def half_made(objects: Sequence[dict[str, Any]], live: set[str]) -> list[int]:
     return found
 
 
+def never_answered(services: Sequence[dict[str, Any]]) -> list[int]:
+    """Which of a facility's services (their attrs) a replica made, then died before its request
+    answered, older than STALE_CLAIM: no user has their UID, so nobody would ever release them.
+    A service is marked `phase=ACTIVE` once its task is ready, just before the reply; one made
+    before that mark existed has none and is a user's. Pure but for the clock."""
+    found = []
+    for i, service in enumerate(services):
+        labels = service.get("Spec", {}).get("Labels", {}) or {}
+        if labels.get(PHASE) != str(Phase.STARTING):
+            continue
+        if _age(labels.get(f"{LABEL}.created") or service.get("CreatedAt", "")) > STALE_CLAIM:
+            found.append(i)
+    return found
+
+
 def _age(created: str) -> float:
     """Seconds since a swarm time stamp (RFC 3339, nanoseconds)."""
     stamp = re.sub(r"(\.\d{6})\d*", r"\1", created.rstrip("Z")) + "+00:00"
@@ -306,22 +334,32 @@ def _with_entry(nodes: Sequence[Node], entry: str) -> list[Node]:
     return found
 
 
-class SwarmGateway(Gateway):
-    """The gateway's operations on a swarm: sessions are services, found again by their labels."""
+class Swarm:
+    """Sessions as services of a swarm, found again by their labels (the `Site` of gateway.py).
 
-    streams_outlive_s2cs = True
+    Of the state dir it keeps the lock, the control-plane certificate and the scratch files of
+    the requests it serves (their configs until the swarm has them): what start() removes would
+    be another replica's, were two to share one state dir. No supervisor, no runtime, no port
+    pool, no state.json: the swarm restarts the tasks, the claims hold the ports, the labels
+    the records."""
+
+    streams_outlive_s2cs = True  # they are the facility's: any other replica serves them
 
     def __init__(
         self,
         settings: Settings,
         backend: Backend,
-        auth: Authenticator,
         image: str,
         facility: str = "scistream",
         policy: Policy | None = None,
         client: Any = None,
     ) -> None:
-        super().__init__(settings, backend, auth, policy=policy)
+        self.settings = settings
+        self.backend = backend
+        self.policy = policy or default_policy(settings)
+        self.state = StateDir(settings.state_dir)
+        self.inbound_bind = inbound_bind(settings)  # checked now, not at the first request
+        self.entry_ips = entry_addresses(settings)  # where a node without its label has them
         self.image = image
         self.facility = facility_name(facility)
         self._client = client
@@ -393,15 +431,15 @@ class SwarmGateway(Gateway):
         return sorted(found, key=lambda pair: pair[0].created)
 
     def addresses(self) -> frozenset[IPAddress]:
-        """This host's addresses and those of every gateway node: a target on another node's
-        port range would reach that node's listeners, a plain entry among them."""
+        """The addresses of every gateway node: a target on another node's port range would
+        reach that node's listeners, a plain entry among them."""
         try:
             nodes = self._nodes()
         except ScistreamError:
             raise
         except Exception as exc:
             raise self._engine("cannot list the swarm's gateway nodes", exc) from None
-        return super().addresses() | node_addresses(nodes)
+        return node_addresses(nodes)
 
     # --- life of the server ----------------------------------------------------------------------
 
@@ -413,30 +451,38 @@ class SwarmGateway(Gateway):
         for path in self.state.sessions.iterdir():  # scratch of requests a killed s2cs was serving
             shutil.rmtree(path, ignore_errors=True)
         self._sweep()
-        self.supervisor.start()
 
     def _sweep(self) -> None:
-        """Remove the configs and secrets (port claims among them) of sessions never made."""
+        """Remove the services whose request never answered, and the configs and secrets (port
+        claims among them) of sessions never made."""
         client = self.client()
         try:
+            services = self._services()
+            for i in never_answered([service.attrs for service in services]):
+                service = services[i]
+                log.warning(
+                    "removing service %s: the s2cs that made it stopped before its request answered, "
+                    "so no user has its stream",
+                    service.name,
+                )
+                sid = service.attrs["Spec"]["Labels"].get(f"{LABEL}.session", "")
+                self._remove(sid, service)  # what it leaves is logged, and looked for again next time
             found = [
                 *client.configs.list(filters=self._filter()),
                 *client.secrets.list(filters=self._filter()),
             ]
             live = {s.attrs["Spec"]["Labels"].get(f"{LABEL}.session") for s in self._services()}
         except Exception as exc:
-            log.warning("cannot look for objects of half-made sessions: %s", engine_error(exc, self.image))
+            log.warning("cannot look for objects of half-made sessions: %s", self._words(exc))
             return
         for i in half_made([obj.attrs for obj in found], live):
             log.warning(
                 "removing %s: left by a half-made session (its service was never made)", found[i].name
             )
-            with contextlib.suppress(Exception):
-                found[i].remove()
+            self._gone(found[i], "config or secret")
 
     def close(self, keep_streams: bool = False) -> None:
         """The streams are the swarm's: they outlive every replica, and any other one serves them."""
-        self.supervisor.close()
         log.info("the swarm keeps the facility's streams; release them with s2uc release")
 
     # --- ports -----------------------------------------------------------------------------------
@@ -457,8 +503,7 @@ class SwarmGateway(Gateway):
                 and _age(claim.attrs.get("CreatedAt", "")) > STALE_CLAIM
             ):
                 log.warning("removing the port claim %s: its stream was never made", claim.name)
-                with contextlib.suppress(Exception):
-                    claim.remove()
+                self._gone(claim, "port claim")
                 continue
             with contextlib.suppress(KeyError, ValueError):
                 taken.add(int(labels[f"{LABEL}.port"]))
@@ -482,12 +527,18 @@ class SwarmGateway(Gateway):
             raise
         return True
 
-    def _unclaim(self, sid: str) -> None:
-        for claim in self.client().configs.list(filters=self._filter(session=sid)):
-            with contextlib.suppress(Exception):
-                claim.remove()
+    def _unclaim(self, sid: str) -> list[str]:
+        """Remove the session's port claims; what is left, in the engine's words."""
+        try:
+            claims = self.client().configs.list(filters=self._filter(session=sid))
+        except Exception as exc:
+            log.warning("cannot list the port claims of session %s: %s", sid, self._words(exc))
+            return [f"the port claims of session {sid}: {self._words(exc)}"]
+        return [
+            f"{claim.name}: {refused}" for claim in claims if (refused := self._gone(claim, "port claim"))
+        ]
 
-    def _place(self, sid: str, count: int, requested: Sequence[int] = (), entry: str | None = None) -> Place:
+    def place(self, sid: str, count: int, requested: Sequence[int] = (), entry: str | None = None) -> Place:
         first, last = self.settings.port_range
         if len(set(requested)) != len(requested):
             raise BadRequest("the same port is requested twice")
@@ -536,20 +587,27 @@ class SwarmGateway(Gateway):
             raise self._engine("cannot place the stream on the swarm", exc) from None
         return Place(chosen, node.address, node.bind, node.id, entry_address(entry, node.entries))
 
-    # --- operations ------------------------------------------------------------------------------
+    # --- what the gateway asks of its site --------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        reply = super().info()
         sessions = self._sessions()
-        reply["streams"] = len(sessions)
         first, last = self.settings.port_range
-        reply["free_ports"] = (last - first + 1) * max(1, len(self._nodes())) - sum(
-            len(s.ports) for s, _ in sessions
-        )
-        reply["runtime"] = {"type": "swarm", "facility": self.facility, "image": self.image}
-        return reply
+        free = (last - first + 1) * max(1, len(self._nodes())) - sum(len(s.ports) for s, _ in sessions)
+        return {
+            "port_range": f"{first}-{last}",
+            "free_ports": free,
+            "streams": len(sessions),
+            "runtime": {"type": "swarm", "facility": self.facility, "image": self.image},
+        }
 
-    def _launch(self, session: Session, grant: Grant) -> None:
+    def sessions(self, uid: str | None = None) -> list[Session]:
+        """Every session of the facility, or those of a stream; each with its service."""
+        found = self._sessions() if uid is None else self._of_uid(uid)
+        for session, service in found:
+            session.service = service
+        return [session for session, _ in found]
+
+    def launch(self, session: Session, grant: Grant) -> None:
         """Make the session's service and wait until its task listens; on any failure nothing
         of it is left (service, configs, secrets, port claims, scratch files)."""
         import docker.errors
@@ -564,7 +622,8 @@ class SwarmGateway(Gateway):
             if self.client().services.list(filters={"name": name}):
                 raise Conflict(f"stream {short(session.uid)} already has an {session.role} proxy here")
             files.directory.mkdir(mode=0o700)
-            launches = self._prepare(session, files)
+            spec = proxy_spec(self.backend, self.policy, session)
+            launches = self.backend.prepare(session.uid, spec, files)
             plan = {
                 "processes": [
                     {"name": launch.name, "argv": image_command(launch.argv), "ready": list(launch.ready)}
@@ -574,6 +633,7 @@ class SwarmGateway(Gateway):
             (files.directory / "task.json").write_text(json.dumps(plan))
             service = self._create(session, files, name, made)
             self._wait_ready(session, service)
+            self._answered(service)
         except BaseException as exc:
             self._remove(session.sid, service, made)
             shutil.rmtree(files.directory, ignore_errors=True)
@@ -632,7 +692,8 @@ class SwarmGateway(Gateway):
             ["python", "-m", "scistream.s2ds.task", str(files.directory / "task.json")],
             name=name,
             labels={
-                **labels,
+                **made_labels,
+                PHASE: str(Phase.STARTING),  # until its request answers (_answered)
                 f"{LABEL}.uid-hash": hashlib.sha256(session.uid.encode()).hexdigest(),
                 f"{LABEL}.node": session.node,
                 f"{LABEL}.record": json.dumps(record),
@@ -674,16 +735,35 @@ class SwarmGateway(Gateway):
             if why or (task is not None and state not in ("RUNNING", "STARTING")):
                 status = (task or {}).get("Status", {})
                 why = why or status.get("Message") or status.get("State")
-                raise BackendFailed(
-                    f"{session.label} did not start: {why}; {self._output(service, 5) or 'no output'}"
-                )
+                raise BackendFailed(f"{session.label} did not start: {why}; {self._said(service, 5)}")
             if time.monotonic() > deadline:
                 where = (task or {}).get("Status", {}).get("State", "not scheduled")
                 raise BackendFailed(
                     f"{session.label} did not start within {START_TIMEOUT:.0f}s: the task is {where}; "
-                    + (self._output(service, 5) or "no output")
+                    + self._said(service, 5)
                 )
             time.sleep(0.05)
+
+    def _answered(self, service: Any) -> None:
+        """Mark the service as its request's answer (label phase=ACTIVE): a user has it from now
+        on, and no sweep removes it. Only the labels change: its task runs on untouched. A
+        service left STARTING is the sweep's (never_answered), so a mark that fails fails the
+        request, which then removes the service itself."""
+        service.reload()  # its spec as made, and its version, which an update must name
+        spec = service.attrs["Spec"]
+        # The spec as it is, but for one label: the SDK's fetch_current_spec would fill in the
+        # engine's defaults, a task template the swarm takes for a new one (it replaces the task).
+        self.client().api.update_service(
+            service.id,
+            service.version,
+            task_template=spec["TaskTemplate"],
+            name=spec["Name"],
+            labels={**spec.get("Labels", {}), PHASE: str(Phase.ACTIVE)},
+            mode=spec.get("Mode"),
+            update_config=spec.get("UpdateConfig"),
+            rollback_config=spec.get("RollbackConfig"),
+            endpoint_spec=spec.get("EndpointSpec"),
+        )
 
     def _listening(self, task: dict[str, Any] | None, session: Session) -> bool:
         """Whether the task's processes listen on all the session's ports: where this s2cs sees
@@ -700,99 +780,139 @@ class SwarmGateway(Gateway):
         return set(session.ports) <= bound_endpoints(processes, session.ports)
 
     def _output(self, service: Any, lines: int | None = None) -> str:
-        """What the service's tasks printed (the newest `lines`), as the swarm has it."""
-        try:
-            chunks = service.logs(stdout=True, stderr=True, tail=lines or "all")
-            text = b"".join(chunks).decode("utf-8", "replace")
-        except Exception:
-            return ""
+        """What the service's tasks printed (the newest `lines`), as the swarm has it; the engine's
+        errors are raised: readiness is read from it."""
+        chunks = service.logs(stdout=True, stderr=True, tail=lines or "all")
+        text = b"".join(chunks).decode("utf-8", "replace")
         return "\n".join(line for line in text.splitlines() if line.strip() and "[NOTICE]" not in line)
 
-    def _remove(self, sid: str, service: Any, made: Sequence[Any] = ()) -> None:
+    def _said(self, service: Any, lines: int) -> str:
+        """_output, for a message or a listing: the engine's error, logged, in its place."""
+        try:
+            return self._output(service, lines) or "no output"
+        except Exception as exc:
+            log.warning("cannot read the output of service %s: %s", service.name, self._words(exc))
+            return f"its output cannot be read: {self._words(exc)}"
+
+    def _tasks(self, service: Any) -> tuple[list[dict[str, Any]], str]:
+        """The service's tasks, and the engine's words when it would not list them (logged)."""
+        try:
+            return list(service.tasks()), ""
+        except Exception as exc:
+            log.warning("cannot list the tasks of service %s: %s", service.name, self._words(exc))
+            return [], self._words(exc)
+
+    def _remove(self, sid: str, service: Any, made: Sequence[Any] = ()) -> list[str]:
         """The service, then its configs and secrets and port claims, once its task has ended here.
+        What the swarm would not remove, each in the engine's words (and in the log): empty when
+        all of it is gone.
 
         A task of this node is stopped first, by the engine: its processes end at once (a
         task stopped by SIGTERM exits 0, which the restart policy leaves alone), where the
         swarm would take seconds to get round to it; and its ports are free when this returns."""
         client = self.client()
+        left: list[str] = []
         if service is not None:
-            running = f"com.docker.swarm.service.id={service.id}"
-            with contextlib.suppress(Exception):
-                for container in client.containers.list(filters={"label": running}):
+            running = {"label": f"com.docker.swarm.service.id={service.id}"}
+            try:
+                for container in client.containers.list(filters=running):
                     container.stop(timeout=5)
-            with contextlib.suppress(Exception):
-                service.remove()
-            deadline = time.monotonic() + RELEASE_WAIT
-            while time.monotonic() < deadline:
-                try:
-                    if not client.containers.list(filters={"label": running}):
-                        break
-                except Exception:
-                    break
-                time.sleep(0.1)
-        objects = list(made) or [
-            *client.configs.list(filters=self._filter(session=sid)),
-            *client.secrets.list(filters=self._filter(session=sid)),
-        ]
+            except Exception as exc:  # the swarm ends its task when the service goes: only slower
+                log.warning("cannot stop the task of service %s here: %s", service.name, self._words(exc))
+            refused = self._gone(service, "service")
+            if refused:
+                left.append(f"service {service.name}: {refused}")
+            else:
+                self._wait_ended(service, running)
+        try:
+            objects = list(made) or [
+                *client.configs.list(filters=self._filter(session=sid)),
+                *client.secrets.list(filters=self._filter(session=sid)),
+            ]
+        except Exception as exc:
+            log.warning("cannot list the configs and secrets of session %s: %s", sid, self._words(exc))
+            return [*left, f"the configs and secrets of session {sid}: {self._words(exc)}"]
         for obj in objects:
-            with contextlib.suppress(Exception):
-                obj.remove()
-        self._unclaim(sid)
+            refused = self._gone(obj, "config or secret")
+            if refused:
+                left.append(f"{obj.name}: {refused}")
+        return left + self._unclaim(sid)
 
-    def _of_uid(self, uid: str, who: Identity | None) -> list[tuple[Session, Any]]:
-        """The sessions of a stream that `who` may see, with their services."""
+    def _wait_ended(self, service: Any, running: dict[str, Any]) -> None:
+        """Until the removed service's task container has ended on this node (its ports free)."""
+        deadline = time.monotonic() + RELEASE_WAIT
+        while time.monotonic() < deadline:
+            try:
+                if not self.client().containers.list(filters=running):
+                    return
+            except Exception as exc:
+                log.warning(
+                    "cannot see whether service %s has ended here: %s", service.name, self._words(exc)
+                )
+                return
+            time.sleep(0.1)
+        log.warning(
+            "the task of service %s still runs here %.0fs after its removal", service.name, RELEASE_WAIT
+        )
+
+    def _gone(self, obj: Any, what: str) -> str:
+        """Remove a swarm object: empty when it is gone (or was already), else the engine's words,
+        logged in one line."""
+        import docker.errors
+
+        try:
+            obj.remove()
+        except docker.errors.NotFound:
+            return ""
+        except Exception as exc:
+            words = self._words(exc)
+            log.warning("the swarm refused to remove %s %s: %s", what, obj.name, words)
+            return words
+        return ""
+
+    def _words(self, exc: Exception) -> str:
+        return engine_error(exc, self.image)
+
+    def _of_uid(self, uid: str) -> list[tuple[Session, Any]]:
+        """The sessions of a stream, with their services."""
         digest = hashlib.sha256(uid.encode()).hexdigest()
         found = self._sessions(**{"uid-hash": digest})
         for session, _ in found:
             session.uid = uid  # not in the swarm (only its hash): the one asked for
-        visible = {id(s) for s in self._visible([s for s, _ in found], who)}
-        return [(s, svc) for s, svc in found if id(s) in visible]
+        return found
 
-    def release(self, uid: str, who: Identity | None) -> dict[str, Any]:
-        mine = self._of_uid(uid, who)
-        if not mine:
-            raise NotFound(f"no stream {short(uid)} on this server (already released?)")
-        self._uids.pop(hashlib.sha256(uid.encode()).hexdigest(), None)
-        for session, service in mine:
-            self._remove(session.sid, service)
-            log.info("%s: released (service %s)", session.label, service.name)
-        return ok(uid=uid, released=[s.role for s, _ in mine])
+    def release(self, uid: str, visible: Callable[[list[Session]], list[Session]]) -> list[Session]:
+        mine = visible(self.sessions(uid))
+        left = []
+        for session in mine:
+            refused = self._remove(session.sid, session.service)
+            if refused:
+                left.append((session, refused))
+            else:
+                log.info("%s: released (service %s)", session.label, session.service.name)
+        if left:
+            # Not "released": its service may still run, and its ports stay claimed.
+            session, refused = left[0]
+            raise BackendFailed(
+                f"the swarm refused to remove what {session.label} is made of ({'; '.join(refused)}); "
+                f"it is still there: release it again, or remove it with docker service rm "
+                f"{session.service.name}"
+            )
+        if mine:
+            self._uids.pop(hashlib.sha256(uid.encode()).hexdigest(), None)
+        return mine
 
-    def status(self, uid: str | None, who: Identity | None, log: bool = False) -> dict[str, Any]:
-        if uid is not None:
-            mine = self._of_uid(uid, who)
-            if not mine:
-                raise NotFound(f"no stream {short(uid)} on this server")
-            return ok(streams=[self._describe_service(s, svc, True, log) for s, svc in mine])
-        everything = self._sessions()
-        if self.auth.enabled:
-            everyone = self._admin(who)
-            mine = [(s, svc) for s, svc in everything if everyone or (who is not None and s.owner == who.id)]
-            return ok(streams=[self._describe_service(s, svc, True) for s, svc in mine])
-        return ok(streams=[self._describe_service(s, svc, False) for s, svc in everything])
-
-    def _describe_service(
-        self, session: Session, service: Any, full: bool, log: bool = False
-    ) -> dict[str, Any]:
-        try:
-            tasks = service.tasks()
-        except Exception:
-            tasks = []
+    def describe(self, session: Session, full: bool, log: bool = False) -> dict[str, Any]:
+        """Its state as the swarm reports its task; with `full`, the task, the service and its node
+        (no byte counts, no failure diagnosis: they are inside the task, maybe on another node)."""
+        service = session.service
+        tasks, unlisted = self._tasks(service)
         state, restarts, task = task_state(tasks)
         if state == "RUNNING" and session.node == self.node_id and not self._listening(task, session):
             state = "STARTING"  # its container runs, its proxy does not listen yet
-        entry: dict[str, Any] = {
-            "uid": session.uid if full else short(session.uid),
-            "role": session.role,
-            "state": state,
-            "listeners": list(session.advertised),
-            "created": session.created,
-            "restarts": restarts,
-            **self._limits(session.limits),
-        }
+        entry: dict[str, Any] = {"state": state, "restarts": restarts}
         if full:
             status = (task or {}).get("Status", {})
-            entry["targets"] = [hostport(lst.target_ip, lst.target_port) for lst in session.listeners]
             shown: dict[str, Any] = {
                 "name": "task",
                 "pid": status.get("ContainerStatus", {}).get("PID") or None,
@@ -800,12 +920,14 @@ class SwarmGateway(Gateway):
                 "restarts": restarts,
             }
             if log:
-                shown["log"] = self._output(service, 20)
+                shown["log"] = self._said(service, 20)
             entry["processes"] = [shown]
             entry["service"] = service.name
             entry["node"] = session.node
             why = failure(tasks)
-            if why and state != "RUNNING":
+            if unlisted:
+                entry["last_error"] = f"the swarm did not list its tasks: {unlisted}"
+            elif why and state != "RUNNING":
                 entry["last_error"] = f"task: {why}"
             entry["failures"] = []
         return entry

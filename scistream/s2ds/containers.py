@@ -30,7 +30,6 @@ Engine errors (no daemon, no image) become `SpawnFailed`: the request fails with
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -276,8 +275,12 @@ class DockerRuntime:
                 container.start()
                 container.reload()
             except BaseException:
-                with contextlib.suppress(docker.errors.DockerException):
+                try:
                     container.remove(force=True)
+                except docker.errors.DockerException as exc:  # the sweep of the next start removes it
+                    logging.getLogger(__name__).warning(  # `log` is the process's log file here
+                        "cannot remove the container %s: %s", name, engine_error(exc, self.image)
+                    )
                 raise
         except SpawnFailed:
             raise
@@ -391,8 +394,12 @@ class DockerRuntime:
         for container in found:
             if container.labels.get(f"{LABEL}.session") not in sessions:
                 log.warning("removing the container %s: no stream of this gateway has it", container.name)
-                with contextlib.suppress(Exception):
+                try:
                     container.remove(force=True)
+                except Exception as exc:
+                    log.warning(
+                        "cannot remove the container %s: %s", container.name, engine_error(exc, self.image)
+                    )
 
     def now(self) -> float:
         return time.monotonic()

@@ -175,6 +175,7 @@ def test_the_guides_flow_with_the_inbound_side_on_swarm_is_one_service_and_byte_
     service = the_service(engine, facility)
     spec = service.attrs["Spec"]
     assert spec["Mode"]["Replicated"]["Replicas"] == 1
+    assert spec["Labels"][f"{LABEL}.phase"] == "ACTIVE"  # answered: no sweep removes it
     networks = [engine.networks.get(n["Target"]).name for n in spec["TaskTemplate"].get("Networks", [])]
     assert networks == ["host"]
     container_spec = spec["TaskTemplate"]["ContainerSpec"]
@@ -498,3 +499,20 @@ def test_the_objects_of_a_half_made_session_are_swept_once_old(start, engine, fa
     assert left["configs"] == [f"{facility}-ba9876543210-proxy.conf"], left
     assert left["secrets"] == [f"{facility}-ba9876543210-stream.pem"], left
     assert "half-made" in hpc.log.read_text()
+
+
+def test_a_service_whose_request_never_answered_is_removed_once_old(start, engine, image, facility):
+    """Left by a replica that died while the new service started, before its reply: no user has
+    its UID, so nobody could release it. The next replica removes it once older than the bound;
+    a young one may be another replica's request in progress, and stays."""
+    old, young = stamp(time.time() - 3600), stamp(time.time())
+    for sid, created in (("0123456789ab", old), ("ba9876543210", young)):
+        labels = {FACILITY: facility, f"{LABEL}.session": sid, f"{LABEL}.created": created,
+                  f"{LABEL}.phase": "STARTING"}  # fmt: skip
+        engine.services.create(image, ["sleep", "3600"], name=f"scistream-{facility}-{sid}", labels=labels)
+        engine.configs.create(name=f"{facility}-{sid}-proxy.conf", data=b"x", labels=labels)
+    hpc = start("hpc")
+    left = objects(engine, facility)
+    assert left["services"] == [f"scistream-{facility}-ba9876543210"], left
+    assert left["configs"] == [f"{facility}-ba9876543210-proxy.conf"], left
+    assert "before its request answered" in hpc.log.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -83,6 +84,19 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str =
             return value
         time.sleep(0.05)
     raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def listen_queue(host: str, port: int) -> int:
+    """How many connections wait in the accept queue of the IPv4 TCP listener at host:port (what
+    /proc/net/tcp shows as a listening socket's receive queue): proof that a connection waits
+    for a process that does not take it, where a timeout would only guess."""
+    local = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":  # LISTEN
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens at {host}:{port}")
 
 
 def field(output: str, name: str) -> str:

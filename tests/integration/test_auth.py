@@ -7,7 +7,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -300,6 +299,18 @@ def test_login_help_says_that_it_needs_scistream_client_id():
     assert "SCISTREAM_CLIENT_ID" in out
 
 
+def _printed_up_to(proc: subprocess.Popen[str], words: str) -> str:
+    """What `proc` printed up to `words` (a prompt ends with no newline, so read by characters);
+    fails when its output ends first, rather than waiting on for ever."""
+    assert proc.stdout is not None and proc.stderr is not None
+    printed = ""
+    while not printed.endswith(words):
+        char = proc.stdout.read(1)
+        assert char, f"the output ended before {words!r}: {printed!r} {proc.stderr.read()!r}"
+        printed += char
+    return printed
+
+
 def test_an_aborted_login_prompt_exits_with_the_auth_status_and_one_line(globus, workdir):
     env = user_env(globus, workdir, "alice")
     result = run_login(env, "", "--scope", S2CS_ID)  # the prompt meets the end of its input
@@ -317,10 +328,8 @@ def test_an_aborted_login_prompt_exits_with_the_auth_status_and_one_line(globus,
         text=True,
         env={**os.environ, **env},
     )
-    assert proc.stdout is not None
-    while not proc.stdout.readline().strip().startswith("https://"):
-        pass
-    time.sleep(0.5)  # at the prompt by now; a signal earlier still must not print a traceback
+    printed = _printed_up_to(proc, "Authorization code: ")  # at the prompt, waiting for the code
+    assert "https://" in printed
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 4, err

@@ -29,6 +29,7 @@ import pytest
 
 from scistream.loopback import BIN, Sink, free_port, free_port_range, send
 
+from ..needs import require_netns
 from .conftest import field, port_of, s2uc, wait_for
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -275,9 +276,7 @@ def facilities(workdir: Path) -> Iterator[Facilities]:
     """The HPC gateway's interfaces (203.0.113.7/24, and 10.0.1.1/24 on the facility network,
     where the service host is); the instrument gateway's comes once the HPC gateway has read its
     own."""
-    if os.environ.get("SCISTREAM_PRIVATE_NETNS") != "1":  # set by scripts/run-isolated, as root
-        # Not a skip: make test always runs these in one, and a skipped test hides a failure.
-        pytest.fail("adds interfaces: run it in a private network namespace (scripts/run-isolated)")
+    require_netns("adds interfaces")
     for name in ("ss-hpc", "ss-inst"):
         ip("link", "add", name, "type", "veth", "peer", "name", f"{name}-p")
         ip("link", "set", f"{name}-p", "up")

@@ -12,9 +12,12 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from scistream.loopback import BIN, LOOPBACK_TARGETS, Sink, free_port, free_port_range, send
 
 from ..certificates import write_pair
+from ..needs import require_command
 from .conftest import open_stream
 
 _LINE = re.compile(r"^(\S+(?: \S+)*)\s{2,}(OK|WARN|FAIL)\s{2,}(.*)$")
@@ -116,9 +119,9 @@ def test_stunnel_missing_fails_for_type_stunnel_and_only_warns_for_haproxy(workd
     assert status == "WARN" and "stunnel sessions are unavailable" in detail
 
 
+@pytest.mark.needs("root", reason="drops root's right to read anything")
 def test_an_unreadable_state_dir_fails(workdir):
-    # Not a skip: the integration tests run as root (scripts/run-isolated), and a skip would hide it.
-    assert os.geteuid() == 0, "drops root's right to read anything: needs root, as scripts/run-isolated has"
+    require_command("setpriv", "runs the check as root without its right to read anything")
     # As root, mode 000 stops no read: the check runs as root without the capabilities that
     # override file modes. (Not as another user: the checkout and its venv may be in a folder
     # only root may enter, as mktemp -d makes them.)

@@ -3,12 +3,15 @@ scale"): it must not depend on how many descriptors the operator lets s2cs open.
 
 from __future__ import annotations
 
+import contextlib
 import resource
-import time
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from scistream.loopback import S2csProcess, free_port, free_port_range, proxies_of
+
+from .conftest import port_of
 
 
 @dataclass
@@ -29,16 +32,26 @@ def private_kib(pid: int) -> int:
     return sum(int(line.split()[1]) for line in private)
 
 
+def past_start_up(port: int) -> None:
+    """Returns once the proxy has served a connection: it is past its start-up, its tables made.
+    (One that is not TLS, which it ends at once, the same way at either descriptor limit.)"""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"not TLS\n")
+        with contextlib.suppress(ConnectionError):
+            while sock.recv(4096):
+                pass
+
+
 def proxy_private_kib(workdir: Path, nofile: int) -> int:
     """The private memory of the HAProxy of an unlimited session (no shaper)."""
     gw = LimitedS2cs(f"nofile{nofile}", workdir / f"nofile{nofile}", free_port_range(4), nofile=nofile)
     try:
         gw.start()
-        gw.call("inbound", remote_ip="127.0.0.1", receiver_ports=[free_port()], rate=0)
+        reply = gw.call("inbound", remote_ip="127.0.0.1", receiver_ports=[free_port()], rate=0)
         (pid,) = proxies_of(gw.state_dir)
         with open(f"/proc/{pid}/limits") as f:
             assert [line.split()[3] for line in f if "open files" in line] == [str(nofile)]
-        time.sleep(0.5)  # past its start-up
+        past_start_up(port_of(reply["listeners"][0]))
         return private_kib(pid)
     finally:
         gw.stop()  # SIGTERM: it releases the session

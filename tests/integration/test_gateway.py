@@ -387,6 +387,7 @@ def test_a_request_whose_shaper_starts_before_its_proxy_config_is_written_is_ser
     from scistream.protocol import InboundRequest, Limits, parse_request
     from scistream.s2cs.auth import NoAuth
     from scistream.s2cs.gateway import Gateway, Settings
+    from scistream.s2cs.host import Host
     from scistream.s2cs.policy import Own, build_policy
     from scistream.s2ds.haproxy import HaproxyBackend
     from scistream.s2ds.render import ProxySpec, SessionFiles, default_templates, environment
@@ -410,7 +411,8 @@ def test_a_request_whose_shaper_starts_before_its_proxy_config_is_written_is_ser
     ports = free_port_range(4)
     settings = Settings("127.0.0.1", None, ports, workdir / "state")
     policy = build_policy(Own(frozenset(), 5000, ports), [], allow_targets=["127.0.0.1/32"])
-    gateway = Gateway(settings, LateConfig(environment(None, default_templates())), NoAuth(), policy=policy)
+    backend = LateConfig(environment(None, default_templates()))
+    gateway = Gateway(NoAuth(), Host(settings, backend, policy=policy))
     gateway.open()
     gateway.start()
     try:

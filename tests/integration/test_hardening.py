@@ -274,7 +274,11 @@ def test_a_flood_of_failing_handshakes_does_not_disturb_a_stream(start_s2cs, wor
     for t in flooders:
         t.start()
     try:
-        time.sleep(0.5)
+        # The flood is under way: 3 attempts per flooder begun, so at least 2 each refused.
+        deadline = time.monotonic() + 60
+        while attempts[0] < 3 * len(flooders):
+            assert time.monotonic() < deadline, f"the flood did not start: {attempts[0]} attempts"
+            time.sleep(0.05)
         expected, got = _send_blocks(port, seed=1, count=200)
         assert got == (200 << 20, expected)
         # A new connection of the stream still gets through while the flood goes on.

@@ -25,6 +25,7 @@ import pytest
 from scistream.errors import BackendFailed
 from scistream.loopback import Echo, Sink, send
 
+from ..needs import require_command, require_root
 from .conftest import BACKENDS, open_stream, s2uc
 
 LOG_LIMIT = 4096  # --log-max-bytes of these tests; the default is 10 MiB
@@ -138,8 +139,8 @@ def _many_connections_stay_within_the_bound(hpc, inst, port: int, first: bytes) 
 @pytest.fixture
 def small_disk(workdir: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs where the hpc gateway keeps its state dir; unmounted afterwards."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
+    require_root("mounting a small tmpfs")
+    require_command("mount", "mounting a small tmpfs")
     mountpoint = workdir / "hpc"
     mountpoint.mkdir()
     subprocess.run(
@@ -199,7 +200,7 @@ class Sender:
                     self.sock.sendall(block)
                     self.digest.update(block)
                     self.sent += len(block)
-                    time.sleep(0.01)
+                    time.sleep(0.01)  # pacing, not an event: a steady stream all along the test
                 self.sock.shutdown(socket.SHUT_WR)
                 words = self.sock.makefile("rb").readline().split()
                 self.answer = (int(words[0]), words[1].decode())
@@ -228,7 +229,13 @@ def test_a_full_disk_fails_a_request_clearly_and_running_streams_go_on(
         time.sleep(0.05)
 
     fill(small_disk / "filler")
-    time.sleep(1.5)  # long enough for the proxies to log, the shaper to count, s2cs to tick
+    # The stream carries 4 MiB more with the disk full (the proxies log, the shaper counts, s2cs
+    # ticks meanwhile), and s2cs still answers.
+    full_at = sender.sent
+    deadline = time.monotonic() + 60
+    while sender.sent < full_at + (4 << 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sender.sent >= full_at + (4 << 20), f"the stream stopped when the disk filled: {sender.finish()}"
 
     # A new connection of the running stream still gets through, byte-exact.
     data = os.urandom(1 << 20)

@@ -25,6 +25,7 @@ import pytest
 from scistream.errors import Forbidden
 from scistream.loopback import BIN, S2csProcess, Sink, free_port
 
+from ..needs import require_netns
 from .conftest import field, port_of, s2uc, wait_for
 
 ENTRY = "10.9.7.1"  # the gateway on the instruments' network, 10.9.7.0/24
@@ -38,9 +39,7 @@ def ip(*args: str) -> None:
 @pytest.fixture
 def networks() -> Iterator[None]:
     """Two interfaces of the test's own network namespace, never of a real host."""
-    if os.environ.get("SCISTREAM_PRIVATE_NETNS") != "1":  # set by scripts/run-isolated, as root
-        # Not a skip: make test always runs these in one, and a skipped test hides a failure.
-        pytest.fail("adds interfaces: run it in a private network namespace (scripts/run-isolated)")
+    require_netns("adds interfaces")
     for name, address in (("ss-inst", f"{ENTRY}/24"), ("ss-other", f"{ELSEWHERE}/24")):
         ip("link", "add", name, "type", "veth", "peer", "name", f"{name}-p")
         ip("addr", "add", address, "dev", name)

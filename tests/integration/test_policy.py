@@ -21,6 +21,7 @@ from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_rang
 from scistream.protocol import MAX_MESSAGE
 
 from ..globus_standin import GlobusStandIn
+from ..needs import require_netns
 from .conftest import open_stream, port_of, s2uc, wait_for
 
 S2CS_ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
@@ -81,8 +82,7 @@ def test_the_default_policy_refuses_loopback_link_local_and_the_gateways_own_por
 def attached_network() -> Iterator[str]:
     """An interface with 10.9.8.1/24, as a gateway's facility network: a veth pair in the test's
     own network namespace, never on a real host."""
-    if os.environ.get("SCISTREAM_PRIVATE_NETNS") != "1":  # set by scripts/run-isolated, as root
-        pytest.skip("adds an interface: runs in a private network namespace (scripts/run-isolated)")
+    require_netns("adds an interface")
     ip("link", "add", "ss-lan", "type", "veth", "peer", "name", "ss-lan-peer")
     try:
         ip("addr", "add", "10.9.8.1/24", "dev", "ss-lan")

@@ -292,7 +292,11 @@ def test_sigterm_during_requests_leaves_nothing_behind(start_s2cs):
     threads = [threading.Thread(target=request) for _ in range(10)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # some proxies started, some starting, some requests still queued
+    # The first proxy is up: some proxies started, some starting, some requests still queued.
+    deadline = time.monotonic() + 60
+    while not proxies_of(hpc.state_dir) and not results:
+        assert time.monotonic() < deadline, "no request got as far as a proxy"
+        time.sleep(0.02)
     assert hpc.stop(signal.SIGTERM) == 0
     for t in threads:
         t.join(60)

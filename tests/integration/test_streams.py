@@ -18,7 +18,7 @@ from scistream.credentials import stream_credentials
 from scistream.errors import ScistreamError
 from scistream.loopback import Echo, Sink, proxies_of, send
 
-from .conftest import BACKENDS, open_stream, port_of, s2uc
+from .conftest import BACKENDS, listen_queue, open_stream, port_of, s2uc, wait_for
 
 EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -70,8 +70,14 @@ def test_only_holders_of_the_stream_certificate_reach_the_service(start_s2cs, wo
         except ConnectionError:
             answer = b""
         assert b"no TLS" not in answer
-    time.sleep(0.5)  # give a wrongly admitted connection the time to reach the service
-    assert sink.connections == 0, "a client without the stream's certificate reached the service"
+    # Each client above saw the proxy refuse it before the next one connected; the proxy logs a
+    # refused connection as it ends it. Once the last refusal (the plain one) is in the stream's
+    # status, the proxy is done with all three, and a wrongly admitted one would have reached the
+    # service by then.
+    refused = wait_for(
+        lambda: _refusals_logged(hpc, inbound["uid"], {"handshake", "not-tls"}), 60, "refusals"
+    )
+    assert sink.connections == 0, f"a client without the stream's certificate reached the service ({refused})"
 
     # The stream's own certificate gets through: the refusals above were about the certificate.
     ctx = _tls_client(workdir, inbound["uid"])
@@ -83,6 +89,33 @@ def test_only_holders_of_the_stream_certificate_reach_the_service(start_s2cs, wo
     while not sink.results and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [r.sha256 for r in sink.results] == [hashlib.sha256(b"frame 0001").hexdigest()]
+
+
+def _waiting(gw, port: int) -> int:
+    """How many connections wait at the outbound gateway `gw` for one of its stream's places:
+    in HAProxy's queue (its stats socket, the queues of the backend and its server), or, before
+    stunnel, in the listen queue of the shaper, which stops accepting at num_conn."""
+    (session,) = (gw.state_dir / "sessions").iterdir()
+    stats = session / "run" / "stats.sock"
+    if not stats.exists():
+        return listen_queue("127.0.0.1", port)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(stats))
+        sock.sendall(b"show stat\n")
+        table = b""
+        while chunk := sock.recv(65536):
+            table += chunk
+    header, *rows = table.decode().splitlines()
+    qcur = header.lstrip("# ").split(",").index("qcur")
+    return sum(int(row.split(",")[qcur] or 0) for row in rows if row and not row.startswith("#"))
+
+
+def _refusals_logged(hpc, uid: str, kinds: set[str]) -> list[dict]:
+    """The stream's failures, once the proxy's log shows each of `kinds`."""
+    (entry,) = hpc.call("status", uid=uid)["streams"]
+    failures = entry.get("failures", [])
+    return failures if kinds <= {f["kind"] for f in failures} else []
 
 
 def _steady_rate(marks: list[tuple[float, int]]) -> float:
@@ -172,9 +205,7 @@ def test_a_connection_beyond_num_conn_waits_until_one_closes(start_s2cs, backend
     for sock in (first, second):
         assert sock.recv(6) == b"hello\n"
     third = connect()  # the kernel accepts it; the proxy does not take it yet
-    third.settimeout(2)
-    with pytest.raises(TimeoutError):
-        third.recv(6)
+    wait_for(lambda: _waiting(inst, port) == 1, 60, "the third connection waiting at the outbound proxy")
     assert len(accepted) == 2
 
     first.close()  # a slot frees up: the third one goes through, nothing was dropped

@@ -8,6 +8,7 @@ from scistream.client.address import Server, parse_server
 from scistream.client.trust import tls_context
 from scistream.credentials import stream_credentials
 from scistream.errors import ConfigError, ScistreamError
+from tests.needs import require_command
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,6 @@ def test_a_file_without_a_certificate_is_named_and_said_to_hold_none(tmp_path, c
 
 def test_an_unreadable_server_certificate_is_named_with_the_reason(tmp_path):
     import os
-    import shutil
     import subprocess
     import sys
 
@@ -135,8 +135,7 @@ def test_an_unreadable_server_certificate_is_named_with_the_reason(tmp_path):
     )
     argv = [sys.executable, "-c", check, str(cert)]
     if os.geteuid() == 0:  # root reads any file: take away the capabilities that let it
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv (util-linux) to read a file as root cannot")
+        require_command("setpriv", "reading a file as root cannot, with util-linux's setpriv")
         drop = "-dac_override,-dac_read_search"
         argv = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *argv]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)

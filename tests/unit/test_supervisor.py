@@ -655,6 +655,8 @@ def test_a_log_whose_descriptor_no_longer_appends_is_not_emptied_and_that_is_sai
     assert "no longer appends" in warnings[0]
 
 
+# A stand-in for HAProxy; its sleeps are its behaviour, which the tests wait on through its log:
+# a start-up, a line every 5 ms, then it lives on until killed.
 CLEARS_O_APPEND = """
 import fcntl, os, sys, time
 time.sleep(0.3)

@@ -6,26 +6,30 @@ Its work with a real swarm is tested in tests/containers/test_swarm.py.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
+import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+import docker.errors
 import pytest
 
-from scistream.errors import ConfigError, Forbidden
+from scistream.errors import BackendFailed, ConfigError, Forbidden
 from scistream.protocol import InboundRequest, Limits
 from scistream.s2cs.auth import NoAuth
-from scistream.s2cs.gateway import Settings
+from scistream.s2cs.gateway import Gateway, Settings
 from scistream.s2cs.policy import Own, build_policy
 from scistream.s2cs.swarm import (
     RESTARTS,
     STALE_CLAIM,
     Node,
-    SwarmGateway,
+    Swarm,
     _age,
     facility_name,
     gateway_nodes,
@@ -38,6 +42,8 @@ from scistream.s2cs.swarm import (
 from scistream.s2cs.swarm import task_state as state_of
 from scistream.s2ds.backend import Backend
 from scistream.s2ds.containers import LABEL
+from scistream.s2ds.render import default_templates, environment
+from scistream.s2ds.stunnel import StunnelBackend
 from scistream.s2ds.task import plan_of
 
 OWN = "own0node0id0000000000000a"
@@ -156,7 +162,7 @@ def test_a_swarm_gateway_refuses_targets_on_its_nodes_as_on_its_own_host(tmp_pat
     engine = SimpleNamespace(nodes=SimpleNamespace(list=lambda: [SimpleNamespace(attrs=dtn)]))
     settings = Settings("198.51.100.7", None, (5100, 5200), tmp_path)
     policy = build_policy(Own(frozenset(), 5000, (5100, 5200)), [], allow_targets=["10.0.0.0/8"])
-    gateway = SwarmGateway(settings, cast(Backend, None), NoAuth(), "img", policy=policy, client=engine)
+    gateway = Gateway(NoAuth(), Swarm(settings, cast(Backend, None), "img", policy=policy, client=engine))
     assert ipaddress.ip_address("10.0.0.11") in gateway.addresses()
     for port, says in ((5150, "own port range 5100-5200"), (22, "(this gateway's own address)")):
         with pytest.raises(Forbidden, match=re.escape(says)):
@@ -407,3 +413,147 @@ def test_half_made_sessions_objects_are_those_of_no_live_session_older_than_the_
 
 def test_a_stamp_reads_back_as_its_age():
     assert abs(_age(stamp(time.time() - 100)) - 100) < 5
+
+
+# --- the swarm's refusals, with a stand-in for its engine ------------------------------------------
+
+
+class Thing(SimpleNamespace):
+    """A service, config or secret of the stand-in engine; `refuse`: its remove() fails."""
+
+    def remove(self) -> None:
+        if getattr(self, "refuse", ""):
+            raise docker.errors.APIError("500 Server Error", explanation=self.refuse)
+        self.store.remove(self)
+
+
+def matches(thing: Thing, filters: dict[str, Any] | None) -> bool:
+    wanted = (filters or {}).get("label", [])
+    labels = thing.attrs["Spec"].get("Labels", {})
+    if (filters or {}).get("name") and thing.name != filters["name"]:  # type: ignore[index]
+        return False
+    return all(labels.get(k) == v for k, _, v in (w.partition("=") for w in wanted))
+
+
+class Kind:
+    """One kind of the engine's objects (services, configs, secrets), listed by label."""
+
+    def __init__(self) -> None:
+        self.things: list[Thing] = []
+
+    def add(self, name: str, labels: dict[str, str], created: str = "", **more: Any) -> Thing:
+        thing = Thing(name=name, id=name, attrs={"Spec": {"Labels": labels}, "CreatedAt": created},
+                      store=self.things, **more)  # fmt: skip
+        self.things.append(thing)
+        return thing
+
+    def list(self, filters: dict[str, Any] | None = None) -> list[Thing]:
+        return [t for t in self.things if matches(t, filters)]
+
+
+def stand_in_engine() -> SimpleNamespace:
+    own = {"ID": OWN, "Spec": {"Labels": {}}, "Status": {"State": "ready", "Addr": "127.0.0.1"}}
+    return SimpleNamespace(
+        services=Kind(),
+        configs=Kind(),
+        secrets=Kind(),
+        containers=SimpleNamespace(list=lambda filters=None: []),
+        nodes=SimpleNamespace(list=lambda: [SimpleNamespace(attrs=own)]),
+    )
+
+
+def swarm_gateway(tmp_path, engine: SimpleNamespace) -> Gateway:
+    settings = Settings("127.0.0.1", None, (5100, 5200), tmp_path)
+    policy = build_policy(Own(frozenset(), 5000, (5100, 5200)), [])
+    return Gateway(NoAuth(), Swarm(settings, cast(Backend, None), "img", "f", policy, client=engine))
+
+
+def a_service(engine: SimpleNamespace, uid: str, sid: str, **more: Any) -> Thing:
+    """A stream's inbound session as a replica made it: its service, labelled with its record."""
+    record = {
+        "sid": sid,
+        "role": "inbound",
+        "owner": None,
+        "listeners": [["127.0.0.1", 5100, "10.0.0.9", 80]],
+        "advertised": ["127.0.0.1:5100"],
+        "num_conn": 2,
+        "rate": 0,
+        "created": time.time(),
+        "uid_prefix": uid[:8],
+    }
+    labels = {f"{LABEL}.facility": "f", f"{LABEL}.session": sid, f"{LABEL}.node": OWN,
+              f"{LABEL}.uid-hash": hashlib.sha256(uid.encode()).hexdigest(),
+              f"{LABEL}.record": json.dumps(record)}  # fmt: skip
+    return engine.services.add(f"scistream-f-{sid}", labels, tasks=lambda: [], **more)
+
+
+def test_a_release_the_swarm_refuses_says_so_and_what_is_left(tmp_path, caplog):
+    """A user told "released" would think the ports free and the stream ended: it still runs."""
+    engine = stand_in_engine()
+    service = a_service(engine, UID, "0123456789ab", refuse="rpc error: node is not a manager")
+    gateway = swarm_gateway(tmp_path, engine)
+    with pytest.raises(BackendFailed) as failed:
+        gateway.release(UID, None)
+    says = failed.value.message
+    assert service.name in says and "node is not a manager" in says and "still there" in says
+    assert engine.services.list() == [service]
+    assert any("node is not a manager" in r.getMessage() for r in caplog.records)  # and in the log
+
+
+def test_a_release_removes_the_service_and_its_objects(tmp_path):
+    engine = stand_in_engine()
+    a_service(engine, UID, "0123456789ab")
+    engine.configs.add("claim", {f"{LABEL}.facility": "f", f"{LABEL}.session": "0123456789ab"})
+    reply = swarm_gateway(tmp_path, engine).release(UID, None)
+    assert reply["released"] == ["inbound"]
+    assert engine.services.list() == [] and engine.configs.list() == []
+
+
+def test_a_service_whose_request_never_answered_is_removed_by_the_next_replicas_sweep(tmp_path, caplog):
+    """A replica that died while its new service started left a stream nobody has the UID of: it
+    would run, and hold its node's ports, for ever. One being started now, or answered, stays."""
+    engine = stand_in_engine()
+    long_ago, just_now = stamp(time.time() - STALE_CLAIM - 60), stamp(time.time() - 5)
+
+    def made(sid: str, phase: str | None, created: str) -> Thing:
+        labels = {f"{LABEL}.created": created, **({f"{LABEL}.phase": phase} if phase else {})}
+        service = a_service(engine, str(uuid.uuid4()), sid)
+        service.attrs["Spec"]["Labels"].update(labels)
+        engine.configs.add(f"claim-{sid}", {f"{LABEL}.facility": "f", f"{LABEL}.session": sid, **labels})
+        return service
+
+    made("00000000dead", "STARTING", long_ago)  # its replica died before it answered
+    kept = [
+        made("000000young0", "STARTING", just_now),  # another replica's request, in progress
+        made("00000answer0", "ACTIVE", long_ago),  # answered: a user's stream
+        made("000000older0", None, long_ago),  # made before services were marked: a user's
+    ]
+    gateway = swarm_gateway(tmp_path, engine)
+    gateway.state.open()
+    gateway.start()
+    assert engine.services.list() == kept
+    assert [c.name for c in engine.configs.list()] == [
+        "claim-000000young0",
+        "claim-00000answer0",
+        "claim-000000older0",
+    ]
+    assert any("scistream-f-00000000dead" in r.getMessage() for r in caplog.records)
+
+
+def test_a_swarm_replica_supervises_nothing_and_records_no_stream_on_its_disk(tmp_path):
+    """The swarm restarts the tasks and holds the records: a replica that kept a supervisor or a
+    state.json of its own would watch nothing, or disagree with the swarm after another replica
+    released a stream."""
+    engine = stand_in_engine()
+    a_service(engine, UID, "0123456789ab")
+    gateway = swarm_gateway(tmp_path, engine)
+    gateway.site.backend = StunnelBackend(environment(None, default_templates()))  # for the limits shown
+    gateway.open = gateway.site.state.open  # type: ignore[method-assign]  # no engine to check
+    gateway.open()
+    gateway.start()
+    assert [s["role"] for s in gateway.status(UID, None)["streams"]] == ["inbound"]
+    gateway.release(UID, None)
+    gateway.close()
+    assert not [t for t in threading.enumerate() if t.name in ("supervisor", "entry-watch")]
+    assert not (tmp_path / "state.json").exists()
+    assert not hasattr(gateway.site, "supervisor") and not hasattr(gateway.site, "runtime")
