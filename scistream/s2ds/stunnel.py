@@ -15,12 +15,15 @@ once and closes any beyond at once, the stream's own included.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
@@ -32,6 +35,21 @@ from .render import ProxySpec, SessionFiles
 
 _VERSION = re.compile(r"stunnel (\d+\.\d+)")
 _ACCEPT = re.compile(r"^accept = .*$", re.MULTILINE)
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _dies_with_this_process() -> Callable[[], None]:
+    """What a dry run calls before it execs: a SIGKILL when the thread that started it ends, as
+    with an s2cs killed mid-check, which would leave it running for ever, known to no later s2cs.
+    libc is looked up here, in the parent: the child only makes the call."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return die_with_parent
 
 
 def find_binary() -> str:
@@ -91,7 +109,11 @@ class StunnelBackend(Backend):
             log = Path(scratch) / "dry.log"
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
-                    [self.binary, str(dry)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    [self.binary, str(dry)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_dies_with_this_process(),  # one system call in the child, no lock taken
                 )
             try:
                 deadline = time.monotonic() + 15

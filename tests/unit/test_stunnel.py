@@ -150,3 +150,52 @@ def test_the_shaper_command_line_keeps_a_state_dir_with_an_equals_sign_whole(mak
         )
     assert found.routes == expected
     assert found.rate == spec.rate_bytes and found.max_conn == spec.num_conn
+
+
+def test_a_dry_run_does_not_outlive_the_s2cs_that_started_it(tmp_path):
+    """A config check that an s2cs killed with SIGKILL leaves behind would run for ever, known to
+    no later s2cs (found by the soak). Here the dry run is a stand-in that never finishes; the
+    process that checks is killed while it waits."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    fake = tmp_path / "stunnel"
+    fake.write_text('#!/bin/sh\n[ "$1" = -version ] && { echo "stunnel 5.68"; exit 0; }\nexec sleep 300\n')
+    fake.chmod(0o755)
+    config = tmp_path / "proxy.conf"
+    config.write_text("foreground = yes\n")
+    checker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path\n"
+            "from scistream.s2ds.render import SessionFiles, default_templates, environment\n"
+            "from scistream.s2ds.stunnel import StunnelBackend\n"
+            "backend = StunnelBackend(environment(None, default_templates()), sys.argv[1])\n"
+            "backend.check(Path(sys.argv[2]), SessionFiles(Path(sys.argv[3])))\n",
+            str(fake),
+            str(config),
+            str(tmp_path),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        dry: list[psutil.Process] = []
+        while not dry and time.monotonic() < deadline:
+            dry = psutil.Process(checker.pid).children()
+            time.sleep(0.05)
+        assert dry, "the check started no dry run"
+        checker.send_signal(signal.SIGKILL)
+        checker.wait(60)
+        _, alive = psutil.wait_procs(dry, timeout=30)
+        assert alive == [], "the dry run outlived the s2cs that started it"
+    finally:
+        checker.kill()
+        checker.wait(60)
+        for proc in dry:
+            if proc.is_running():
+                proc.kill()
