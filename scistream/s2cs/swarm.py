@@ -815,7 +815,7 @@ class Swarm:
         if service is not None:
             running = {"label": f"com.docker.swarm.service.id={service.id}"}
             try:
-                for container in client.containers.list(filters=running):
+                for container in client.containers.list(filters=running, ignore_removed=True):
                     container.stop(timeout=5)
             except Exception as exc:  # the swarm ends its task when the service goes: only slower
                 log.warning("cannot stop the task of service %s here: %s", service.name, self._words(exc))
@@ -843,7 +843,7 @@ class Swarm:
         deadline = time.monotonic() + RELEASE_WAIT
         while time.monotonic() < deadline:
             try:
-                if not self.client().containers.list(filters=running):
+                if not self.client().containers.list(filters=running, ignore_removed=True):
                     return
             except Exception as exc:
                 log.warning(

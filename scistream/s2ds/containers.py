@@ -344,7 +344,9 @@ class DockerRuntime:
         if not _alive(pid, create_time):
             return None
         try:
-            running = self.client().containers.list(filters={"label": f"{LABEL}.gateway={self.tag}"})
+            running = self.client().containers.list(
+                filters={"label": f"{LABEL}.gateway={self.tag}"}, ignore_removed=True
+            )
         except Exception as exc:
             log.warning("cannot look for this gateway's containers: %s", engine_error(exc, self.image))
             return None
@@ -387,7 +389,9 @@ class DockerRuntime:
     def sweep(self, sessions: set[str]) -> None:
         """Remove this gateway's containers that no kept session owns."""
         try:
-            found = self.client().containers.list(all=True, filters={"label": f"{LABEL}.gateway={self.tag}"})
+            found = self.client().containers.list(
+                all=True, filters={"label": f"{LABEL}.gateway={self.tag}"}, ignore_removed=True
+            )
         except Exception as exc:
             log.warning("cannot look for this gateway's containers: %s", engine_error(exc, self.image))
             return

@@ -35,8 +35,13 @@ def demo(project: str) -> subprocess.Popen[str]:
 def leftovers(client: docker.DockerClient, project: str) -> list[str]:
     """What the engine still has of `project`: by label, and by name in case a label went missing."""
     by_label = {"label": f"{PROJECT_LABEL}={project}"}
-    left = [f"container {c.name}" for c in client.containers.list(all=True, filters=by_label)]
-    left += [f"container {c.name}" for c in client.containers.list(all=True, filters={"name": project})]
+    left = [
+        f"container {c.name}" for c in client.containers.list(all=True, filters=by_label, ignore_removed=True)
+    ]
+    left += [
+        f"container {c.name}"
+        for c in client.containers.list(all=True, filters={"name": project}, ignore_removed=True)
+    ]
     left += [f"network {n.name}" for n in client.networks.list(filters=by_label)]
     left += [f"network {n.name}" for n in client.networks.list(names=[f"{project}_hpc"])]
     left += [f"volume {v.name}" for v in client.volumes.list(filters=by_label)]
@@ -85,7 +90,9 @@ def test_an_interrupted_demo_takes_everything_down(image: str, docker_client: do
         while not any("the instrument sends to" in line for line in seen):
             assert run.poll() is None, "".join(seen)
             seen.append(lines.get(timeout=max(deadline - time.monotonic(), 1)))
-        assert docker_client.containers.list(filters={"label": f"{PROJECT_LABEL}={project}"})
+        assert docker_client.containers.list(
+            filters={"label": f"{PROJECT_LABEL}={project}"}, ignore_removed=True
+        )
         run.send_signal(signal.SIGINT)
         run.wait(timeout=DEMO_TIMEOUT)
     finally:

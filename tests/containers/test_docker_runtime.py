@@ -44,7 +44,9 @@ def engine() -> Iterator[Any]:
 def containers_of(engine: Any, gw: S2csProcess) -> list[Any]:
     """Every container of this gateway, running or not."""
     tag = gateway_tag(gw.state_dir)
-    return list(engine.containers.list(all=True, filters={"label": f"{LABEL}.gateway={tag}"}))
+    return list(
+        engine.containers.list(all=True, filters={"label": f"{LABEL}.gateway={tag}"}, ignore_removed=True)
+    )
 
 
 @pytest.fixture

@@ -119,7 +119,9 @@ class Stack:
             "secrets": [s.name for s in self.engine.secrets.list(filters=mine)],
             "configs": [c.name for c in self.engine.configs.list(filters=mine)],
             "networks": [n.name for n in self.engine.networks.list(filters=mine)],
-            "containers": [c.name for c in self.engine.containers.list(all=True, filters=mine)],
+            "containers": [
+                c.name for c in self.engine.containers.list(all=True, filters=mine, ignore_removed=True)
+            ],
         }
         return {kind: names for kind, names in found.items() if names}
 
@@ -140,7 +142,7 @@ class Stack:
             with contextlib.suppress(docker.errors.NotFound):
                 service.remove()
         deadline = time.monotonic() + 60
-        while self.engine.containers.list(filters=mine) and time.monotonic() < deadline:
+        while self.engine.containers.list(filters=mine, ignore_removed=True) and time.monotonic() < deadline:
             time.sleep(0.2)
         for obj in [*self.engine.configs.list(filters=mine), *self.engine.secrets.list(filters=mine)]:
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
@@ -148,7 +150,9 @@ class Stack:
 
     def replica(self) -> Any:
         """The running container of the stack's s2cs."""
-        found = self.engine.containers.list(filters={"label": f"{NAMESPACE}={self.name}"})
+        found = self.engine.containers.list(
+            filters={"label": f"{NAMESPACE}={self.name}"}, ignore_removed=True
+        )
         assert len(found) == 1, [c.name for c in found]
         return found[0]
 

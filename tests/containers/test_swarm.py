@@ -69,7 +69,7 @@ def objects(engine: Any, facility: str) -> dict[str, list[str]]:
 
 def running_containers(engine: Any, facility: str) -> list[Any]:
     """The facility's task containers that run now (the engine labels them as their service)."""
-    return list(engine.containers.list(filters=labelled(facility)))
+    return list(engine.containers.list(filters=labelled(facility), ignore_removed=True))
 
 
 def remove_facility(engine: Any, facility: str) -> None:
@@ -80,7 +80,7 @@ def remove_facility(engine: Any, facility: str) -> None:
     deadline = time.monotonic() + 60
     while running_containers(engine, facility) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for container in engine.containers.list(all=True, filters=labelled(facility)):
+    for container in engine.containers.list(all=True, filters=labelled(facility), ignore_removed=True):
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             container.remove(force=True)
     for obj in [
@@ -143,7 +143,9 @@ def the_service(engine: Any, facility: str) -> Any:
 
 
 def task_container(engine: Any, service: Any) -> Any:
-    (container,) = engine.containers.list(filters={"label": f"{SERVICE_ID}={service.id}"})
+    (container,) = engine.containers.list(
+        filters={"label": f"{SERVICE_ID}={service.id}"}, ignore_removed=True
+    )
     return container
 
 

@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import docker.errors
+from docker.models.containers import ContainerCollection
 
 from scistream.s2cs import doctor
 from scistream.s2cs.doctor import Status
 from scistream.s2cs.policy import ContainerLimits
-from scistream.s2ds.containers import DEFAULT_LIMITS, engine_options, gateway_tag, image_command
+from scistream.s2ds.containers import (
+    DEFAULT_LIMITS,
+    LABEL,
+    DockerRuntime,
+    engine_options,
+    gateway_tag,
+    image_command,
+)
 
 
 def test_a_container_runs_the_images_program_of_the_same_name_with_the_same_arguments():
@@ -79,3 +91,34 @@ def test_doctor_says_how_to_make_a_swarm_or_a_gateway_node():
     assert unlabelled.fix == "label a node: docker node update --label-add scistream.gateway=true NODE"
     fine = doctor.swarm_check("facility f, swarm abc, 1 gateway node(s), image scistream:9", True)
     assert (fine.check, fine.status) == ("docker swarm", Status.OK)
+
+
+class RacingEngine:
+    """The engine's API as the SDK's own container list meets it when a container goes away
+    between the engine's list and the SDK's look at each one (a task restarting, another
+    gateway releasing): the first container listed is gone by the time it is inspected."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+        self.removed: list[str] = []
+
+    def containers(self, **_: Any) -> list[dict[str, str]]:
+        return [{"Id": "gone"}, {"Id": "stale"}]
+
+    def inspect_container(self, cid: str) -> dict[str, Any]:
+        if cid == "gone":
+            raise docker.errors.NotFound("No such container: gone")
+        return {"Id": cid, "Name": f"/{cid}", "Config": {"Labels": self.labels}}
+
+    def remove_container(self, cid: str, **_: Any) -> None:
+        self.removed.append(cid)
+
+
+def test_a_container_gone_while_listed_does_not_stop_the_sweep(tmp_path: Path):
+    runtime = DockerRuntime("scistream:9", tmp_path)
+    api = RacingEngine({f"{LABEL}.gateway": runtime.tag, f"{LABEL}.session": "released-long-ago"})
+    engine = SimpleNamespace(api=api)
+    engine.containers = ContainerCollection(client=engine)
+    runtime = DockerRuntime("scistream:9", tmp_path, client=engine)
+    runtime.sweep(sessions={"kept"})
+    assert api.removed == ["stale"]  # no stream owns it: removed, though another vanished meanwhile
