@@ -17,8 +17,10 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
@@ -201,6 +203,21 @@ class Metrics:
         for op in OPS:  # every op has its series from the start, so a rate is 0, not absent
             self.requests.labels(op, "ok")
             self.latency.labels(op)
+        # Labelled by the file, so that it has no series (rather than a 0, "expired in 1970") until
+        # s2cs knows which certificate it presents, and an alert can name the file to renew.
+        self.certificate_expiry = Gauge(
+            "scistream_control_certificate_expiry_time_seconds",
+            "When the certificate the control port presents expires (its notAfter), in seconds "
+            "since the epoch.",
+            ["path"],
+            registry=self.registry,
+        )
+
+    def control_certificate(self, crt: Path) -> None:
+        """The certificate the control port presents (checked already: it is a certificate and
+        not expired). Its expiry is read now, as the control port keeps what it loaded at start."""
+        cert = x509.load_pem_x509_certificate(crt.read_bytes())
+        self.certificate_expiry.labels(str(crt)).set(cert.not_valid_after_utc.timestamp())
 
     def observe(self, op: str, code: str, seconds: float) -> None:
         """One answered request. `op` is "?" when the request could not be read at all."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime
 import socket
 import ssl
 import urllib.error
@@ -21,6 +22,8 @@ from scistream.s2cs.sessions import Session, SessionRegistry
 from scistream.s2ds.backend import Capabilities, Capability, Stats
 from scistream.s2ds.render import ListenerSpec, SessionFiles
 from scistream.s2ds.supervisor import State
+
+from ..certificates import write_pair
 
 UID_A = "0b7c1f2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
 UID_B = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"
@@ -214,3 +217,15 @@ def test_a_metrics_port_that_is_taken_is_one_line_saying_so(gateway):
         with pytest.raises(ConfigError) as failed:
             serve_metrics(Metrics(gateway), "127.0.0.1", port)
     assert failed.value.message == f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+
+
+def test_the_control_certificates_expiry_is_served_once_s2cs_knows_which_it_presents(gateway, tmp_path):
+    expiry = "scistream_control_certificate_expiry_time_seconds"
+    metrics = Metrics(gateway)
+    # Before: no series at all, never a 0 that an alert on the days left would take for expired.
+    assert expiry not in scrape(metrics)[1]
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    not_after = now + datetime.timedelta(days=9)
+    crt, _ = write_pair(tmp_path / "server.crt", tmp_path / "server.key", now, not_after)
+    metrics.control_certificate(crt)
+    assert value(scrape(metrics)[1], expiry, path=str(crt)) == not_after.timestamp()
