@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-# stunnel (the second backend), Prometheus (which the metrics test scrapes s2cs with), systemd
-# (systemd-analyze checks the service unit) and iperf3 (the benchmark) come from the system's packages.
+# stunnel (the second backend), Prometheus (which the metrics test scrapes s2cs with; its promtool
+# checks and unit-tests monitoring/alerts.yml), systemd (systemd-analyze checks the service unit) and
+# iperf3 (the benchmark) come from the system's packages.
 system-deps:
 	@scripts/system-deps stunnel4 prometheus systemd
 
