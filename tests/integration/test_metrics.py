@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from scistream.loopback import Sink, free_port
 
+from ..monitoring import RULES, alert_names, dashboard, dashboard_queries, metric_names, with_grafana_values
 from .conftest import BACKENDS, open_stream, wait_for
+from .test_diagnosis import send_and_lose
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -47,6 +51,12 @@ class Prometheus:
         assert reply["status"] == "success", reply
         return list(reply["data"]["result"])
 
+    def rules(self) -> list[dict[str, Any]]:
+        """Each rule as Prometheus loaded it: name, query, health, lastEvaluation, ..."""
+        reply = json.loads(get(f"{self.url}/api/v1/rules"))
+        assert reply["status"] == "success", reply
+        return [rule for group in reply["data"]["groups"] for rule in group["rules"]]
+
     def ready(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"prometheus exited: {self.log.read_text()[-2000:]}")
@@ -62,12 +72,13 @@ def prometheus(tmp_path: Path) -> Iterator[Any]:
     the end whatever happens."""
     started: list[Prometheus] = []
 
-    def start(*targets: str) -> Prometheus:
+    def start(*targets: str, rules: Path | None = None) -> Prometheus:
         assert os.access(PROMETHEUS, os.X_OK) and os.access(PROMTOOL, os.X_OK), MISSING
         config = tmp_path / "prometheus.yml"
         config.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-            "scrape_configs:\n  - job_name: scistream\n    static_configs:\n"
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+            + (f"rule_files: [{json.dumps(str(rules))}]\n" if rules else "")
+            + "scrape_configs:\n  - job_name: scistream\n    static_configs:\n"
             f"      - targets: {json.dumps(list(targets))}\n"
         )
         port = free_port()
@@ -161,3 +172,72 @@ def test_prometheus_scraping_s2cs_reports_a_running_streams_bytes_within_one_per
     for op in ("inbound", "outbound"):
         made = server.query(f'sum(scistream_requests_total{{op="{op}", code="ok"}})')
         assert [float(s["value"][1]) for s in made] == [1.0], op
+
+
+def served(url: str) -> set[str]:
+    """The sample names a /metrics page holds (a histogram's _bucket, _sum and _count each)."""
+    text = get(url).decode()
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_the_dashboard_and_the_alerts_read_only_metrics_a_real_s2cs_serves(start_s2cs, prometheus, tmp_path):
+    hpc_metrics, inst_metrics = free_port(), free_port()
+    hpc = start_s2cs("hpc", "--metrics-port", str(hpc_metrics))
+    inst = start_s2cs("inst", "--metrics-port", str(inst_metrics))
+    targets = (f"127.0.0.1:{hpc_metrics}", f"127.0.0.1:{inst_metrics}")
+    server = prometheus(*targets, rules=RULES)
+    # A stream that carries data, and one whose service is not running: each series the panels
+    # and alerts read has a reason to be there, the failures by kind too.
+    sink = Sink()
+    stream = open_stream(hpc, inst, sink.port)
+    with socket.create_connection(("127.0.0.1", stream.port), timeout=120) as sock:
+        sock.sendall(b"scan 0001 " * 1000)
+        wait_for(lambda: sink.received == 10000, 120, "the data at the service")
+    broken = open_stream(hpc, inst, free_port())
+    send_and_lose(broken.port)
+    urls = [f"http://{target}/metrics" for target in targets]
+    have: set[str] = set()
+
+    def failure_counted() -> bool:
+        have.update(*map(served, urls))
+        return "scistream_stream_failures_total" in have
+
+    wait_for(failure_counted, 120, "scistream_stream_failures_total on a /metrics page")
+
+    loaded = server.rules()
+    assert sorted(rule["name"] for rule in loaded) == sorted(alert_names())
+    queries = {f"alert {rule['name']}": rule["query"] for rule in loaded}
+    queries.update(dashboard_queries(dashboard()))
+    # scistream_control_certificate_expiry_time_seconds is served once s2cs's serve() (cli.py)
+    # gives Metrics.control_certificate the certificate it loaded for the control port.
+    missing = {f"{where}: {name}" for where, query in queries.items() for name in metric_names(query) - have}
+    assert not missing, f"not served by s2cs: {sorted(missing)} (served: {sorted(have)})"
+
+    # The control certificate's panel and alerts read the one the control port presents.
+    presented = x509.load_pem_x509_certificate(hpc.cert.read_bytes()).not_valid_after_utc.timestamp()
+    expiry = f'scistream_control_certificate_expiry_time_seconds{{instance="{targets[0]}"}}'
+    scraped = wait_for(lambda: server.query(expiry), 120, f"{expiry} in Prometheus")
+    assert [float(s["value"][1]) for s in scraped] == [presented]
+
+    # Every panel's query is one Prometheus answers, and the streams' panels show both streams.
+    for where, query in dashboard_queries(dashboard()).items():
+        assert isinstance(server.query(with_grafana_values(query)), list), where
+    table = with_grafana_values(dashboard_queries(dashboard())["panel 'Streams' A"])
+    both = {(uid[:8], role) for uid in (stream.uid, broken.uid) for role in ("inbound", "outbound")}
+    wait_for(
+        lambda: {(s["metric"]["stream"], s["metric"]["role"]) for s in server.query(table)} == both,
+        120,
+        "both streams, on both gateways, in the table of streams",
+    )
+
+    # Evaluated against real series, the rules are sound and nothing fires for two fresh streams.
+    before = {rule["name"]: rule["lastEvaluation"] for rule in server.rules()}
+    wait_for(
+        lambda: all(rule["lastEvaluation"] != before[rule["name"]] for rule in server.rules()),
+        120,
+        "a rule evaluation after the streams were scraped",
+    )
+    assert [(rule["name"], rule["health"], rule.get("lastError", "")) for rule in server.rules()] == [
+        (rule["name"], "ok", "") for rule in loaded
+    ]
+    assert server.query("ALERTS") == []
