@@ -3,12 +3,14 @@ dashboard is one Grafana imports as it is, on whatever Prometheus data source th
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
 
 from ..monitoring import (
     MONITORING,
+    RULES,
     alert_names,
     alerts_tested_firing,
     dashboard,
@@ -108,3 +110,13 @@ def test_the_dashboard_shows_what_an_operator_watches():
 )
 def test_the_metric_names_of_a_query_are_found_and_nothing_else(expr, names):
     assert metric_names(expr) == names
+
+
+def test_the_operator_guide_names_every_alert_and_every_metric_they_read():
+    guide = (MONITORING.parent / "docs" / "operator-guide.md").read_text()
+    section = guide.split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+    assert [name for name in alert_names() if f"| `{name}` |" not in section] == []
+    read = set().union(*map(metric_names, dashboard_queries(dashboard()).values()))
+    read |= set(re.findall(r"\bscistream_\w+", RULES.read_text()))
+    documented = {re.sub(r"_(bucket|sum|count)$", "", name) for name in read}
+    assert [name for name in sorted(documented) if f"| `{name}` |" not in guide] == []
