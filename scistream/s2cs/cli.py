@@ -380,6 +380,8 @@ def serve(options: Options, plan: Plan, gateway: Gateway) -> None:
             options.server_crt, options.server_key, gateway.state.path, plan.settings.listener_ip, *addresses
         )
         context = server_context(str(crt), str(key))
+        if metrics is not None:
+            metrics.control_certificate(crt)  # its expiry, for the alert before users are refused
         _raise_fd_limit()
         reload = reloader(options, plan, gateway)
         server = ControlServer(
