@@ -30,7 +30,7 @@ from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
 from ..s2ds.runtime import ProcessRuntime, Runtime, SpawnFailed
 from ..s2ds.stunnel import StunnelBackend
-from . import examine, logs
+from . import examine, logs, tuning
 from .audit import AuditLog
 from .auth import Authenticator, GlobusAuth, NoAuth
 from .certs import FIRST, is_ca, server_certificate
@@ -64,6 +64,8 @@ from .options import (
     MetricsAddress,
     MetricsPort,
     Options,
+    PathRate,
+    PathRtt,
     Plan,
     PolicyPath,
     Port,
@@ -251,6 +253,8 @@ def run(
     log_format: LogFormat = "text",
     check: CheckOnly = False,
     as_json: AsJson = False,
+    path_rtt: PathRtt = None,
+    path_rate: PathRate = None,
     version: Version = None,
 ) -> None:
     """Run the SciStream control server of this facility gateway."""
@@ -287,6 +291,8 @@ def run(
         log_max_bytes=log_max_bytes,
         check_only=check,
         as_json=as_json,
+        path_rtt=path_rtt,
+        path_rate=path_rate,
     )
     logs.configure(log_format, verbose)
     # Until the server's own handlers take over (ControlServer.serve): a SIGTERM during the
@@ -336,6 +342,7 @@ def setup(options: Options, plan: Plan) -> examine.Setup:
         swarm=swarm_view(plan.settings, options.image, options.facility)
         if options.runtime_name == "swarm"
         else None,
+        path=tuning.path_of(options.path_rtt, options.path_rate),
     )
 
 

@@ -15,6 +15,7 @@ import fcntl
 import ipaddress
 import os
 import pwd
+import resource
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ from ..s2ds.containers import DockerRuntime
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.runtime import Runtime, SpawnFailed
 from ..s2ds.stunnel import StunnelBackend
-from . import doctor
+from . import doctor, tuning
 from .certs import check_pair
 from .doctor import Check, DirFacts, Proxy, Status
 from .gateway import Settings, entry_addresses, inbound_bind, port_is_free
 from .policy import Policy
+from .server import MAX_CLIENTS
 from .state import StateDir
+from .tuning import HostTuning, NetworkPath
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Setup:
     runtime: Runtime  # where the proxies would run: made, not yet used
     policy: Callable[[], Policy]  # make_policy with these options; ConfigError when it is wrong
     swarm: Callable[[], str] | None = None  # --runtime swarm: what the swarm is, or ConfigError
+    path: NetworkPath | None = None  # --path-rtt and --path-rate: what the host tuning is judged for
 
 
 def main(setup: Setup, json: bool) -> int:
@@ -95,6 +99,8 @@ def examine(setup: Setup) -> list[Check]:
         checks.append(doctor.policy_check(setup.policy()))
     except ConfigError as exc:
         checks.append(doctor.policy_check(exc.message))
+    first, last = settings.port_range
+    checks += tuning.checks(_host_tuning(), setup.path, last - first + 1, MAX_CLIENTS)
     return checks
 
 
@@ -408,6 +414,50 @@ def _recorded_processes(records: list[dict[str, Any]]) -> tuple[set[int], set[in
             if isinstance(listener, list) and len(listener) > 1 and isinstance(listener[1], int):
                 ports.add(listener[1])
     return pids, ports
+
+
+# --- the host's tuning ----------------------------------------------------------------------------
+
+
+def _sysctl(name: str) -> str | None:
+    """A sysctl's value as /proc/sys shows it; None where this network namespace does not."""
+    try:
+        return Path("/proc/sys", *name.split(".")).read_text().strip()
+    except OSError:
+        return None
+
+
+def _numbers(name: str) -> tuple[int, ...] | None:
+    text = _sysctl(name)
+    try:
+        return tuple(int(n) for n in text.split()) if text else None
+    except ValueError:
+        return None
+
+
+def _autotuning(name: str) -> tuple[int, int, int] | None:
+    """min, default, max of net.ipv4.tcp_rmem or tcp_wmem."""
+    found = _numbers(name)
+    return (found[0], found[1], found[2]) if found and len(found) == 3 else None
+
+
+def _host_tuning() -> HostTuning:
+    rmem, wmem = _numbers("net.core.rmem_max"), _numbers("net.core.wmem_max")
+    nr_open = _numbers("fs.nr_open")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return HostTuning(
+        rmem_max=rmem[0] if rmem else None,
+        wmem_max=wmem[0] if wmem else None,
+        tcp_rmem=_autotuning("net.ipv4.tcp_rmem"),
+        tcp_wmem=_autotuning("net.ipv4.tcp_wmem"),
+        congestion_control=_sysctl("net.ipv4.tcp_congestion_control") or None,
+        available_congestion_control=tuple(
+            (_sysctl("net.ipv4.tcp_available_congestion_control") or "").split()
+        ),
+        default_qdisc=_sysctl("net.core.default_qdisc") or None,
+        open_files=None if hard == resource.RLIM_INFINITY else hard,
+        nr_open=nr_open[0] if nr_open else None,
+    )
 
 
 # --- authentication ------------------------------------------------------------------------------

@@ -299,6 +299,21 @@ CheckOnly = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="With --check: the checks as a JSON list, for scripts.")]
+PathRtt = Annotated[
+    str | None,
+    typer.Option(
+        "--path-rtt", metavar="TIME", help="With --check: the wide-area path's round-trip time (50ms)."
+    ),
+]
+PathRate = Annotated[
+    str | None,
+    typer.Option(
+        "--path-rate",
+        metavar="RATE",
+        help="With --check: the rate streams should reach on that path (10G): the socket buffers "
+        "are checked against rate x RTT.",
+    ),
+]
 
 Version = Annotated[
     bool | None,
@@ -345,6 +360,8 @@ class Options:
     log_max_bytes: int = 10 * 1024 * 1024
     check_only: bool = False  # --check
     as_json: bool = False  # --json
+    path_rtt: str | None = None  # --path-rtt, parsed by tuning.path_of
+    path_rate: str | None = None  # --path-rate
 
     @property
     def authenticates(self) -> bool:
@@ -375,6 +392,8 @@ def check(options: Options) -> Plan:
     reports as a line of its own (the certificate, authentication, the facility) is left to it."""
     if options.as_json and not options.check_only:
         raise ConfigError("--json goes with --check")
+    if (options.path_rtt or options.path_rate) and not options.check_only:
+        raise ConfigError("--path-rtt and --path-rate go with --check")
     listener_ip = parse_ip(options.listener_ip, "--listener-ip")
     bind = parse_ip(options.bind_ip, "--bind-ip") if options.bind_ip else None
     control = parse_ip(options.control_ip, "--control-ip") if options.control_ip else None
