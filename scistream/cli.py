@@ -43,9 +43,10 @@ def doctor(ctx: typer.Context) -> None:
 
     Give the options the s2cs of this gateway is started with (`s2cs --help` lists them), and
     --json for a JSON list. One line per check (the proxies, the control port and the port
-    range, the certificate, the state dir and its lock, authentication, the target policy):
-    OK, WARN or FAIL, and what to do. Exits 1 when a check FAILs. Starts, creates and writes
-    nothing.
+    range, the certificate, the state dir and its lock, authentication, the target policy, and
+    the host's tuning for wide-area streams: give --path-rtt 50ms --path-rate 10G to check the
+    socket buffers against a path): OK, WARN or FAIL, and what to do. Exits 1 when a check
+    FAILs. Starts, creates and writes nothing.
     """
     from .s2cs.cli import main as s2cs
 

@@ -295,7 +295,8 @@ CheckOnly = Annotated[
     typer.Option(
         "--check",
         help="Check this set-up instead of starting: proxies, ports, certificate, state dir, auth, "
-        "policy; a table, then exit (1 when a check FAILs). Starts, creates and writes nothing.",
+        "policy, host tuning; a table, then exit (1 when a check FAILs). Starts, creates and writes "
+        "nothing.",
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="With --check: the checks as a JSON list, for scripts.")]

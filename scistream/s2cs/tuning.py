@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .doctor import Check, Status
 
-# Congestion controls that fasterdata recommends for long, fast paths: they regain speed after a
-# loss in seconds, where reno and cubic take minutes at 10 Gbit/s over 50 ms.
+# Congestion controls that fasterdata recommends for long, fast paths. After a loss at 10 Gbit/s
+# over 50 ms, reno takes minutes to regain its rate and cubic about half a minute; htcp grows
+# faster a second after the loss, and bbr paces by the rate it measures rather than by losses.
 FOR_LONG_PATHS = ("bbr", "htcp")
 # Descriptors s2cs holds whatever its streams: its state files, lock, logs, the metrics listener,
 # the interpreter's own.
@@ -207,8 +208,8 @@ def congestion_check(algorithm: str | None, available: tuple[str, ...]) -> Check
     return Check(
         name,
         Status.WARN,
-        f"net.ipv4.tcp_congestion_control is {algorithm}: after a loss on a long, fast path it takes "
-        "minutes to regain speed; bbr or htcp take seconds",
+        f"net.ipv4.tcp_congestion_control is {algorithm}: it backs off at each loss and regains "
+        "speed slowly on a long, fast path; fasterdata recommends bbr or htcp",
         fix,
     )
 
