@@ -161,11 +161,17 @@ def buffer_check(
     kernel grows a socket's buffer on its own, which is how the proxies' sockets grow (they set
     no size: docs/performance.md). A connection can have no more than its buffer in flight."""
     (core_name, core_max), (tcp_name, tcp) = core, autotuning
-    if core_max is None or tcp is None:
+    target = _power_of_two(path.window) if path else 0
+    limits: list[tuple[str, int, str]] = []  # what is shown, the limit, the setting that raises it
+    if core_max is not None:  # a kernel older than 6.x shows it only in the host's namespace
+        limits.append((f"{core_name} {size(core_max)}", core_max, f"{core_name}={target}"))
+    if tcp is not None:
+        limits.append((f"{tcp_name} max {size(tcp[2])}", tcp[2], f"{tcp_name}='{tcp[0]} {tcp[1]} {target}'"))
+    if not limits:
         return Check(name, Status.OK, f"not visible here: {core_name} and {tcp_name} are not in /proc/sys")
-    shown = f"{core_name} {size(core_max)}, {tcp_name} max {size(tcp[2])}"
+    shown = ", ".join(shown for shown, _, _ in limits)
     if path is None:
-        carries = bit_rate(tcp[2] * 8 / NO_PATH_RTT)
+        carries = bit_rate(limits[-1][1] * 8 / NO_PATH_RTT)  # autotuning's, where it shows
         return Check(
             name,
             Status.OK,
@@ -173,22 +179,15 @@ def buffer_check(
             "--path-rtt and --path-rate to check them against your path",
         )
     window = path.window
-    target = _power_of_two(window)
-    short, settings = [], []
-    if core_max < window:
-        short.append(f"{core_name} {size(core_max)}")
-        settings.append(f"{core_name}={target}")
-    if tcp[2] < window:
-        short.append(f"{tcp_name} max {size(tcp[2])}")
-        settings.append(f"{tcp_name}='{tcp[0]} {tcp[1]} {target}'")
+    short = [(shown, setting) for shown, limit, setting in limits if limit < window]
     needs = f"the {size(window)} window ({window} bytes) {path.describe()} needs (rate x RTT)"
     if short:
         return Check(
             name,
             Status.WARN,
-            f"{' and '.join(short)} {'are' if len(short) > 1 else 'is'} below {needs}: one connection "
-            "cannot fill the path",
-            f"sysctl -w {' '.join(settings)} (and the same in /etc/sysctl.d/ to keep it)",
+            f"{' and '.join(s for s, _ in short)} {'are' if len(short) > 1 else 'is'} below {needs}: "
+            "one connection cannot fill the path",
+            f"sysctl -w {' '.join(s for _, s in short)} (and the same in /etc/sysctl.d/ to keep it)",
         )
     return Check(name, Status.OK, f"{shown}: hold the {size(window)} window {path.describe()} needs")
 

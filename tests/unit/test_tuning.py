@@ -167,6 +167,14 @@ def test_values_this_namespace_does_not_show_are_not_judged() -> None:
         assert found[name].status is Status.OK and "not visible" in found[name].detail, found[name]
 
 
+def test_a_namespace_that_shows_only_the_autotuning_limits_has_them_judged() -> None:
+    host = HostTuning(**{**UNTUNED.__dict__, "rmem_max": None})
+    receive = by_name(host, PATH)["receive buffers"]
+    assert receive.status is Status.WARN
+    assert receive.fix.startswith("sysctl -w net.ipv4.tcp_rmem='4096 131072 67108864' (")
+    assert "rmem_max" not in receive.detail
+
+
 def test_an_open_files_limit_below_what_a_full_port_range_costs_warns() -> None:
     found = by_name(UNTUNED, None, ports=101)["open files"]
     assert found.status is Status.WARN
