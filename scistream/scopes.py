@@ -26,6 +26,9 @@ _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 # Only hex digits and dashes: meant as an ID, even when a digit was lost in the copy.
 _LOOKS_LIKE_ID = re.compile(r"[0-9a-f-]+", re.IGNORECASE)
 _EXAMPLE = "https://auth.globus.org/scopes/SCOPE_ID/scistream"
+# A word with a capital or an underscore and no ':' or '/': a placeholder of a doc (YOUR_SCOPE_ID),
+# copied as it is. Globus scopes are URLs, URNs or lower-case OpenID words (openid, email).
+_PLACEHOLDER = re.compile(r"[^:/]*[A-Z_][^:/]*")
 
 
 class ScistreamScopes(DynamicScopeCollection):
@@ -43,18 +46,19 @@ def scistream_scope(client_id: str) -> str:
     return str(ScistreamScopes(client_id).scistream)
 
 
-def expand(text: str) -> str:
-    """What --scope names: a scope ID becomes its S2CS's scope; one full scope string stays as it is."""
+def expand(text: str, name: str = "--scope") -> str:
+    """What --scope names: a scope ID becomes its S2CS's scope; one full scope string stays as it is.
+    `name`: how the caller's user gives the scope (s2uc's --scope, the API's scope), for messages."""
     text = text.strip()
-    takes = (
-        f"--scope takes the scope ID of the S2CS (a UUID, from its operators) or one scope like {_EXAMPLE}"
-    )
+    takes = f"{name} takes the scope ID of the S2CS (a UUID, from its operators) or one scope like {_EXAMPLE}"
     if not text:
         raise ConfigError(f"the scope is empty: {takes}")
     if _ID.fullmatch(text):
         return scistream_scope(text.lower())
     if _LOOKS_LIKE_ID.fullmatch(text):
         raise ConfigError(f"{text!r} is not a scope ID (8-4-4-4-12 hexadecimal digits): {takes}")
+    if _PLACEHOLDER.fullmatch(text):
+        raise ConfigError(f"{text!r} stands for a scope ID, it is none: {takes}")
     try:
         scope = Scope.parse(text)
     except (ScopeParseError, ValueError):

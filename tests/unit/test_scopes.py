@@ -106,3 +106,20 @@ def test_login_at_a_server_refuses_what_it_should_not_bind(auth, named, says):
     with pytest.raises(ConfigError) as caught:
         to_bind(auth, named, "hpc:5000")
     assert says in caught.value.message
+
+
+@pytest.mark.parametrize("text", ["YOUR_SCOPE_ID", "SCOPE_ID", "Scope"])
+def test_the_docs_placeholder_is_not_taken_for_a_scope(text):
+    """README's `s2uc login --scope YOUR_SCOPE_ID`, copied as it is: no Globus address is built."""
+    with pytest.raises(ConfigError) as caught:
+        expand(text)
+    assert caught.value.message == (
+        f"{text!r} stands for a scope ID, it is none: --scope takes the scope ID of the S2CS (a UUID, "
+        "from its operators) or one scope like https://auth.globus.org/scopes/SCOPE_ID/scistream"
+    )
+
+
+def test_the_python_api_names_its_own_parameter():
+    with pytest.raises(ConfigError) as caught:
+        expand("", "scope")
+    assert caught.value.message.startswith("the scope is empty: scope takes the scope ID")
