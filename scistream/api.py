@@ -21,6 +21,7 @@ from types import TracebackType
 
 from .client import replies, transport
 from .client.address import Server, parse_server
+from .client.naming import PYTHON, Names
 from .client.replies import Capabilities, Capability, Inbound, Limit, Limits, Outbound, Released
 from .client.transport import Connection, NoReply
 from .client.trust import trust
@@ -101,24 +102,31 @@ class Client:
     The gateway must present exactly a certificate of `server_cert` that names its host, and, once
     used, the same one as the first time (pinned in servers.json beside the tokens); with
     `accept_new_cert`, a new one of `server_cert` replaces the pinned one (the operator replaced it).
+    `names`: how error messages name these settings; s2uc passes its options' names.
     """
 
     def __init__(
-        self, s2cs: str, server_cert: CertPath, scope: str | None = None, *, accept_new_cert: bool = False
+        self,
+        s2cs: str,
+        server_cert: CertPath,
+        scope: str | None = None,
+        *,
+        accept_new_cert: bool = False,
+        names: Names = PYTHON,
     ) -> None:
         self.server_cert = Path(server_cert)
-        self._server: Server = parse_server(s2cs)
+        self._server: Server = parse_server(s2cs, names)
         named = None
         if scope is not None:
             from .scopes import expand  # loads globus-sdk: only a client given a scope pays
 
-            named = expand(scope)
+            named = expand(scope, names.scope)
         self.scope = named
         from .client.servers import ServerPins
         from .client.tokens import home
 
         pins = ServerPins(home())
-        checked = trust(self.server_cert, pins, accept_new_cert)
+        checked = trust(self.server_cert, pins, accept_new_cert, names)
         self._connection = Connection(self._server, checked, named, self.server_cert)
 
     @property
@@ -247,6 +255,7 @@ def release(
     server_cert: CertPath,
     scope: str | None = None,
     accept_new_cert: bool = False,
+    names: Names = PYTHON,
 ) -> tuple[Outcome, ...]:
     """Release a stream on each gateway of `s2cs`, in that order: one `Outcome` each. Raises only
     for a local mistake (an address, the certificate, the scope), before anything is released."""
@@ -254,7 +263,7 @@ def release(
         s2cs = [s2cs]
     clients: dict[str, Client] = {}
     for text in s2cs:
-        client = Client(text, server_cert, scope, accept_new_cert=accept_new_cert)
+        client = Client(text, server_cert, scope, accept_new_cert=accept_new_cert, names=names)
         clients.setdefault(client.server.lower(), client)  # the same gateway named twice: once
     return release_each(uid, list(clients.values()))
 
@@ -351,6 +360,7 @@ def connect(
     local_ports: Sequence[int] | None = None,
     local_ip: str | None = None,
     accept_new_cert: bool = False,
+    names: Names = PYTHON,
 ) -> Stream:
     """Set up a whole stream: the inbound proxy at the `inbound` S2CS in front of the service at
     `remote_ip`:`receiver_ports`, then the outbound proxy at the `outbound` S2CS with the UID and
@@ -364,8 +374,8 @@ def connect(
     nothing is left half made. The error says so, or, when that release failed too, gives the
     UID to release it by hand.
     """
-    hpc = Client(inbound, server_cert, scope, accept_new_cert=accept_new_cert)
-    instrument = Client(outbound, server_cert, scope, accept_new_cert=accept_new_cert)
+    hpc = Client(inbound, server_cert, scope, accept_new_cert=accept_new_cert, names=names)
+    instrument = Client(outbound, server_cert, scope, accept_new_cert=accept_new_cert, names=names)
     service = _port_list(receiver_ports, "receiver_ports")
     local = None if local_ports is None else _port_list(local_ports, "local_ports")
     _check(remote_ip, service, num_conn, rate, local, local_ip)

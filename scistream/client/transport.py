@@ -47,8 +47,9 @@ def call(server: Server, trust: Trust, op: str, token: str | None = None, **fiel
             line = _read_line(sock)
     except ssl.SSLCertVerificationError as exc:
         raise Unreachable(
-            f"{server} presented a certificate that --server_cert does not vouch for "
-            f"({exc.verify_message}); ask its operator for the right one"
+            f"{server} presented a certificate that {trust.bundle.source} "
+            f"({trust.bundle.names.server_cert}) does not vouch for ({exc.verify_message}); "
+            "ask its operator for the right one"
         ) from None
     except ssl.SSLError as exc:
         raise Unreachable(f"TLS with {server} failed: {exc.reason or exc}") from None
@@ -72,7 +73,8 @@ def call(server: Server, trust: Trust, op: str, token: str | None = None, **fiel
 class Connection:
     """Requests to one S2CS, with a Globus token only where the user said it may go.
 
-    With --scope, the token of that scope goes with every request. Without it, a token goes only
+    With --scope, the token of that scope goes with every request (none when the user is not
+    logged in for it: a gateway without authentication needs none). Without it, a token goes only
     to a server the user logged in at (`s2uc login --s2cs`), the token of the scope that server
     advertised then (servers.py). Else a request goes without one; if the server answers
     UNAUTHENTICATED, the user is told how to log in there, and no token is sent. Either way, only
@@ -94,14 +96,10 @@ class Connection:
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         from .tokens import home, token_for
 
-        token = None
         if self.scope:
-            from ..scopes import login_form
-
+            # Not logged in for it: the request goes without a token all the same, since a gateway
+            # with authentication off needs none (README: the same --scope to every command).
             token = token_for(self.scope)
-            if token is None:
-                hint = f"s2uc login --scope {login_form(self.scope)}"
-                raise Unauthenticated(f"not logged in for {self.scope}: {hint}")
         else:
             from .servers import ServerScopes
 
@@ -112,6 +110,11 @@ class Connection:
         except Unauthenticated as exc:
             if token is not None:
                 raise  # the server's own words: expired, revoked, not its scope
+            if self.scope:
+                from ..scopes import login_form
+
+                hint = f"s2uc login --scope {login_form(self.scope)}"
+                raise Unauthenticated(f"not logged in for {self.scope}: {hint}") from None
             raise self._login_needed(exc) from None
 
     def _login_needed(self, refused: Unauthenticated) -> Unauthenticated:

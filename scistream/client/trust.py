@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, Unreachable
+from .naming import S2UC, Names
 
 TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 _PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 _PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-ACCEPT_NEW = "--accept-new-cert"
 
 
 def fingerprint(der: bytes) -> str:
@@ -41,23 +41,24 @@ class Bundle:
     source: Path
     context: ssl.SSLContext  # trusts them, TLS 1.3 only, and checks the host name
     fingerprints: frozenset[str]
+    names: Names = S2UC  # how messages ask the user for this file
 
     def holds(self, der: bytes) -> bool:
         return fingerprint(der) in self.fingerprints
 
 
-def read_bundle(server_cert: Path) -> Bundle:
+def read_bundle(server_cert: Path, names: Names = S2UC) -> Bundle:
     """The certificate(s) of `server_cert`; ConfigError, in the user's words, when there are none."""
     if not server_cert.is_file():
         raise ConfigError(
-            f"no server certificate at {server_cert}: pass --server_cert with the certificate of the "
-            "S2CS (its operator has it; a generated one is printed by s2cs at start)"
+            f"no server certificate at {server_cert}: {names.give_cert} (its operator has it; "
+            "a generated one is printed by s2cs at start)"
         )
     try:
         data = server_cert.read_bytes()  # read once: what is checked is what is trusted
     except OSError as exc:
         raise ConfigError(f"cannot read {server_cert}: {exc.strerror}") from None
-    ask = "pass --server_cert with the certificate of the S2CS (PEM; its operator has it)"
+    ask = f"{names.give_cert} (PEM; its operator has it)"
     if not data.strip():
         raise ConfigError(f"{server_cert} is empty: {ask}")
     if _PEM_CERT not in data:
@@ -84,7 +85,7 @@ def read_bundle(server_cert: Path) -> Bundle:
     # certificate handed out without its CA could never be trusted at all. What the handshake
     # accepts is then narrowed to the certificates themselves (Trust.check).
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    return Bundle(server_cert, ctx, frozenset(fingerprint(der) for der in ders))
+    return Bundle(server_cert, ctx, frozenset(fingerprint(der) for der in ders), names)
 
 
 def tls_context(server_cert: Path) -> ssl.SSLContext:
@@ -124,7 +125,7 @@ class Trust:
                 f"{server} presented another certificate than the one pinned for it in "
                 f"{self.pins.path} ({_short(pinned)}, now {_short(presented)}); nothing was sent to "
                 f"it. If its operator replaced it and {self.bundle.source} holds the new one, run "
-                f"the command again with {ACCEPT_NEW}"
+                f"the command again with {self.bundle.names.accept_new_cert}"
             )
 
 
@@ -132,5 +133,7 @@ def _short(fp: str) -> str:
     return fp[: len("sha256:") + 16]
 
 
-def trust(server_cert: Path, pins: ServerPins | None = None, accept_new: bool = False) -> Trust:
-    return Trust(read_bundle(server_cert), pins, accept_new)
+def trust(
+    server_cert: Path, pins: ServerPins | None = None, accept_new: bool = False, names: Names = S2UC
+) -> Trust:
+    return Trust(read_bundle(server_cert, names), pins, accept_new)

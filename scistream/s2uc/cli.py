@@ -170,7 +170,9 @@ def _uid(given: str | None, uid_file: Path | None) -> str:
 def _named(uid: str, uid_file: Path | None) -> str:
     """How output names a stream: in full as the user typed it; by its prefix when it came from a
     file, so that output kept in a log does not give the secret away."""
-    return uid if uid_file is None else f"{uid[:8]} (UID in {uid_file})"
+    if uid_file is None:
+        return uid
+    return f"{uid[:8]} (UID from stdin)" if str(uid_file) == "-" else f"{uid[:8]} (UID in {uid_file})"
 
 
 def _fail(exc: ScistreamError, server: str | None = None) -> NoReturn:
@@ -204,10 +206,11 @@ def _run(
 ) -> None:
     """Run one command against one S2CS; turn its failure into one line and an exit status."""
     from ..api import Client
+    from ..client.naming import S2UC
 
     client: Client | None = None
     try:
-        client = Client(server_text, server_cert, scope, accept_new_cert=accept_new_cert)
+        client = Client(server_text, server_cert, scope, accept_new_cert=accept_new_cert, names=S2UC)
         body(client)
     except ScistreamError as exc:
         _fail(exc, client.server if client is not None else None)
@@ -451,6 +454,7 @@ def release(
     is that of the first server that failed, 0 when there is none.
     """
     from .. import api
+    from ..client.naming import S2UC
 
     try:
         stream = _uid(uid, uid_file)
@@ -460,6 +464,7 @@ def release(
             server_cert=server_cert,
             scope=scope,
             accept_new_cert=accept_new_cert,
+            names=S2UC,
         )
     except ScistreamError as exc:
         _fail(exc)
@@ -604,6 +609,7 @@ def connect(
     When the outbound side fails, the inbound side is released again: nothing is left half made.
     """
     from .. import api
+    from ..client.naming import S2UC
     from ..client.uids import UidFile
 
     service, local = receiver_ports or Ports(), local_port
@@ -622,6 +628,7 @@ def connect(
                 local_ports=local,
                 local_ip=local_ip,
                 accept_new_cert=accept_new_cert,
+                names=S2UC,
             )
         except BaseException:
             if target is not None:
@@ -883,9 +890,10 @@ def login(
 
 def _scope_of(server: Server, server_cert: Path, named: str | None, accept_new_cert: bool) -> str:
     from ..api import Client
+    from ..client.naming import S2UC
     from ..scopes import to_bind
 
-    auth = Client(str(server), server_cert, accept_new_cert=accept_new_cert).info().auth
+    auth = Client(str(server), server_cert, accept_new_cert=accept_new_cert, names=S2UC).info().auth
     return to_bind({"enabled": auth.enabled, "scope": auth.scope}, named, str(server))
 
 

@@ -413,7 +413,7 @@ def test_what_either_side_would_refuse_is_refused_before_anything_is_asked(gatew
 
 
 def test_a_client_with_a_bad_address_or_no_certificate_fails_before_any_request(gateways, tmp_path):
-    with pytest.raises(ConfigError, match="--s2cs must look like HOST:PORT"):
+    with pytest.raises(ConfigError, match="the S2CS address must look like HOST:PORT"):
         scistream.Client("hpc:port", tmp_path / "x.crt")
     with pytest.raises(ConfigError, match="no server certificate at"):
         scistream.Client(HPC, tmp_path / "x.crt")
@@ -560,3 +560,23 @@ def test_s2uc_connect_with_a_failing_outbound_side_exits_with_its_status(gateway
     )
     assert not uid_file.exists() and list(tmp_path.glob(".stream.uid.*")) == []
     assert gateways.sessions[HPC] == {}
+
+
+def test_the_python_apis_errors_name_its_parameters_not_the_options_of_s2uc(gateways, tmp_path, cert):
+    with pytest.raises(ConfigError) as caught:
+        scistream.Client("hpc:port", cert)
+    assert caught.value.message == "the S2CS address must look like HOST:PORT or [IPV6]:PORT, not 'hpc:port'"
+    with pytest.raises(ConfigError) as caught:
+        scistream.connect(
+            inbound=HPC, outbound="inst:x", remote_ip="10.0.1.5", receiver_ports=[5001], server_cert=cert
+        )
+    assert caught.value.message.startswith("the S2CS address must look like HOST:PORT")
+    with pytest.raises(ConfigError) as caught:
+        scistream.Client(HPC, tmp_path / "x.crt")
+    assert "pass server_cert the certificate of the S2CS" in caught.value.message
+    with pytest.raises(ConfigError) as caught:
+        scistream.Client(HPC, cert, scope="YOUR_SCOPE_ID")
+    assert "scope takes the scope ID" in caught.value.message
+    for message in (caught.value.message,):
+        assert "--" not in message
+    assert gateways.calls == []

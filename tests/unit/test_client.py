@@ -329,3 +329,53 @@ def test_a_server_keeps_the_certificate_it_first_presented(tmp_path):
         with pytest.raises(Unreachable, match="presented a certificate that is not in"):
             checker.check(hpc, _der_of(stranger))
     assert pins.pinned(hpc) == fingerprint(_der_of(second))
+
+
+def test_a_scope_given_to_a_gateway_without_authentication_needs_no_login(monkeypatch, tmp_path):
+    """README: pass the same --scope to every command. A gateway with authentication off needs no
+    token: the request goes without one, and only a gateway that wants one gets the login hint."""
+    import scistream.client.tokens as tokens
+    import scistream.client.transport as transport
+    from scistream.client.transport import Connection
+    from scistream.errors import Unauthenticated
+
+    monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path))
+    monkeypatch.setattr(tokens, "token_for", lambda scope: None)  # not logged in for it
+    sent: list[str | None] = []
+
+    def open_gateway(server, trust, op, token=None, **fields):
+        sent.append(token)
+        return {"streams": []}
+
+    monkeypatch.setattr(transport, "call", open_gateway)
+    hpc = Server("hpc.facility.org", 5000)
+    assert Connection(hpc, ssl.create_default_context(), HPC_SCOPE).call("status") == {"streams": []}
+    assert sent == [None]
+
+    secured = _Gateway(HPC_SCOPE)
+    monkeypatch.setattr(transport, "call", secured)
+    with pytest.raises(Unauthenticated) as caught:
+        Connection(hpc, ssl.create_default_context(), HPC_SCOPE).call("status")
+    assert caught.value.message == (
+        f"not logged in for {HPC_SCOPE}: s2uc login --scope 3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
+    )
+    assert secured.tokens == [None]
+
+
+def test_a_certificate_that_does_not_vouch_for_the_server_names_the_file(tmp_path):
+    """Run from another directory, ./server.crt is not the gateway's: the error names the file."""
+    from scistream.client.address import Server as At
+    from scistream.client.transport import call
+    from scistream.client.trust import trust
+    from scistream.errors import Unreachable
+
+    listener, _ = _tls_server(tmp_path, "hpc")
+    _tls_server(tmp_path, "other")
+    try:
+        with pytest.raises(Unreachable) as caught:
+            call(At("127.0.0.1", listener.getsockname()[1]), trust(tmp_path / "other.crt"), "info")
+    finally:
+        listener.close()
+    assert f"certificate that {tmp_path / 'other.crt'} (--server_cert) does not vouch for" in (
+        caught.value.message
+    )

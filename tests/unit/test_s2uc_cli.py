@@ -198,7 +198,7 @@ def test_an_unknown_command_or_option_is_a_usage_error(capsys):
 def test_release_takes_s2cs_twice(capsys, monkeypatch, tmp_path):
     asked = {}
 
-    def release(uid, *, s2cs, server_cert, scope=None, accept_new_cert=False):
+    def release(uid, *, s2cs, server_cert, scope=None, accept_new_cert=False, names=None):
         asked.update(
             uid=uid, s2cs=s2cs, server_cert=server_cert, scope=scope, accept_new_cert=accept_new_cert
         )
@@ -235,7 +235,7 @@ def test_release_takes_s2cs_twice(capsys, monkeypatch, tmp_path):
 def test_release_asks_localhost_without_s2cs(capsys, monkeypatch):
     asked = {}
 
-    def release(uid, *, s2cs, server_cert, scope=None, accept_new_cert=False):
+    def release(uid, *, s2cs, server_cert, scope=None, accept_new_cert=False, names=None):
         asked.update(s2cs=s2cs, server_cert=server_cert)
         return (api.Outcome("localhost:5000", released=Released("localhost:5000", uid, ("inbound",), {})),)
 
@@ -353,3 +353,10 @@ def test_a_request_loads_no_server_data_plane_cryptography_or_globus_sdk(tmp_pat
     *summary, loaded = done.stdout.splitlines()
     assert summary[0] == f"UID: {UID}", done.stderr
     assert json.loads(loaded) == {"status": 0, "heavy": []}
+
+
+def test_a_uid_read_from_standard_input_is_said_to_come_from_there():
+    from scistream.s2uc.cli import _named
+
+    assert _named(UID, Path("-")) == f"{UID[:8]} (UID from stdin)"
+    assert _named(UID, Path("uid.txt")) == f"{UID[:8]} (UID in uid.txt)"
