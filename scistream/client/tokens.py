@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, Unauthenticated, Unreachable
+from ..globus import retry_config, unreachable
 
 TYPE_CHECKING = False  # typing's, without importing typing: nothing here needs it to run
 if TYPE_CHECKING:
@@ -77,13 +78,19 @@ class TokenStore:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = directory / "tokens.json"
         self._storage = JSONTokenStorage(self.path, namespace="s2uc")
-        self._client = globus_sdk.NativeAppAuthClient(client_id(), app_name="SciStream s2uc")
-        self._errors = (globus_sdk.GlobusAPIError, globus_sdk.NetworkError)
+        self._client = globus_sdk.NativeAppAuthClient(
+            client_id(), app_name="SciStream s2uc", retry_config=retry_config()
+        )
+        self._api_error = globus_sdk.GlobusAPIError
+        self._network_error = globus_sdk.NetworkError
 
     def _globus(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except self._errors as exc:
+        except self._network_error as exc:
+            text = unreachable(exc, self._client.base_url)
+            raise Unreachable(f"Globus Auth: {what} failed: {text}") from None
+        except self._api_error as exc:
             text = getattr(exc, "message", None) or str(exc)
             raise Unreachable(f"Globus Auth: {what} failed: {text}") from None
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import Internal, Unauthenticated
+from ..globus import retry_config, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,12 @@ class GlobusAuth:
         self.scope = scope or default_scope(client_id)
         # The login hint names the scope ID, as facilities hand it out and the user guide writes it.
         self._login = f"s2uc login --scope {login_form(self.scope)}"
-        self._client = globus_sdk.ConfidentialAppAuthClient(client_id, client_secret)
+        self._client = globus_sdk.ConfidentialAppAuthClient(
+            client_id, client_secret, retry_config=retry_config()
+        )
+        # Its warning of a failed request ("request done (fail, error)") says less than the line
+        # logged here with the address and the cause, and came before it.
+        logging.getLogger("globus_sdk.transport").setLevel(logging.ERROR)
         self._api_error = globus_sdk.GlobusAPIError
         self._network_error = globus_sdk.NetworkError
         self._cache: dict[str, tuple[float, Identity]] = {}  # sha256(token) -> (valid until, who)
@@ -163,5 +169,8 @@ class GlobusAuth:
             log.error("Globus Auth refused to introspect a token: %s", exc)
             raise Internal("Globus Auth refused this server's credentials; tell its operator") from None
         except self._network_error as exc:
-            log.error("cannot reach Globus Auth: %s", exc)
-            raise Internal("this server cannot reach Globus Auth right now; try again later") from None
+            log.error("cannot check a token: Globus Auth: %s", unreachable(exc, self._client.base_url))
+            raise Internal(
+                "this server cannot reach Globus Auth right now to check your token; try again later, "
+                "or tell its operator if it lasts"
+            ) from None

@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from scistream.client.tokens import NATIVE_CLIENT_ID
 from scistream.loopback import BIN, Sink
 
 from ..globus_standin import GlobusStandIn
-from .conftest import field, s2uc
+from .conftest import field, s2uc, wait_for
 
 S2CS_ID = "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
 S2CS_SECRET = "s2cs-secret-for-tests"
@@ -366,3 +367,47 @@ def test_the_proxies_of_a_secured_s2cs_do_not_inherit_its_client_secret(start_s2
         assert b"SCISTREAM_CLIENT_SECRET" not in environ and S2CS_SECRET.encode() not in environ, pid
         assert b"PATH=" in environ  # what a process needs is still there
     s2uc("release", uid, *at(hpc), env=alice)
+
+
+def test_login_while_globus_auth_cannot_be_reached_names_it_and_the_cause(globus, workdir):
+    """Offline: one line that says which address could not be reached, and why; soon."""
+    env = user_env(globus, workdir, "alice")
+    globus.stop()  # nothing answers there now
+    started = time.monotonic()
+    result = run_login(env, "some-code\n", "--scope", S2CS_ID)
+    took = time.monotonic() - started
+    assert result.returncode == 3, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: Globus Auth: exchanging the code failed: cannot reach {globus.url}")
+    assert "Connection refused" in line
+    assert "ConnectionError" not in line
+    assert took < 8, f"{took:.1f}s: the login retried an address that refuses connections"
+
+
+def test_a_secured_s2cs_that_cannot_reach_globus_auth_says_so_at_once_in_its_own_words(
+    start_s2cs, globus, workdir
+):
+    hpc = secured_s2cs(start_s2cs, globus)
+    env = user_env(globus, workdir, "alice")
+    login(globus, env, "alice")
+    globus.stop()
+    started = time.monotonic()
+    result = s2uc("status", "--scope", S2CS_ID, *at(hpc), env=env, check=False)
+    took = time.monotonic() - started
+    assert result.returncode != 0
+    (line,) = result.stderr.splitlines()
+    assert "this server cannot reach Globus Auth" in line, line
+    assert took < 8, f"{took:.1f}s: s2cs retried an address that refuses connections"
+    said = f"cannot check a token: Globus Auth: cannot reach {globus.url} (Connection refused)"
+    logged = wait_for(lambda: said in hpc.log.read_text() and hpc.log.read_text())
+    before = str(logged).split(said)[0]
+    assert "request done" not in before  # globus-sdk's own line, which says less, is not shown
+
+
+def test_a_scope_given_to_a_gateway_without_authentication_is_no_obstacle(start_s2cs, globus, workdir):
+    """README: pass the same --scope to every command; a gateway with authentication off takes it."""
+    hpc = start_s2cs("hpc")
+    env = user_env(globus, workdir, "alice")  # never logged in
+    result = s2uc("status", "--scope", S2CS_ID, *at(hpc), env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("No streams on ")

@@ -3,7 +3,7 @@
     tools (scistream.cli, demo, compose_demo, loopback): may use every layer
     s2uc (the CLI) -> scistream.api -> scistream.client (the client library) -> shared
     s2cs (the control server) -> s2ds (the data plane)                      -> shared
-    shared: protocol, errors, scopes, credentials
+    shared: protocol, errors, scopes, globus, credentials
     the package (scistream/__init__.py: __version__, and the API loaded at its first use): by all
 
 Read from the source with ast, so every import counts: at the top of a module, inside a function
@@ -54,7 +54,13 @@ def layer(module: str) -> str:
     parts = module.split(".")
     if module == "scistream":
         return PACKAGE_LAYER
-    if module in ("scistream.protocol", "scistream.errors", "scistream.scopes", "scistream.credentials"):
+    if module in (
+        "scistream.protocol",
+        "scistream.errors",
+        "scistream.scopes",
+        "scistream.globus",
+        "scistream.credentials",
+    ):
         return SHARED
     if parts[1] == "s2uc":
         return "cli"
