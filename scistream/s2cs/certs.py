@@ -1,7 +1,9 @@
 """The control-plane certificate: the operator's, or one generated on first start.
 
-A generated certificate is self-signed for the listener IP, the loopback addresses and this host's
-names, and kept in the state dir so users can be given the same file every time. It is a leaf for
+A generated certificate is self-signed for the listener IP, the loopback addresses, this host's
+names and those the operator adds (--cert-name: an internal address users reach the gateway by),
+and kept in the state dir so users can be given the same file every time; it is made anew when
+it no longer names what it must, or when the --cert-name names change (kept in server.names). It is a leaf for
 TLS servers only (CA:FALSE, digitalSignature, serverAuth): s2uc pins each gateway to exactly its
 own certificate, and a CA in a user's bundle of several gateways' certificates would let this
 gateway's key sign a certificate for another one (as earlier versions generated it; such a pair
@@ -16,6 +18,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -43,10 +46,21 @@ _SERVER_ONLY = x509.KeyUsage(
 )
 
 
-def generate(crt: Path, key: Path, listener_ip: str, *more_ips: str) -> None:
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def generate(crt: Path, key: Path, listener_ip: str, *more_ips: str, extra: Sequence[str] = ()) -> None:
+    """A new pair for the listener IP, `more_ips`, the loopback addresses, this host's names and
+    `extra` (host names and addresses, as --cert-name gives them)."""
     private = ec.generate_private_key(ec.SECP256R1())
-    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
-    ips = {ipaddress.ip_address(ip) for ip in (listener_ip, "127.0.0.1", "::1", *more_ips)}
+    names = {socket.gethostname(), socket.getfqdn(), "localhost", *(n for n in extra if not is_ip(n))}
+    wanted = (listener_ip, "127.0.0.1", "::1", *more_ips, *(n for n in extra if is_ip(n)))
+    ips = {ipaddress.ip_address(ip) for ip in wanted}
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in sorted(names) if n]
     sans += [x509.IPAddress(ip) for ip in sorted(ips, key=str)]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"scistream s2cs {listener_ip}")])
@@ -75,23 +89,45 @@ def generate(crt: Path, key: Path, listener_ip: str, *more_ips: str) -> None:
 
 
 FIRST = "none in the state dir yet"  # why a pair is generated on a gateway's first start
+NAMES_FILE = "server.names"  # the --cert-name names the generated pair was made with, one a line
 
 
 def server_certificate(
-    crt: Path | None, key: Path | None, state_dir: Path, listener_ip: str, *more_ips: str
+    crt: Path | None,
+    key: Path | None,
+    state_dir: Path,
+    listener_ip: str,
+    *more_ips: str,
+    names: Sequence[str] = (),
 ) -> tuple[Path, Path, str | None]:
     """(certificate, key, why it was generated now or None). Both given, or neither (then
-    generated once in state_dir, and again when it no longer fits)."""
+    generated once in state_dir, and again when it no longer fits). `names`: --cert-name's."""
     if crt and key:
         check_pair(crt, key)
         return crt, key, None
     if crt or key:
         raise ConfigError("give both --server-crt and --server-key, or neither to use a generated pair")
-    crt, key = state_dir / "server.crt", state_dir / "server.key"
-    why = _unfit(crt, key, (listener_ip, *more_ips))
+    crt, key, kept = state_dir / "server.crt", state_dir / "server.key", state_dir / NAMES_FILE
+    wanted = sorted(set(names))
+    why = _unfit(crt, key, (listener_ip, *more_ips)) or _renamed(kept, wanted)
     if why is not None:
-        generate(crt, key, listener_ip, *more_ips)
+        generate(crt, key, listener_ip, *more_ips, extra=wanted)
+        kept.write_text("".join(f"{name}\n" for name in wanted), encoding="utf-8")
     return crt, key, why
+
+
+def _renamed(kept: Path, wanted: list[str]) -> str | None:
+    """Why the pair must be made anew for --cert-name: the names it was made with differ."""
+    try:
+        made = sorted(kept.read_text(encoding="utf-8").split())
+    except FileNotFoundError:
+        made = []  # made by an s2cs before --cert-name, or with none
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{kept} could not be read: {exc}"
+    if made == wanted:
+        return None
+    before, now = ", ".join(made) or "nothing", ", ".join(wanted) or "nothing"
+    return f"--cert-name named {before} at its making, now {now}"
 
 
 def _unfit(crt: Path, key: Path, ips: tuple[str, ...]) -> str | None:

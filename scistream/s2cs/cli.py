@@ -25,7 +25,7 @@ from ..errors import ConfigError, ScistreamError
 from ..protocol import DEFAULT_PORT
 from ..s2ds import preflight
 from ..s2ds.backend import Backend
-from ..s2ds.containers import ENGINE_TIMEOUT, DockerRuntime, engine_error
+from ..s2ds.containers import DEFAULT_LIMITS, ENGINE_TIMEOUT, DockerRuntime, engine_error
 from ..s2ds.haproxy import HaproxyBackend
 from ..s2ds.render import default_templates, environment
 from ..s2ds.runtime import ProcessRuntime, Runtime, SpawnFailed
@@ -48,6 +48,7 @@ from .options import (
     AuditLogFile,
     AuthScope,
     BindIp,
+    CertName,
     CheckOnly,
     ClientId,
     ClientSecret,
@@ -80,7 +81,7 @@ from .options import (
     Version,
 )
 from .options import check as check_options
-from .policy import Own, Policy, PolicyFile, build_policy, entry_networks, parse_policy
+from .policy import ContainerLimits, Own, Policy, PolicyFile, build_policy, entry_networks, parse_policy
 from .server import MAX_PER_ADDRESS, ControlServer, server_context
 from .swarm import Swarm, describe, facility_name
 
@@ -207,15 +208,50 @@ def policy_lines(policy: Policy, policy_path: Path | None, audit_log: Path | Non
     if described["quota"]:
         quota = ", ".join(f"{k} {v}" for k, v in described["quota"].items())
         lines.append(f"  per identity at most: {quota}")
-    if "containers" in described:
-        limits = policy.containers
-        shown = [f"memory {limits.memory >> 20} MiB"] if limits.memory else []
-        shown += [f"cpus {limits.cpus:g}"] if limits.cpus else []
-        shown += [f"pids {limits.pids}"] if limits.pids else []
-        lines.append(f"  each proxy's container (--runtime docker) at most: {', '.join(shown)}")
     if audit_log:
         lines.append(f"  audit log {audit_log}")
     return lines
+
+
+def container_lines(limits: ContainerLimits, runtime_name: str) -> list[str]:
+    """What the start-up output says of what each proxy's container may use: the limits in force,
+    the runtime's defaults among them, or that the policy's have no effect with processes."""
+    given = limits.as_dict()
+    if runtime_name not in ("docker", "swarm"):
+        if not given:
+            return []
+        told = ", ".join(f"{k} {v}" for k, v in given.items())
+        return [
+            f"  [containers] of the policy ({told}) applies with --runtime docker or swarm only: not here"
+        ]
+    shown = []
+    for name, value, default in (
+        ("memory", limits.memory, DEFAULT_LIMITS.memory),
+        ("cpus", limits.cpus, DEFAULT_LIMITS.cpus),
+        ("pids", limits.pids, DEFAULT_LIMITS.pids),
+    ):
+        used = default if value is None else value
+        text = "no limit" if not used else f"{int(used) >> 20} MiB" if name == "memory" else f"{used:g}"
+        shown.append(f"{name} {text}{' (default)' if value is None else ''}")
+    return [f"  each proxy's container at most: {', '.join(shown)}"]
+
+
+def login_lines(scope: str) -> list[str]:
+    """How users log in here: s2uc needs the facility's native-app client id (SCISTREAM_CLIENT_ID),
+    which this s2cs names when its operator set it in s2cs's environment too."""
+    import os
+
+    from ..scopes import login_form  # loads globus-sdk, as authentication does
+
+    command = f"s2uc login --scope {login_form(scope)}"
+    native = os.environ.get("SCISTREAM_CLIENT_ID", "").strip()
+    if native:
+        return [f"  users log in with: SCISTREAM_CLIENT_ID={native} {command}"]
+    return [
+        f"  users log in with: {command}",
+        "    with SCISTREAM_CLIENT_ID set to your facility's Globus native-app client id (s2uc has "
+        "none built in): register one, and give users both",
+    ]
 
 
 def run(
@@ -229,6 +265,7 @@ def run(
     image: Image = None,
     server_crt: ServerCrt = None,
     server_key: ServerKey = None,
+    cert_name: CertName = None,
     state_dir: StateDirPath = None,
     templates: Templates = None,
     bind_ip: BindIp = None,
@@ -269,6 +306,7 @@ def run(
         image=image,
         server_crt=server_crt,
         server_key=server_key,
+        cert_names=tuple(cert_name or ()),
         state_dir=state_dir,
         templates=templates,
         bind_ip=bind_ip,
@@ -384,7 +422,12 @@ def serve(options: Options, plan: Plan, gateway: Gateway) -> None:
             if ip and not ipaddress.ip_address(ip).is_unspecified
         ]
         crt, key, generated = server_certificate(
-            options.server_crt, options.server_key, gateway.state.path, plan.settings.listener_ip, *addresses
+            options.server_crt,
+            options.server_key,
+            gateway.state.path,
+            plan.settings.listener_ip,
+            *addresses,
+            names=options.cert_names,
         )
         context = server_context(str(crt), str(key))
         if metrics is not None:
@@ -470,14 +513,15 @@ def banner(
         say(line)
     for line in policy_lines(gateway.policy, options.policy_path, options.audit_log):
         say(line)
+    for line in container_lines(gateway.policy.containers, options.runtime_name):
+        say(line)
     if exporter is not None:
         say(f"  metrics on {exporter.url}")
     if gateway.auth.enabled:
-        from ..scopes import login_form  # loads globus-sdk, as authentication does
-
         say(f"  authentication ON: Globus tokens with scope {gateway.auth.scope}")
         if gateway.auth.scope is not None:
-            say(f"  users log in with: s2uc login --scope {login_form(gateway.auth.scope)}")
+            for line in login_lines(gateway.auth.scope):
+                say(line)
     else:
         say(
             "  WARNING: authentication is OFF: anyone who can reach this port can create and release "

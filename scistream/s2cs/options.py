@@ -10,6 +10,7 @@ them from that signature.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +21,7 @@ from .. import __version__
 from ..errors import ConfigError
 from ..protocol import DEFAULT_PORT, hostport, parse_ip
 from . import logs
-from .certs import check_pair
+from .certs import check_pair, is_ip
 from .gateway import Settings, told_addresses
 from .policy import Own
 from .ports import parse_range
@@ -116,6 +117,16 @@ ServerCrt = Annotated[
     Path | None,
     typer.Option(
         "--server-crt", "--server_crt", help="Control-plane TLS certificate (PEM). Generated when absent."
+    ),
+]
+CertName = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--cert-name",
+        metavar="HOST_OR_IP",
+        help="One more host name or address the generated certificate names, for users who reach "
+        "this gateway by it (an internal address). Repeatable; the certificate is made anew when "
+        "these change.",
     ),
 ]
 ServerKey = Annotated[
@@ -339,6 +350,7 @@ class Options:
     image: str | None = None
     server_crt: Path | None = None
     server_key: Path | None = None
+    cert_names: tuple[str, ...] = ()  # --cert-name
     state_dir: Path | None = None
     templates: Path | None = None
     bind_ip: str | None = None
@@ -405,6 +417,8 @@ def check(options: Options) -> Plan:
     if options.metrics_port is not None:
         metrics = (parse_ip(options.metrics_address, "--metrics-address"), options.metrics_port)
     _check_runtime(options)
+    for name in options.cert_names:
+        _check_cert_name(name)
     if not options.check_only:
         _check_start(options)
     # Its interfaces' addresses are read again for every request (Gateway.addresses).
@@ -412,6 +426,16 @@ def check(options: Options) -> Plan:
         told_addresses(listener_ip, bind, control), options.port, settings.port_range, options.metrics_port
     )
     return Plan(settings, control, own, metrics, options.port)
+
+
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def _check_cert_name(name: str) -> None:
+    if not (is_ip(name) or _HOST_NAME.fullmatch(name)):
+        raise ConfigError(f"--cert-name {name!r} is neither an IP address nor a host name")
 
 
 def _check_runtime(options: Options) -> None:
@@ -432,6 +456,11 @@ def _check_start(options: Options) -> None:
     if bool(options.client_id) != bool(options.client_secret):
         raise ConfigError("authentication needs both --client-id and --client-secret")
     crt, key = options.server_crt, options.server_key
+    if options.cert_names and (crt or key):
+        raise ConfigError(
+            "--cert-name names addresses in the generated certificate; with --server-crt, your own "
+            "certificate must name them"
+        )
     if crt and key:
         check_pair(crt, key)
     elif crt or key:

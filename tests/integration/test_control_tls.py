@@ -237,3 +237,24 @@ def test_the_control_port_speaks_tls_1_3_only(start_s2cs):
         assert tls.version() == "TLSv1.3"
         tls.sendall(b'{"v": 1, "op": "info", "token": null}\n')
         assert json.loads(tls.recv(65536))["ok"] is True
+
+
+def test_a_user_who_reaches_the_gateway_by_another_address_gets_it_named_with_cert_name(start_s2cs, workdir):
+    """Inside the facility, users reach the gateway by an internal address that the generated
+    certificate does not name: 'IP address mismatch', until the operator names it."""
+    env = {"SCISTREAM_HOME": str(workdir / "user")}
+    hpc = start_s2cs("hpc")
+    internal = f"127.0.0.2:{hpc.port}"  # the control port listens on every address, loopback's too
+    refused = s2uc("info", "--s2cs", internal, "--server_cert", str(hpc.cert), env=env, check=False)
+    assert refused.returncode == 3, refused.stderr
+    assert "IP address mismatch" in refused.stderr
+    assert "(--server_cert) does not vouch for" in refused.stderr
+
+    hpc.stop()
+    hpc.extra = (*hpc.extra, "--cert-name", "127.0.0.2", "--cert-name", "dtn.internal.example.org")
+    hpc.start()
+    said = "generated that certificate anew (--cert-name named nothing at its making, now 127.0.0.2, "
+    assert said in hpc.log.read_text()
+    shutil.copy(hpc.cert, workdir / "hpc.crt")
+    found = s2uc("info", "--s2cs", internal, "--server_cert", str(workdir / "hpc.crt"), env=env)
+    assert found.stdout.startswith(f"{internal}: s2cs ")

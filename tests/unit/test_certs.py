@@ -106,3 +106,43 @@ def test_a_generated_ca_certificate_of_an_earlier_s2cs_is_replaced_by_a_leaf(tmp
     check_pair(crt, key)
     # and a leaf it made is kept from then on: users keep the file they were given
     assert server_certificate(None, None, tmp_path, "127.0.0.1") == (crt, key, None)
+
+
+# --- --cert-name: the addresses and names users inside the facility reach the gateway by ---------
+
+
+def _sans(crt: Path) -> set[str]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in sans.get_values_for_type(x509.IPAddress)} | set(
+        sans.get_values_for_type(x509.DNSName)
+    )
+
+
+def test_the_names_given_with_cert_name_are_in_the_generated_certificate(tmp_path):
+    crt, key, generated = server_certificate(
+        None, None, tmp_path, "203.0.113.7", names=("10.20.0.5", "dtn.internal.example.org")
+    )
+    assert generated
+    assert {"203.0.113.7", "10.20.0.5", "dtn.internal.example.org", "127.0.0.1"} <= _sans(crt)
+    check_pair(crt, key)
+    again = server_certificate(
+        None, None, tmp_path, "203.0.113.7", names=("dtn.internal.example.org", "10.20.0.5")
+    )
+    assert again[2] is None  # the same names, in any order: the same certificate for users
+
+
+def test_a_certificate_is_made_anew_when_the_names_change_and_says_which(tmp_path):
+    crt, _, _ = server_certificate(None, None, tmp_path, "203.0.113.7", names=("10.20.0.5",))
+    first = crt.read_bytes()
+    crt, _, why = server_certificate(
+        None, None, tmp_path, "203.0.113.7", names=("10.20.0.5", "dtn.example.org")
+    )
+    assert why == "--cert-name named 10.20.0.5 at its making, now 10.20.0.5, dtn.example.org"
+    assert crt.read_bytes() != first and "dtn.example.org" in _sans(crt)
+    crt, _, why = server_certificate(None, None, tmp_path, "203.0.113.7")
+    assert why == "--cert-name named 10.20.0.5, dtn.example.org at its making, now nothing"
+    assert "dtn.example.org" not in _sans(crt)
+    assert server_certificate(None, None, tmp_path, "203.0.113.7")[2] is None

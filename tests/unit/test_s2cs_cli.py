@@ -89,3 +89,67 @@ def test_check_warns_that_readiness_falls_back_to_psutil_without_netlink(short_d
     assert line.split(None, 2)[2].startswith(
         "psutil (netlink unavailable: Operation not permitted), slower with many streams; fix: "
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (
+            ["--cert-name", "not a name"],
+            "error: --cert-name 'not a name' is neither an IP address nor a host name",
+        ),
+        (
+            ["--cert-name", "10.0.0.1", "--server-crt", "a.crt", "--server-key", "a.key"],
+            "error: --cert-name names addresses in the generated certificate; with --server-crt, "
+            "your own certificate must name them",
+        ),
+    ],
+)
+def test_a_cert_name_that_cannot_be_used_is_refused_in_one_line(options, said, short_dir, capsys):
+    state = short_dir / "state"
+    status, err = start([*options, "--port", str(free_port()), "--state-dir", str(state)], capsys)
+    assert status == 2, err
+    assert err.strip() == said
+    assert not state.exists()
+
+
+def _login_lines(monkeypatch, client_id: str | None) -> list[str]:
+    from scistream.s2cs import cli
+
+    if client_id is None:
+        monkeypatch.delenv("SCISTREAM_CLIENT_ID", raising=False)
+    else:
+        monkeypatch.setenv("SCISTREAM_CLIENT_ID", client_id)
+    return cli.login_lines("https://auth.globus.org/scopes/3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d/scistream")
+
+
+def test_the_login_hint_says_that_users_need_scistream_client_id(monkeypatch):
+    assert _login_lines(monkeypatch, None) == [
+        "  users log in with: s2uc login --scope 3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d",
+        "    with SCISTREAM_CLIENT_ID set to your facility's Globus native-app client id (s2uc "
+        "has none built in): register one, and give users both",
+    ]
+
+
+def test_the_container_limits_line_shows_the_defaults_in_force():
+    from scistream.s2cs.cli import container_lines
+    from scistream.s2cs.policy import ContainerLimits
+
+    assert container_lines(ContainerLimits(), "docker") == [
+        "  each proxy's container at most: memory 1024 MiB (default), cpus 2 (default), pids 1024 (default)"
+    ]
+    assert container_lines(ContainerLimits(memory=256 << 20, pids=0), "swarm") == [
+        "  each proxy's container at most: memory 256 MiB, cpus 2 (default), pids no limit"
+    ]
+    assert container_lines(ContainerLimits(), "process") == []
+    assert container_lines(ContainerLimits(cpus=1.5), "process") == [
+        "  [containers] of the policy (cpus 1.5) applies with --runtime docker or swarm only: not here"
+    ]
+
+
+def test_the_login_hint_names_the_client_id_when_the_operator_set_it_for_s2cs_too(monkeypatch):
+    native = "7d9e0f1a-2b3c-4d5e-8f60-718293a4b5c6"
+    assert _login_lines(monkeypatch, native) == [
+        f"  users log in with: SCISTREAM_CLIENT_ID={native} s2uc login --scope "
+        "3a1b6c2d-0e4f-4a5b-8c7d-9e0f1a2b3c4d"
+    ]
