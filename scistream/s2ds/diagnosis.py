@@ -14,6 +14,8 @@ The lines it knows, as seen from HAProxy 2.6 and 2.8 and stunnel 5.68 (templates
           verify failed"   (one line)
     HAProxy, a client's failed handshake (error-log-format; 2.8's default has the reason in brackets):
       127.0.0.1:57682 [02/Dec/2026:14:12:00.919] inbound~ 127.0.0.1:27766: SSL handshake failure tls="..."
+      127.0.0.1:41180 [07/Dec/2026:05:45:47.607] inbound~ 127.0.0.1:20099: SSL client certificate not
+          trusted tls="error:0A000086:SSL routines::certificate verify failed"   (one line)
     stunnel (debug = notice):
       2026.12.02 14:13:23 LOG3[0]: SSL_accept: ...: error:0A000418:SSL routines::tlsv1 alert unknown ca
       2026.12.02 14:13:16 LOG3[0]: s_connect: connect 127.0.0.1:55821: Connection refused (111)
@@ -155,6 +157,15 @@ _STUNNEL_CONNECT = re.compile(
     r"(?:s_connect|connect_blocking): (?:connect|s_poll_wait) (?P<address>\S+): (?P<reason>.*)"
 )
 _SHAPER_CONNECT = re.compile(r"cannot connect to (?P<address>\S+): (?P<reason>.*)")
+# HAProxy's words for a client's handshake that failed for what the client sent (fc_err_str; its
+# connection error strings, src/connection.c): a refused handshake, or a certificate it does not
+# trust. "Connection closed during SSL handshake" is not among them: a client gone before its
+# handshake (a port scan) is no failure of the stream.
+_HAPROXY_REFUSED_CLIENT = (
+    "SSL handshake failure",
+    "SSL client certificate not trusted",
+    "SSL client CA chain cannot be verified",
+)
 # Clients that spoke something else than TLS (OpenSSL's words): plain data, HTTP.
 _NOT_TLS = ("wrong version number", "http request", "https proxy request", "unknown protocol")
 
@@ -207,8 +218,8 @@ def _haproxy(line: str, role: str, targets: Sequence[str]) -> Event | None:
         kind = _connect_kind(role, "timeout" if ts[0] == "s" else "refused")
         return Event(kind, address, when) if kind else None
     if m := _HAPROXY_CLIENT_ERROR.fullmatch(line):
-        if "SSL handshake failure" not in m["text"]:
-            return None  # a client gone before its handshake (a port scan) is no failure of the stream
+        if not any(words in m["text"] for words in _HAPROXY_REFUSED_CLIENT):
+            return None
         return Event(_handshake_kind(m["text"]), _host(m["client"]), haproxy_time(m["time"]))
     return None
 

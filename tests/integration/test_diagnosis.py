@@ -117,3 +117,40 @@ def test_the_owner_sees_the_proxies_log_lines_and_no_key(start_s2cs):
     assert "failed:" not in listing and "log, last" not in listing
     refused = s2uc("status", "--log", "--s2cs", hpc.address, "--server_cert", str(hpc.cert), check=False)
     assert refused.returncode != 0 and "give its UID" in refused.stderr
+
+
+def _foreign_client(port: int, workdir) -> None:
+    """A client that presents another stream's certificate and takes any server's: the inbound
+    proxy is the one to refuse it, for its certificate (HAProxy: "SSL client certificate not
+    trusted"; stunnel: "certificate verify failed")."""
+    import ssl
+
+    other = stream_credentials(str(uuid.uuid4()))
+    (workdir / "foreign.crt").write_bytes(other.cert_pem)
+    (workdir / "foreign.key").write_bytes(other.key_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # it trusts the proxy; the proxy must not trust it
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(workdir / "foreign.crt", workdir / "foreign.key")
+    with (
+        contextlib.suppress(OSError),
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        tls.settimeout(30)
+        tls.sendall(b"scan 0001")
+        tls.recv(100)  # TLS 1.3: the refusal of the client's certificate comes after its Finished
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_client_with_a_foreign_certificate_counts_as_a_refused_handshake(start_s2cs, workdir, backend):
+    hpc = start_s2cs("hpc", backend=backend)
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port])["uid"]
+    listener = hpc.call("status", uid=uid)["streams"][0]["listeners"][0]
+    _foreign_client(port_of(listener), workdir)
+
+    said = shows(hpc, uid, HANDSHAKE)
+    assert "failed: the peer at 127.0.0.1 did not present this stream's certificate" in said
+    assert sink.connections == 0

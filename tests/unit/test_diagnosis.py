@@ -229,3 +229,18 @@ def test_merged_tallies_of_a_session_s_processes_add_up() -> None:
     assert both.by_kind() == {SERVICE_REFUSED: 2, HANDSHAKE: 1}
     assert both.failures()[0].last == 9.0
     assert merge([]).failures() == []
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "SSL client certificate not trusted",  # HAProxy 2.8, a client's certificate of another stream
+        "SSL client CA chain cannot be verified",
+    ],
+)
+def test_a_client_certificate_haproxy_does_not_trust_is_a_refused_handshake(reason) -> None:
+    line = (
+        f"127.0.0.1:41180 [07/Dec/2026:05:45:47.607] inbound~ 127.0.0.1:20099: {reason} "
+        'tls="error:0A000086:SSL routines::certificate verify failed"'
+    )
+    assert kinds([line], "inbound") == [(HANDSHAKE, "127.0.0.1")]
