@@ -110,6 +110,7 @@ class Policy:
     never: tuple[str, ...]
     identities: str  # "any" or "listed"
     quota: Quota
+    sources: tuple[str, ...] = ()  # who may send to a plain entry; () from an s2cs before entries
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Info:
     backend: Backend
     auth: Auth
     listener_ip: str
+    entry_ips: tuple[str, ...]  # where outbound proxies listen; () from an s2cs before entries
     port_range: str
     free_ports: int
     streams: int
@@ -186,6 +188,7 @@ def info(server: str, reply: Mapping[str, Any]) -> Info:
         ),
         auth=Auth(auth.flag("enabled"), auth.maybe_text("scope")),
         listener_ip=read.text("listener_ip"),
+        entry_ips=read.texts("entry_ips", required=False),
         port_range=read.text("port_range"),
         free_ports=read.integer("free_ports"),
         streams=read.integer("streams"),
@@ -207,4 +210,5 @@ def _policy(read: _Reader) -> Policy:
             quota.maybe_integer("max_rate"),
             quota.maybe_integer("max_num_conn"),
         ),
+        sources=read.texts("sources", required=False),
     )

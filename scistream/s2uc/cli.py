@@ -816,6 +816,14 @@ def info(
                 here += f" --server_cert {_quoted(server_cert)}"
             typer.echo(f"  login      {here} (or --scope {login_form(auth.scope)})")
         typer.echo(f"  ports      {found.port_range} ({found.free_ports} free), {found.streams} stream(s)")
+        if found.entry_ips:  # s2cs before plain entries sends none
+            entries = ", ".join(found.entry_ips)
+            typer.echo(
+                f"  entries    {entries} (where outbound proxies listen: outbound_request --remote_ip)"
+            )
+        if found.policy is not None and found.policy.sources:
+            sources = ", ".join(found.policy.sources)
+            typer.echo(f"  sources    {sources} (the hosts that may send to an entry)")
         if found.policy is not None:  # s2cs before the target policy sends none
             for line in _policy_lines(found.policy):
                 typer.echo(line)

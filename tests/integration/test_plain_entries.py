@@ -219,3 +219,11 @@ def test_s2cs_check_names_an_entry_ip_that_is_not_an_address_of_this_host(networ
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "--entry-ip 192.0.2.10 is not an address of this host" in result.stdout
+
+
+def test_info_tells_users_where_instruments_send_and_from_which_networks(start_s2cs):
+    inst = start_s2cs("inst", "--entry-ip", "127.0.0.1", "--allow-sources", "127.0.0.0/8")
+    out = s2uc("info", "--s2cs", inst.address, "--server_cert", str(inst.cert)).stdout
+    lines = out.splitlines()
+    assert "  entries    127.0.0.1 (where outbound proxies listen: outbound_request --remote_ip)" in lines
+    assert "  sources    127.0.0.0/8 (the hosts that may send to an entry)" in lines

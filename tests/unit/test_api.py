@@ -248,6 +248,30 @@ def test_info_reads_the_policy_and_an_older_gateway_without_one():
     assert found.policy is not None and found.policy.peers is None
     assert found.policy.quota.items() == [("max_streams", 2), ("max_num_conn", 8)]
     assert reports.info(HPC, {**reply, "policy": None}).policy is None
+    assert found.entry_ips == () and found.policy.sources == ()  # an s2cs before plain entries
+
+
+def test_info_reads_where_outbound_proxies_listen_and_for_whom():
+    reply = {
+        "ok": True,
+        "version": "0.1.0",
+        "protocol": 1,
+        "backend": {
+            "type": "haproxy",
+            "version": "HAProxy 2.8.25",
+            "capabilities": {"num_conn": {"enforced": True}, "rate": {"enforced": True}},
+        },
+        "auth": {"enabled": False, "scope": None},
+        "listener_ip": "198.51.100.20",
+        "entry_ips": ["192.168.2.10", "127.0.0.1"],
+        "port_range": "5100-5200",
+        "free_ports": 101,
+        "streams": 0,
+        "policy": {"targets": [], "never": [], "sources": ["192.168.2.0/24", "127.0.0.0/8"]},
+    }
+    found = reports.info(INST, reply)
+    assert found.entry_ips == ("192.168.2.10", "127.0.0.1")
+    assert found.policy is not None and found.policy.sources == ("192.168.2.0/24", "127.0.0.0/8")
 
 
 # --- the limits of a whole stream ---------------------------------------------------------------
