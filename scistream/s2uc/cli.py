@@ -298,10 +298,9 @@ def inbound_request(
             )
             if value != default
         )
-        # A user who names this gateway's certificate keeps certificates apart from the working
-        # directory: the other side's default, ./server.crt, would then not be there either.
-        if server_cert != DEFAULT_CERT:
-            extra = f" --server_cert INSTRUMENT_CERT{extra}"
+        # The instrument side talks to another gateway, with another certificate: whatever this
+        # side's was called, ./server.crt there is not this gateway's, nor necessarily its own.
+        extra = f" --server_cert INSTRUMENT_CERT{extra}"
         handed = uid if uid_file is None else f"--uid-file {_quoted(uid_file)}"
         typer.echo("On the instrument side, run:")
         typer.echo(

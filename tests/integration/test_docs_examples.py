@@ -351,7 +351,7 @@ def test_the_protocols_examples(facilities):
 # --- what the docs promise, where the behaviour was wrong for a user ----------------------------
 
 
-def test_the_instrument_side_command_names_a_certificate_when_the_user_gave_one(start_s2cs, workdir):
+def test_the_instrument_side_command_always_names_the_instrument_gateways_certificate(start_s2cs, workdir):
     hpc = start_s2cs("hpc")
     sink = Sink()
     args = ["--s2cs", hpc.address, "--remote_ip", "127.0.0.1", "--receiver_ports", str(sink.port)]
@@ -362,8 +362,9 @@ def test_the_instrument_side_command_names_a_certificate_when_the_user_gave_one(
     )
     assert given.splitlines()[-1] == f"  {command}"
     shutil.copy(hpc.cert, workdir / "server.crt")
-    default = s2uc("inbound_request", *args, cwd=workdir).stdout  # ./server.crt: none to name
-    assert "--server_cert" not in default.splitlines()[-1]
+    # ./server.crt here is the HPC gateway's: the instrument side needs its own gateway's.
+    default = s2uc("inbound_request", *args, cwd=workdir).stdout
+    assert " --server_cert INSTRUMENT_CERT " in default.splitlines()[-1]
 
 
 def test_several_listeners_are_named_as_ports_in_the_summary(start_s2cs):

@@ -26,7 +26,10 @@ def test_user_guide_flow_carries_data_exactly(start_s2cs, workdir, inbound, outb
     args = ["--s2cs", hpc.address, "--remote_ip", "127.0.0.1", "--receiver_ports", str(sink.port)]
     out = s2uc("inbound_request", *args, cwd=workdir).stdout
     uid, listener = field(out, "UID"), field(out, "Listeners")
-    assert f"s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000 {uid} {listener}" in out
+    printed = (
+        f"s2uc outbound_request --s2cs INSTRUMENT_S2CS:5000 --server_cert INSTRUMENT_CERT {uid} {listener}"
+    )
+    assert printed in out
     # 5.5.2, as written, at the instrument's gateway
     (workdir / "server.crt").write_bytes(inst.cert.read_bytes())
     port = inst.port_range[0]
