@@ -156,7 +156,9 @@ class GlobusAuth:
                 token, scope=str(GroupsScopes.view_my_groups_and_memberships)
             )
             groups_token = tokens.by_resource_server[GROUPS_RESOURCE_SERVER]["access_token"]
-            groups = self._groups_client(authorizer=self._authorizer(groups_token))
+            groups = self._groups_client(
+                authorizer=self._authorizer(groups_token), retry_config=retry_config()
+            )
             return frozenset(str(g["id"]).lower() for g in groups.get_my_groups(statuses="active"))
         except (self._api_error, self._network_error, KeyError) as exc:
             log.error("cannot look up the Globus groups of %s: %s", who.name, exc)
