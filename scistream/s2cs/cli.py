@@ -220,7 +220,7 @@ def container_lines(limits: ContainerLimits, runtime_name: str) -> list[str]:
     if runtime_name not in ("docker", "swarm"):
         if not given:
             return []
-        told = ", ".join(f"{k} {v}" for k, v in given.items())
+        told = ", ".join(f"{name} {_container_limit(name, value)}" for name, value in given.items())
         return [
             f"  [containers] of the policy ({told}) applies with --runtime docker or swarm only: not here"
         ]
@@ -230,10 +230,16 @@ def container_lines(limits: ContainerLimits, runtime_name: str) -> list[str]:
         ("cpus", limits.cpus, DEFAULT_LIMITS.cpus),
         ("pids", limits.pids, DEFAULT_LIMITS.pids),
     ):
-        used = default if value is None else value
-        text = "no limit" if not used else f"{int(used) >> 20} MiB" if name == "memory" else f"{used:g}"
-        shown.append(f"{name} {text}{' (default)' if value is None else ''}")
+        used = _container_limit(name, default if value is None else value)
+        shown.append(f"{name} {used}{' (default)' if value is None else ''}")
     return [f"  each proxy's container at most: {', '.join(shown)}"]
+
+
+def _container_limit(name: str, value: float | None) -> str:
+    """`256 MiB`, `1.5`, `no limit` (0 or None, as the engine takes them)."""
+    if not value:
+        return "no limit"
+    return f"{int(value) >> 20} MiB" if name == "memory" else f"{value:g}"
 
 
 def login_lines(scope: str) -> list[str]:

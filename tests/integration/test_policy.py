@@ -642,3 +642,14 @@ def test_s2uc_info_shows_users_where_proxies_may_lead(start_s2cs):
     first, last = hpc.port_range
     assert f"  never      control port {hpc.port}, ports {first}-{last}\n" in out
     assert "  peers      any\n" in out
+
+
+def test_container_limits_given_to_a_gateway_of_processes_are_said_to_do_nothing(start_s2cs, workdir):
+    policy = workdir / "policy.toml"
+    policy.write_text('targets = ["127.0.0.1/32"]\n\n[containers]\nmemory = "256M"\ncpus = 1.5\n')
+    hpc = start_s2cs("hpc", "--policy", str(policy))
+    said = (
+        "  [containers] of the policy (memory 256 MiB, cpus 1.5) applies with --runtime docker or swarm "
+        "only: not here\n"
+    )
+    assert said in hpc.log.read_text()

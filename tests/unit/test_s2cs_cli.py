@@ -142,8 +142,9 @@ def test_the_container_limits_line_shows_the_defaults_in_force():
         "  each proxy's container at most: memory 256 MiB, cpus 2 (default), pids no limit"
     ]
     assert container_lines(ContainerLimits(), "process") == []
-    assert container_lines(ContainerLimits(cpus=1.5), "process") == [
-        "  [containers] of the policy (cpus 1.5) applies with --runtime docker or swarm only: not here"
+    assert container_lines(ContainerLimits(memory=256 << 20, cpus=1.5), "process") == [
+        "  [containers] of the policy (memory 256 MiB, cpus 1.5) applies with --runtime docker or swarm "
+        "only: not here"
     ]
 
 
