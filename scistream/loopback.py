@@ -34,14 +34,35 @@ BIN = Path(sys.executable).parent
 LOOPBACK_TARGETS = "127.0.0.1/32,::1/128"  # every service of the demo, the tests and the bench
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 _taken: set[int] = set()
 _taken_lock = threading.Lock()
+_singles: set[int] = set()
+SINGLES = (10000, 20000)  # free_port's; free_port_range's above, both below the ephemeral ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody holds on `host`, for whoever binds it next. Not one the kernel gives out on
+    its own: a port it chose for a bind to port 0 lies among the ephemeral ports, which any
+    outgoing connection made meanwhile may take (a gateway then failed to start with "Address
+    already in use", on a busy machine). Nor one this process handed out lately."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with _taken_lock:
+        if len(_singles) > (SINGLES[1] - SINGLES[0]) // 2:
+            _singles.clear()  # handed out long ago: bound by now, or given up
+        for _ in range(1000):
+            port = random.randrange(*SINGLES)
+            if port in _singles:
+                continue
+            with socket.socket(family) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            if not port_is_free(port):  # held on another address: a gateway may bind them all
+                continue
+            _singles.add(port)
+            return port
+    raise RuntimeError(f"no free port between {SINGLES[0]} and {SINGLES[1]} on {host}")
 
 
 def free_port_range(count: int, low: int = 20000, high: int = 32000) -> tuple[int, int]:
