@@ -49,18 +49,22 @@ ENTRY_LOOK = 5.0  # seconds between two looks at what the plain entries refused,
 
 
 class _Recording:
-    """The Runtime a session's processes get: each spawn is written to state.json at once, before
-    anything waits for the process. An s2cs that dies while a proxy starts so leaves it recorded,
+    """The Runtime a session's processes get: each spawn is written to state.json before its
+    program runs (Runtime.spawn). An s2cs that dies while a proxy starts so leaves it recorded,
     and the next one finds it by what was recorded, never by its command line."""
 
     def __init__(self, runtime: Runtime, spawned: Callable[[Handle], None]) -> None:
         self._runtime = runtime
         self._spawned = spawned
 
-    def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
-        handle = self._runtime.spawn(argv, cwd, log)
-        self._spawned(handle)
-        return handle
+    def spawn(
+        self, argv: Sequence[str], cwd: Path, log: Path, recorded: Callable[[Handle], None] = lambda _: None
+    ) -> Handle:
+        def record(handle: Handle) -> None:
+            self._spawned(handle)
+            recorded(handle)
+
+        return self._runtime.spawn(argv, cwd, log, record)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runtime, name)  # all else as the Runtime it wraps

@@ -239,7 +239,11 @@ class DockerRuntime:
 
     # --- Runtime -------------------------------------------------------------------------------------
 
-    def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> ContainerHandle:
+    def spawn(
+        self, argv: Sequence[str], cwd: Path, log: Path, recorded: Callable[[Handle], None] = lambda _: None
+    ) -> ContainerHandle:
+        """The container runs before it is recorded: one whose s2cs died in between is found by
+        its labels (sweep), which a process of the host has not."""
         import docker.errors
         from docker.types import LogConfig, Mount
 
@@ -289,6 +293,7 @@ class DockerRuntime:
         pid = int(container.attrs["State"].get("Pid") or 0)
         handle = ContainerHandle(self, container, pid, _create_time(pid))
         handle.follower = self._follow(container, log, since=None)
+        recorded(handle)
         return handle
 
     def _remove_stale(self, client: Any, name: str) -> None:

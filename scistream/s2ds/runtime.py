@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -104,7 +106,12 @@ class Runtime(Protocol):
 
     name: str
 
-    def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle: ...
+    def spawn(
+        self, argv: Sequence[str], cwd: Path, log: Path, recorded: Callable[[Handle], None] = lambda _: None
+    ) -> Handle:
+        """Start `argv`; `recorded` is called with its handle before the program runs (s2cs
+        writes it to state.json there), and the program never runs if that fails."""
+        ...
 
     def adopt(self, pid: int, create_time: float, argv: Sequence[str]) -> Handle | None: ...
 
@@ -139,21 +146,40 @@ def proxy_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in environ.items() if not _SECRET_NAME.search(name)}
 
 
+# A process waits at its start for the go of the s2cs that started it, once that s2cs has recorded
+# it (state.json), and runs its program in place of the wait (same pid and start time, and the
+# command line s2cs recorded). A proxy that ran before it was recorded, its s2cs killed in between,
+# ran on unknown to the next s2cs and kept its port (seen on a busy machine).
+GATE = ("/bin/sh", "-c", 'read go && exec "$@" </dev/null', "scistream-gate")
+
+
+def _runnable(program: str) -> None:
+    """The error Popen raises for a program that cannot be run, before the gate is started."""
+    found = shutil.which(program)
+    if found is None:
+        what = program if os.sep in program else f"{program} (not on PATH)"
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), what)
+
+
 class ProcessRuntime:
     name = "process"
 
-    def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> Handle:
+    def spawn(
+        self, argv: Sequence[str], cwd: Path, log: Path, recorded: Callable[[Handle], None] = lambda _: None
+    ) -> Handle:
         # Append: a restarted proxy's log keeps the lines that explain why it died. And O_APPEND
         # lets the supervisor empty a full log under the running proxy (rotate_log); our copy
         # of the open file is kept to give O_APPEND back if the proxy takes it (keep_appending).
         # Never through a link planted in its place (logfiles.py): s2cs may be root.
+        _runnable(argv[0])  # as Popen would, though the gate below runs it later
         out = append_log(log)  # it lives as long as the process, in its handle
+        gate, go = os.pipe()
         try:
             popen = subprocess.Popen(
-                list(argv),
+                [*GATE, *argv],
                 cwd=cwd,
                 env=proxy_environment(os.environ),
-                stdin=subprocess.DEVNULL,
+                stdin=gate,
                 stdout=out,  # a file, never a pipe: a proxy must not block on its own logging
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group; survives a killed s2cs
@@ -161,12 +187,21 @@ class ProcessRuntime:
             )
         except BaseException:
             out.close()
+            os.close(go)
             raise
+        finally:
+            os.close(gate)
         try:
             create_time = psutil.Process(popen.pid).create_time()
         except psutil.NoSuchProcess:
             create_time = 0.0
-        return ChildHandle(popen, create_time, out)
+        handle = ChildHandle(popen, create_time, out)
+        with open(go, "wb", buffering=0) as gone:
+            # The program runs once the go is written; if this fails, or s2cs dies before, the
+            # gate reads the end of the pipe and exits, and the program never runs.
+            recorded(handle)
+            gone.write(b"go\n")
+        return handle
 
     def keep_appending(self, handle: Handle) -> bool:
         """HAProxy makes its log descriptor non-blocking with its first line, with an F_SETFL

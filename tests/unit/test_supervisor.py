@@ -49,12 +49,19 @@ class FakeSystem:
     signals: list[tuple[int, int, float]] = field(default_factory=list)  # pid, signal, when
     log_appends: bool = True  # whether the processes' log descriptors append (keep_appending)
 
-    def spawn(self, argv: Sequence[str], cwd: Path, log: Path) -> FakeHandle:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        cwd: Path,
+        log: Path,
+        recorded: Callable[[FakeHandle], None] = lambda _: None,
+    ) -> FakeHandle:
         if self.spawn_error is not None:
             raise self.spawn_error
         handle = FakeHandle(4000 + len(self.spawned), self.clock, self.listens_after, self.ignores_sigterm)
         self.spawned.append(handle)
         self.on_spawn(handle, log)
+        recorded(handle)
         return handle
 
     def adopt(self, pid: int, create_time: float, argv: Sequence[str]) -> FakeHandle | None:
