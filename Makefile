@@ -8,7 +8,7 @@ LOWEST       := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
 CONSTRAINTS  := constraints/lowest.txt
 
-.PHONY: setup demo test test-lowest lint format bench soak system-deps bench-deps images compose-demo clean
+.PHONY: setup demo test test-lowest lint format bench soak system-deps bench-deps images compose-demo swarm-bed swarm-bed-down clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,17 @@ images: setup
 # all of it taken down.
 compose-demo: images
 	$(BIN)/python -m scistream.compose_demo
+
+# A facility of several DTNs on this machine (scripts/swarm-bed; root, cgroup v1): SWARM_NODES
+# (3) extra Docker engines, each in network and UTS namespaces of its own, a swarm of 3 managers,
+# the image loaded into each; the container tests (tests/containers/test_nodes.py) make their own.
+# `make swarm-bed-down` takes it all down again, by pid and namespace.
+SWARM_NODES ?= 3
+swarm-bed: images
+	scripts/swarm-bed up $(SWARM_NODES)
+
+swarm-bed-down:
+	scripts/swarm-bed down
 
 # scripts/run-tests: the unit tests, the integration tests (in a private network namespace when
 # root), then the container tests, after it has started the engine and built the images (or one
