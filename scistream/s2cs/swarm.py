@@ -214,6 +214,37 @@ def least_loaded(nodes: Sequence[Node], streams: dict[str, int]) -> list[Node]:
     return sorted(room, key=lambda n: (streams.get(n.id, 0), n.id))
 
 
+def node_name(node: dict[str, Any]) -> str:
+    """A node as an operator knows it: its hostname and address ('dtn3 (192.168.2.13)'). Pure."""
+    spec, status = node.get("Spec", {}), node.get("Status", {})
+    hostname = node.get("Description", {}).get("Hostname") or str(node.get("ID", "?"))[:12]
+    manager = (node.get("ManagerStatus") or {}).get("Addr", "")
+    address = spec.get("Labels", {}).get(ADDRESS) or status.get("Addr") or manager.rpartition(":")[0]
+    return f"{hostname} ({address})" if address else hostname
+
+
+def lost_node(node: dict[str, Any] | None) -> str:
+    """What a stream's owner is told while its node is not ready (down, or gone from the swarm);
+    empty while it is. A stream is pinned to its node (its listeners are that node's, and the
+    partner's proxy has them): it is neither moved nor ended, the swarm starts it there again
+    when the node is back. Pure."""
+    if node is None:
+        return "its node is no longer in the swarm: the stream cannot run again; release it"
+    state = node.get("Status", {}).get("State", "unknown")
+    if state == "ready":
+        return ""
+    return (
+        f"node {node_name(node)} is {state}: the swarm starts this stream again there, at the same "
+        "listeners, when the node is back; release it to end it now"
+    )
+
+
+def other_managers(nodes: Sequence[dict[str, Any]], own: str) -> tuple[str, ...]:
+    """The swarm's managers but this s2cs's own node, as operators know them: where the
+    facility's other s2cs replicas run (the stack runs one on each manager). Pure."""
+    return tuple(node_name(n) for n in nodes if n.get("ManagerStatus") and n.get("ID") != own)
+
+
 def task_state(tasks: Sequence[dict[str, Any]]) -> tuple[str, int, dict[str, Any] | None]:
     """A service's state as a session's (RUNNING, STARTING, BACKOFF, FATAL), the restarts the
     swarm reports (tasks it started again, within its task history), and its newest task. Pure
@@ -365,6 +396,7 @@ class Swarm:
         self._client = client
         self.node_id = ""
         self._uids: dict[str, str] = {}  # uid-hash -> UID of the streams this replica made
+        self._others: tuple[str, ...] = ()  # the other managers, as last listed: named when ours is lost
 
     # --- the swarm -------------------------------------------------------------------------------
 
@@ -379,13 +411,15 @@ class Swarm:
         return self._client
 
     def _engine(self, what: str, exc: Exception) -> ScistreamError:
-        return BackendFailed(f"{what}: {engine_error(exc, self.image)}")
+        return BackendFailed(f"{what}: {self._words(exc)}")
 
     def check(self) -> str:
         """What the swarm is, or ConfigError with why this s2cs cannot use it."""
         summary, self.node_id = describe(
             self.client(), self.image, self.settings.listener_ip, self.inbound_bind
         )
+        with contextlib.suppress(Exception):  # only a better error later: never a reason to stop
+            self._listed()
         return summary
 
     def _labels(self, **more: str) -> dict[str, str]:
@@ -397,9 +431,16 @@ class Swarm:
     def _service_name(self, key: str) -> str:
         return f"scistream-{self.facility}-{key}"
 
+    def _listed(self) -> list[dict[str, Any]]:
+        """The swarm's nodes (their attrs); the other managers noted, to be named should this
+        replica's engine stop answering."""
+        nodes = [n.attrs for n in self.client().nodes.list()]
+        self._others = other_managers(nodes, self.node_id)
+        return nodes
+
     def _nodes(self) -> list[Node]:
         return gateway_nodes(
-            [n.attrs for n in self.client().nodes.list()],
+            self._listed(),
             self.node_id,
             self.settings.listener_ip,
             self.inbound_bind,
@@ -722,6 +763,20 @@ class Swarm:
             stop_grace_period=5 * 10**9,
         )
 
+    def _lost(self, session: Session) -> str:
+        """lost_node's words for the session's node; empty when the swarm cannot say (logged)."""
+        if not session.node:
+            return ""  # a service of an older release, without the label: no node to look at
+        import docker.errors
+
+        try:
+            return lost_node(self.client().nodes.get(session.node).attrs)
+        except docker.errors.NotFound:
+            return lost_node(None)
+        except Exception as exc:
+            log.warning("cannot list the swarm's nodes: %s", self._words(exc))
+            return ""
+
     def _wait_ready(self, session: Session, service: Any) -> None:
         """Until the task listens (its READY line); a first task that fails or is rejected (no
         such image, say) fails the request with the swarm's words, as a first start does."""
@@ -871,7 +926,18 @@ class Swarm:
         return ""
 
     def _words(self, exc: Exception) -> str:
-        return engine_error(exc, self.image)
+        """The engine's words; when it does not answer at all, where the facility's other
+        replicas are (the swarm's other managers, as last listed)."""
+        import docker.errors
+
+        words = engine_error(exc, self.image)
+        unreachable = isinstance(exc, OSError | docker.errors.DockerException)
+        if unreachable and not isinstance(exc, docker.errors.APIError) and self._others:
+            words += (
+                " The facility's other s2cs replicas run on its other managers: "
+                f"{', '.join(self._others)}; use one of them (or the facility's DNS name)"
+            )
+        return words
 
     def _of_uid(self, uid: str) -> list[tuple[Session, Any]]:
         """The sessions of a stream, with their services."""
@@ -910,6 +976,9 @@ class Swarm:
         state, restarts, task = task_state(tasks)
         if state == "RUNNING" and session.node == self.node_id and not self._listening(task, session):
             state = "STARTING"  # its container runs, its proxy does not listen yet
+        lost = self._lost(session)
+        if lost and state in ("RUNNING", "STARTING"):
+            state = "BACKOFF"  # the swarm's word for its task lags: it cannot run on a lost node
         entry: dict[str, Any] = {"state": state, "restarts": restarts}
         if full:
             status = (task or {}).get("Status", {})
@@ -927,6 +996,8 @@ class Swarm:
             why = failure(tasks)
             if unlisted:
                 entry["last_error"] = f"the swarm did not list its tasks: {unlisted}"
+            elif lost:
+                entry["last_error"] = lost
             elif why and state != "RUNNING":
                 entry["last_error"] = f"task: {why}"
             entry["failures"] = []

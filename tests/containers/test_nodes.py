@@ -100,8 +100,13 @@ class Bed:
         assert done.returncode == 0, f"swarm-bed {' '.join(args)}: {done.stderr}"
 
     def node_state(self, index: int, asked: int = 1) -> str:
-        """The node's state as the swarm says it (ready, down), asked of a manager's engine."""
-        return str(self.engine(asked).nodes.get(self.node(index)["node_id"]).attrs["Status"]["State"])
+        """The node's state as the swarm says it (ready, down), asked of a manager's engine; empty
+        while that manager cannot say (no leader yet, say)."""
+        try:
+            node = self.engine(asked).nodes.get(self.node(index)["node_id"])
+        except (docker.errors.DockerException, OSError):
+            return ""
+        return str(node.attrs["Status"]["State"])
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +222,21 @@ def replica(bed: Bed, facility: str, workdir: Path) -> Iterator[Callable[..., Re
     yield run
     for gw in started:
         gw.stop()
+    heal(bed)
     remove_facility(bed, facility)
+
+
+def heal(bed: Bed) -> None:
+    """Every node's engine started again if a test stopped it, and the swarm seeing all ready:
+    the next test gets the whole bed, whatever this one did or where it failed."""
+    for node in bed.state["nodes"]:
+        answers = subprocess.run(
+            ["docker", "-H", node["docker_host"], "info"], capture_output=True, timeout=120
+        )
+        if answers.returncode != 0:
+            bed.run("start", str(node["index"]))
+    for node in bed.state["nodes"]:
+        wait_for(lambda i=node["index"]: bed.node_state(i) == "ready", RETURN_BOUND, f"{node['name']} ready")
 
 
 @pytest.fixture
@@ -364,3 +383,124 @@ def test_a_nodes_max_streams_is_honoured(bed, replica, sink, facility):
             spec = node.attrs["Spec"]
             labels = {k: v for k, v in spec["Labels"].items() if k != "scistream.max-streams"}
             node.update({**spec, "Labels": labels})
+
+
+# --- a DTN lost, and back ------------------------------------------------------------------------
+
+
+def claims(bed: Bed, facility: str) -> list[str]:
+    """The facility's port claims (configs named ...-port-NODE-PORT), as a manager lists them."""
+    return [name for name in objects(bed.engine(1), facility)["configs"] if "-port-" in name]
+
+
+def not_running(gw: S2csProcess, uid: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        found = shown(gw, uid)
+        return found if found["state"] != "RUNNING" else None
+
+    return check
+
+
+def runs_again(gw: S2csProcess, uid: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        found = shown(gw, uid)
+        return found if found["state"] == "RUNNING" else None
+
+    return check
+
+
+def test_a_lost_nodes_stream_waits_for_it_new_ones_go_elsewhere_and_it_resumes_where_it_was(
+    bed, replica, partner, sink, facility
+):
+    one = replica(1)
+    first = inbound(one, bed, sink)
+    lost = bed.by_address(host_of(first["listeners"][0]))
+    port = through(partner, first)
+    assert sent_intact(port, 1 << 20)
+
+    began = time.monotonic()
+    bed.run("kill", str(lost["index"]))  # the DTN is gone: its engine, its tasks, its proxies
+    down = wait_for(not_running(one, first["uid"]), LOSS_BOUND, "the lost node's stream not RUNNING")
+    seen_s = time.monotonic() - began
+    assert isinstance(down, dict)
+    # What the stream's owner reads: which node, that it waits for it, and how to end it now.
+    assert f"node {lost['name']} ({lost['address']}) is down" in down.get("last_error", ""), down
+    assert "release" in down.get("last_error", ""), down
+    second = inbound(one, bed, sink)
+    assert host_of(second["listeners"][0]) not in ("", lost["address"])  # placed on the other one
+    assert sent_intact(through(partner, second), 1 << 20)
+
+    began = time.monotonic()
+    bed.run("start", str(lost["index"]))
+    back = wait_for(runs_again(one, first["uid"]), RETURN_BOUND, "the stream running again on its node")
+    back_s = time.monotonic() - began
+    assert isinstance(back, dict) and back["listeners"] == first["listeners"]  # where the partner has it
+    assert "last_error" not in back or "is down" not in back["last_error"]
+    assert wait_for(lambda: sent_intact(port, 4 << 20), 60, "data through the returned node")
+    made = claims(bed, facility)
+    assert len(made) == len(set(made)) == 2, made  # one port each, none claimed twice
+    print(
+        f"\nnode lost: not RUNNING after {seen_s:.1f}s; back: RUNNING {back_s:.1f}s after its engine started"
+    )
+    for stream in (first, second):
+        one.call("release", uid=stream["uid"])
+    assert objects(bed.engine(1), facility) == NOTHING
+    assert wait_for(lambda: not any(running(bed, facility).values()), 60, "every task ended")
+
+
+def test_a_stream_released_while_its_node_is_lost_is_not_served_when_the_node_returns(
+    bed, replica, partner, sink, facility
+):
+    """The engine alone is killed: its containers go on serving, unseen by the swarm. The user
+    ends the stream meanwhile; when the engine is back, its proxy is stopped, and its port free."""
+    one = replica(1)
+    first = inbound(one, bed, sink)
+    lost = bed.by_address(host_of(first["listeners"][0]))
+    port = through(partner, first)
+    bed.run("stop-engine", str(lost["index"]))
+    wait_for(lambda: bed.node_state(lost["index"]) == "down", LOSS_BOUND, f"{lost['name']} down")
+    assert sent_intact(port, 1 << 20)  # its proxy still serves, as the swarm cannot stop it
+
+    s2uc("release", first["uid"], *on(one))
+    partner.call("release", uid=first["uid"])
+    assert objects(bed.engine(1), facility) == NOTHING  # its claim too: the swarm has ended it
+
+    bed.run("start", str(lost["index"]))
+    wait_for(lambda: bed.node_state(lost["index"]) == "ready", RETURN_BOUND, f"{lost['name']} ready")
+    wait_for(lambda: running(bed, facility).get(lost["index"]) == 0, 60, "the orphaned proxy stopped")
+    ended_port = first["listeners"][0].rpartition(":")[2]
+    listening = subprocess.run(
+        ["ip", "netns", "exec", lost["namespace"], "ss", "-Htln", f"sport = :{ended_port}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert listening.stdout.strip() == ""  # nothing serves the ended stream's port
+    again = inbound(one, bed, sink)  # and the facility places streams there again
+    assert sent_intact(through(partner, again), 1 << 20)
+
+
+# --- a manager lost ------------------------------------------------------------------------------
+
+
+def test_a_lost_manager_leaves_the_facility_working_and_its_replica_names_the_others(
+    bed, replica, partner, sink, facility
+):
+    one, two = replica(1), replica(2)
+    bed.run("stop-engine", "1")  # node 1's engine: its replica runs on without it
+    try:
+        wait_for(lambda: bed.node_state(1, asked=2) == "down", LOSS_BOUND, "node1 down, a new leader")
+        with pytest.raises(ScistreamError) as refused:
+            inbound(one, bed, sink)
+        words = str(refused.value)
+        assert "Docker engine" in words, words
+        for index in (2, 3):
+            assert bed.node(index)["address"] in words, words  # where the other replicas are
+        assert "\n" not in words
+        # Two managers of three keep the quorum: the facility creates, carries and releases.
+        made = inbound(two, bed, sink)
+        assert sent_intact(through(partner, made), 1 << 20)
+        s2uc("release", made["uid"], *on(two))
+        assert "No streams on" in s2uc("status", *on(two)).stdout
+    finally:
+        bed.run("start", "1")
+        wait_for(lambda: bed.node_state(1, asked=2) == "ready", RETURN_BOUND, "node1 ready")
+    assert one.call("status")["streams"] == []  # the replica serves again once its engine does

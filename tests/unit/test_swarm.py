@@ -35,7 +35,9 @@ from scistream.s2cs.swarm import (
     gateway_nodes,
     half_made,
     least_loaded,
+    lost_node,
     node_addresses,
+    other_managers,
     session_key,
     stamp,
 )
@@ -557,3 +559,40 @@ def test_a_swarm_replica_supervises_nothing_and_records_no_stream_on_its_disk(tm
     assert not [t for t in threading.enumerate() if t.name in ("supervisor", "entry-watch")]
     assert not (tmp_path / "state.json").exists()
     assert not hasattr(gateway.site, "supervisor") and not hasattr(gateway.site, "runtime")
+
+
+# --- lost nodes and managers ---------------------------------------------------------------------
+
+
+def named(ident: str, hostname: str, state: str = "ready", manager: str = "", **kw: Any) -> dict[str, Any]:
+    found = node(ident, state=state, **kw)
+    found["Description"] = {"Hostname": hostname}
+    if manager:
+        found["ManagerStatus"] = {"Addr": manager, "Reachability": "reachable"}
+    return found
+
+
+def test_a_stream_on_a_ready_node_has_nothing_to_say_of_its_node():
+    assert lost_node(named("n3", "dtn3", addr="192.168.2.13")) == ""
+
+
+@pytest.mark.parametrize("state", ["down", "unknown", "disconnected"])
+def test_a_stream_on_a_node_not_ready_names_it_says_it_waits_there_and_how_to_end_it(state):
+    words = lost_node(named("n3", "dtn3", state=state, labels={"scistream.address": "203.0.113.13"}))
+    assert words.startswith(f"node dtn3 (203.0.113.13) is {state}: ")  # the users' address of it
+    assert "at the same listeners" in words and "release it" in words
+
+
+def test_a_stream_whose_node_left_the_swarm_cannot_come_back():
+    assert "no longer in the swarm" in lost_node(None) and "release it" in lost_node(None)
+
+
+def test_the_other_managers_are_named_by_hostname_and_address_without_this_node_or_workers():
+    nodes = [
+        named(OWN, "dtn1", manager="192.168.2.11:2377", addr="192.168.2.11"),
+        named("n2", "dtn2", manager="192.168.2.12:2377", addr="192.168.2.12"),
+        named("n3", "dtn3", manager="192.168.2.13:2377"),  # no Status.Addr: its manager address
+        named("n4", "dtn4", addr="192.168.2.14"),  # a worker runs no replica
+    ]
+    nodes[2]["Status"].pop("Addr")
+    assert other_managers(nodes, OWN) == ("dtn2 (192.168.2.12)", "dtn3 (192.168.2.13)")
