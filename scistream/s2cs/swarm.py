@@ -34,6 +34,13 @@ there (`Site`, gateway.py): the rules of a request are the gateway's, as on a ho
   comma-separated) where its outbound proxies' plain entries listen, else `--entry-ip`: an
   outbound request goes to a node where the address it names is one, or is refused.
 
+- **A node lost** (down, as the swarm's heartbeats tell) keeps its streams: a stream's listeners
+  are its node's, and the partner's proxy has them, so it is neither moved nor ended. `status`
+  shows it BACKOFF, naming the node, until the node is back and the swarm has started its task
+  there again (the returning engine kills the task it ran before); a stream released meanwhile is
+  gone from the swarm, and its old task with it when the engine returns. A replica whose own
+  engine stops answering names the swarm's other managers, where the other replicas run.
+
 Not here (docs/scale-out.md says so): byte counts and failure diagnosis in `s2uc status` (they
 are inside the task's container, on another node), and metrics of the streams.
 """
@@ -236,6 +243,24 @@ def lost_node(node: dict[str, Any] | None) -> str:
     return (
         f"node {node_name(node)} is {state}: the swarm starts this stream again there, at the same "
         "listeners, when the node is back; release it to end it now"
+    )
+
+
+def no_gateway(nodes: Sequence[dict[str, Any]]) -> str:
+    """Why no node can take a stream, for the operator: none labelled, or those labelled not
+    ready (each named, with its state). Pure."""
+    labelled = [n for n in nodes if n.get("Spec", {}).get("Labels", {}).get(GATEWAY_NODE) == "true"]
+    if not labelled:
+        how = f"docker node update --label-add {GATEWAY_NODE}=true NODE"
+        return f"no swarm node can run streams: label one ({how})"
+    states = ", ".join(
+        f"{node_name(n)} {n.get('Status', {}).get('State', 'unknown')}"
+        + ("" if n.get("Spec", {}).get("Availability", "active") == "active" else " drained")
+        for n in labelled
+    )
+    return (
+        f"no gateway node can take a stream now ({states}); after a manager's loss the swarm "
+        "shows its nodes unknown until the others have elected a leader: try again shortly"
     )
 
 
@@ -589,10 +614,7 @@ class Swarm:
         try:
             nodes = self._nodes()
             if not nodes:
-                raise BackendFailed(
-                    "no swarm node can run streams: label one "
-                    f"(docker node update --label-add {GATEWAY_NODE}=true NODE)"
-                )
+                raise BackendFailed(no_gateway(self._listed()))
             if entry is not None:  # an outbound request naming its plain entry: only nodes that have it
                 nodes = _with_entry(nodes, entry)
             load: dict[str, int] = {}

@@ -36,6 +36,7 @@ from scistream.s2cs.swarm import (
     half_made,
     least_loaded,
     lost_node,
+    no_gateway,
     node_addresses,
     other_managers,
     session_key,
@@ -596,3 +597,20 @@ def test_the_other_managers_are_named_by_hostname_and_address_without_this_node_
     ]
     nodes[2]["Status"].pop("Addr")
     assert other_managers(nodes, OWN) == ("dtn2 (192.168.2.12)", "dtn3 (192.168.2.13)")
+
+
+def test_with_no_node_labelled_the_operator_is_told_to_label_one():
+    assert "docker node update --label-add scistream.gateway=true" in no_gateway([named(OWN, "dtn1")])
+
+
+def test_labelled_nodes_none_ready_are_named_with_their_state_not_asked_to_be_labelled():
+    """While the managers elect a new leader (one was lost), the swarm lists every node unknown:
+    telling the operator to label a node would send them the wrong way."""
+    nodes = [
+        named("n2", "dtn2", state="unknown", labels={**GATEWAY, "scistream.address": "192.168.2.12"}),
+        named("n3", "dtn3", state="down", labels=GATEWAY, addr="192.168.2.13"),
+    ]
+    words = no_gateway(nodes)
+    assert "label-add" not in words
+    assert "dtn2 (192.168.2.12) unknown" in words and "dtn3 (192.168.2.13) down" in words
+    assert "try again" in words
