@@ -247,21 +247,33 @@ def lost_node(node: dict[str, Any] | None) -> str:
 
 
 def no_gateway(nodes: Sequence[dict[str, Any]]) -> str:
-    """Why no node can take a stream, for the operator: none labelled, or those labelled not
-    ready (each named, with its state). Pure."""
+    """Why no node can take a stream, for the operator: none labelled, those labelled not ready
+    (each named, with its state), or their labels unusable (gateway_nodes logged which). Pure."""
     labelled = [n for n in nodes if n.get("Spec", {}).get("Labels", {}).get(GATEWAY_NODE) == "true"]
     if not labelled:
         how = f"docker node update --label-add {GATEWAY_NODE}=true NODE"
         return f"no swarm node can run streams: label one ({how})"
-    states = ", ".join(
-        f"{node_name(n)} {n.get('Status', {}).get('State', 'unknown')}"
-        + ("" if n.get("Spec", {}).get("Availability", "active") == "active" else " drained")
-        for n in labelled
-    )
-    return (
-        f"no gateway node can take a stream now ({states}); after a manager's loss the swarm "
-        "shows its nodes unknown until the others have elected a leader: try again shortly"
-    )
+
+    def state(node: dict[str, Any]) -> str:
+        availability = node.get("Spec", {}).get("Availability", "active")
+        return str(node.get("Status", {}).get("State", "unknown")) + (
+            "" if availability == "active" else f", {availability}"
+        )
+
+    states = [state(n) for n in labelled]
+    if all(s == "ready" for s in states):
+        return (
+            f"no gateway node can take a stream: each has a {ADDRESS}, {BIND} or {ENTRY} label that "
+            "is not an IP address (this s2cs's log names them)"
+        )
+    named = ", ".join(f"{node_name(n)} {s}" for n, s in zip(labelled, states, strict=True))
+    words = f"no gateway node can take a stream now ({named})"
+    if "unknown" in states:
+        words += (
+            "; after a manager's loss the swarm shows its nodes unknown until the other managers "
+            "have elected a leader: try again shortly"
+        )
+    return words
 
 
 def other_managers(nodes: Sequence[dict[str, Any]], own: str) -> tuple[str, ...]:
@@ -796,7 +808,7 @@ class Swarm:
         except docker.errors.NotFound:
             return lost_node(None)
         except Exception as exc:
-            log.warning("cannot list the swarm's nodes: %s", self._words(exc))
+            log.warning("cannot look up swarm node %s: %s", session.node, self._words(exc))
             return ""
 
     def _wait_ready(self, session: Session, service: Any) -> None:

@@ -614,3 +614,13 @@ def test_labelled_nodes_none_ready_are_named_with_their_state_not_asked_to_be_la
     assert "label-add" not in words
     assert "dtn2 (192.168.2.12) unknown" in words and "dtn3 (192.168.2.13) down" in words
     assert "try again" in words
+
+
+def test_labelled_nodes_all_ready_but_unusable_point_to_their_labels():
+    words = no_gateway([named("n2", "dtn2", labels={**GATEWAY, "scistream.address": "dtn2.example.org"})])
+    assert "not an IP address" in words and "label-add" not in words and "try again" not in words
+
+
+def test_a_drained_gateway_node_is_said_to_be_drained_and_no_election_is_blamed():
+    words = no_gateway([named("n2", "dtn2", availability="drain", labels=GATEWAY, addr="192.168.2.12")])
+    assert "dtn2 (192.168.2.12) ready, drain" in words and "leader" not in words
