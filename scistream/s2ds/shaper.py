@@ -54,6 +54,12 @@ if TYPE_CHECKING:
     from .sources import Sources
 
 PIPE_SIZE = 1 << 20  # what each flow's pipe is asked to hold; see Pipe
+# What a Unix socket to the proxy may queue (SO_SNDBUF, of our end; the session's template asks
+# the proxy for as much on its end). At the default 208 kB a writer stops at every 208 kB and
+# the shaper woke for each: ~140 kB per wake-up, its Python as much CPU per gigabyte as the
+# proxies'. With 4 MiB it wakes for ~630 kB (docs/performance.md, "The cost of a rate limit").
+# The kernel caps it at net.core.wmem_max: less works, with more wake-ups, and is said once.
+UNIX_BUFFER = 4 << 20
 CONNECT_TIMEOUT = 10.0  # as the proxies' own `timeout connect`
 STATS_EVERY = 1.0  # seconds between two writes of --stats, at most
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -110,6 +116,8 @@ class Connection:
         for sock in self.sockets:
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_BUFFER)
         self.peers = (Peer.of(client), Peer.of(upstream))  # by side: the processes at the other end
 
     @property
@@ -203,6 +211,7 @@ class Shaper:
         self._last_stats: tuple[int, ...] | None = None
         self._stats_failing = False
         self._told_pipes = False
+        self._told_buffers = False
         self.accepting = True
         self.conns: dict[int, Connection] = {}  # by serial, in the order they came
         self.owners: dict[int, tuple[Connection, int]] = {}  # fd -> (connection, UP: client, DOWN: upstream)
@@ -260,7 +269,7 @@ class Shaper:
                 continue
             self.total += 1
             conn = Connection(self.total, client, upstream, target, time.monotonic())
-            self._tell_pipes(conn)
+            self._tell_kernel_limits(conn)
             self.conns[conn.serial] = conn
             for side, s in ((UP, client), (DOWN, upstream)):
                 self.owners[s.fileno()] = (conn, side)
@@ -274,7 +283,18 @@ class Shaper:
         self.refused += 1
         say(f"refused a connection from {source}: not an allowed source (s2cs --allow-sources)")
 
-    def _tell_pipes(self, conn: Connection) -> None:
+    def _tell_kernel_limits(self, conn: Connection) -> None:
+        """Once each: pipes or Unix socket buffers smaller than asked, and why."""
+        if not self._told_buffers:
+            unix = next((s for s in conn.sockets if s.family == socket.AF_UNIX), None)
+            # The kernel doubles what it grants (its own bookkeeping): less than twice was capped.
+            got = unix.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 if unix else UNIX_BUFFER
+            if got < UNIX_BUFFER:
+                self._told_buffers = True
+                say(
+                    f"Unix sockets to the proxy queue {got} bytes, not {UNIX_BUFFER}: the kernel caps "
+                    "them at net.core.wmem_max; every byte still passes, with more wake-ups"
+                )
         refused = next((p for p in conn.pipes if p.refused), None)
         if refused is None or self._told_pipes:
             return
