@@ -59,6 +59,11 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--scale-only", action="store_true", help="only memory per stream and requests with 100 live streams"
     )
+    which.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the throughput and CPU per GB of one iperf3 stream (the configurations in turns)",
+    )
     found.add_argument(
         "--plot", type=Path, help="also draw the throughput per configuration into this PNG file"
     )
@@ -95,8 +100,11 @@ def single(directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], l
     latencies: list[tuple[str, float, float]] = []
     seed = secrets.randbelow(1 << 32) if args.seed is None else args.seed
     try:
-        print(f"Request latency, {args.requests} of each, default limits (a shaper per stream):", flush=True)
-        latencies = request_latency(directory, args.requests)
+        if not args.throughput_only:
+            print(
+                f"Request latency, {args.requests} of each, default limits (a shaper per stream):", flush=True
+            )
+            latencies = request_latency(directory, args.requests)
         if not args.latency_only:
             results = throughput.throughput(directory, server.pid, server_port, args.seconds, args.runs, seed)
     finally:
@@ -154,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.swarm_only or args.scale_only):
             part, checked = single(directory, args)
             parts.update(part)
-        if not (args.swarm_only or args.latency_only):
+        if not (args.swarm_only or args.latency_only or args.throughput_only):
             parts["scale"] = scale.run(directory, args.requests)
             checked += scale.measured(parts["scale"])
-        if not (args.no_swarm or args.scale_only):
+        if not (args.no_swarm or args.scale_only or args.throughput_only):
             parts["swarm"] = swarm.run(
                 directory, args.runs, args.swarm_mib, args.swarm_requests, not args.latency_only
             )

@@ -170,6 +170,8 @@ def test_every_option_of_make_bench_parses():
         ["--no-swarm", "--seconds", "2", "--runs", "1", "--requests", "3", "--seed", "7"]
     )
     assert (args.no_swarm, args.seed) == (True, 7)
+    args = parser().parse_args(["--throughput-only", "--seconds", "2", "--runs", "1"])
+    assert args.throughput_only and not args.no_swarm
 
 
 def imports(path: Path) -> set[str]:
