@@ -1,0 +1,133 @@
+"""Experiment: what one relay hop costs, alone on loopback, in CPU seconds per GB.
+
+`python -m bench.hop_cost [--seconds S] [--rounds N]`: iperf3 client -> relay -> iperf3 server,
+one stream, for each relay in turns: the session's shaper without a limit, with a limit far above
+what passes (40 Gbit/s: its token bucket never holds a byte back), and the barest relay Python
+can make (`bare`: one thread per direction, blocking splice(2) through a 1 MiB pipe, no epoll,
+no bucket, no bookkeeping), the floor of any relay written in Python. The relay's own CPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from scistream.loopback import free_port
+
+HERTZ = os.sysconf("SC_CLK_TCK")
+
+
+def bare(listen: int, target: int) -> None:
+    """The barest relay: accept, connect, a thread per direction splicing through a pipe."""
+    server = socket.create_server(("127.0.0.1", listen))
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        r, w = os.pipe()
+        fcntl.fcntl(w, 1031, 1 << 20)
+        try:
+            while True:
+                n = os.splice(src.fileno(), w, 1 << 20)
+                if not n:
+                    break
+                while n:
+                    n -= os.splice(r, dst.fileno(), n)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the other direction ended the connection first
+
+    while True:
+        client, _ = server.accept()
+        upstream = socket.create_connection(("127.0.0.1", target))
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+
+def ticks(pid: int) -> tuple[int, int]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]), int(fields[12])
+
+
+def once(port: int, pid: int, seconds: int) -> tuple[float, float, float]:
+    before = ticks(pid)
+    out = subprocess.run(
+        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-O", "1", "-J"],
+        capture_output=True, text=True, timeout=seconds + 60, check=False,
+    ).stdout  # fmt: skip
+    after = ticks(pid)
+    report = json.loads(out)
+    if "sum_received" not in report.get("end", {}):
+        raise RuntimeError(str(report.get("error")))
+    gb = sum(int(i["sum"]["bytes"]) for i in report["intervals"]) / 1e9
+    user, system = ((a - b) / HERTZ / gb for a, b in zip(after, before, strict=True))
+    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9, user, system
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--bare"]:
+        bare(int(sys.argv[2]), int(sys.argv[3]))
+        return 0
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    service = free_port()
+    procs = [subprocess.Popen(["iperf3", "-s", "-p", str(service)], stdout=subprocess.DEVNULL)]
+    relays = {}
+    python = sys.executable
+    shaper = [python, "-m", "scistream.s2ds.shaper"]
+    try:
+        for name, argv in (
+            ("shaper, no limit", [*shaper, "--rate", "0"]),
+            ("shaper, 40 Gbit/s", [*shaper, "--rate", "5000000000"]),
+            ("bare", [python, "-m", "bench.hop_cost", "--bare"]),
+        ):
+            port = free_port()
+            if name == "bare":
+                argv = [*argv, str(port), str(service)]
+            else:
+                argv = [*argv, "--route", f"127.0.0.1:{port}", f"127.0.0.1:{service}"]
+            procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+            relays[name] = (port, procs[-1].pid)
+        time.sleep(1.0)
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in relays}
+        for _ in range(args.rounds):
+            order = list(relays)
+            random.shuffle(order)
+            for name in order:
+                for _attempt in range(20):
+                    try:
+                        results[name].append(once(*relays[name], args.seconds))
+                        break
+                    except RuntimeError:
+                        time.sleep(0.5)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+    print(f"{'relay':20} {'Gbit/s':>18} {'user s/GB':>18} {'system s/GB':>18} {'total s/GB':>18}")
+    for name, runs in results.items():
+        cells = []
+        for column in (
+            [r[0] for r in runs],
+            [r[1] for r in runs],
+            [r[2] for r in runs],
+            [r[1] + r[2] for r in runs],
+        ):
+            cells.append(f"{statistics.median(column):6.2f} ({min(column):.2f}-{max(column):.2f})")
+        print(f"{name:20} " + " ".join(f"{c:>18}" for c in cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
