@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -133,6 +134,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
     keys = ["gbps", "path", "proxy_user", "proxy_sys", "shaper_user", "shaper_sys", "shaper_wakeups_per_mb"]
     print(f"{'variant':14}" + "".join(f"{k:>22}" for k in keys))
     for label, runs in results.items():
