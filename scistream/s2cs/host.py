@@ -229,16 +229,21 @@ class Host:
         log.info("%s: ended, as it %s when the previous s2cs stopped", session.label, why)
 
     def _sweep(self) -> None:
-        """Delete the directories of sessions that are not kept.
-
-        It stops no process: s2cs knows its processes by what it recorded (state.json, above),
-        never by a command line that names the state dir, which an operator's `tail -f` of a
-        proxy log does too."""
+        """Delete the directories of sessions that are not kept, and have the runtime stop what
+        it started for this state dir that runs unrecorded (a record that never reached
+        state.json). Never by a command line that names the state dir, which an operator's
+        `tail -f` of a proxy log does too: by the mark each process or container carries."""
         known = self.registry.sids()
         for path in self.state.sessions.iterdir():
             if path.name not in known:
                 shutil.rmtree(path, ignore_errors=True)
-        self.runtime.sweep(known)
+        running = {
+            proc.handle.pid
+            for session in self.registry.all()
+            for proc in session.procs
+            if proc.handle is not None
+        }
+        self.runtime.sweep(known, running, self.state.sessions)
 
     # --- what the gateway asks of its site --------------------------------------------------------
 

@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -391,8 +391,9 @@ class DockerRuntime:
     def keep_appending(self, handle: Handle) -> bool:
         return True  # s2cs writes the log itself, always appending (_follow)
 
-    def sweep(self, sessions: set[str]) -> None:
-        """Remove this gateway's containers that no kept session owns."""
+    def sweep(self, sessions: set[str], running: Collection[int] = (), where: Path | None = None) -> None:
+        """Remove this gateway's containers that no kept session owns. One of a kept session that
+        is not `running` is left to the next start of its kind, which takes over its name."""
         try:
             found = self.client().containers.list(
                 all=True, filters={"label": f"{LABEL}.gateway={self.tag}"}, ignore_removed=True

@@ -123,9 +123,10 @@ class Runtime(Protocol):
         """Whether the process's log descriptor appends, after giving O_APPEND back if it was taken."""
         ...
 
-    def sweep(self, sessions: set[str]) -> None:
-        """Stop what this runtime started for sessions other than these (their sids); the process
-        runtime has nothing to do: it knows processes only by what state.json records."""
+    def sweep(self, sessions: set[str], running: Collection[int] = (), where: Path | None = None) -> None:
+        """Stop what this runtime started for the state dir whose sessions are in `where` and that
+        s2cs does not run now: of sessions other than these (their sids), or of these but none
+        of the `running` pids (started while state.json could not be written)."""
         ...
 
     def now(self) -> float: ...
@@ -150,6 +151,11 @@ def proxy_environment(environ: Mapping[str, str]) -> dict[str, str]:
 # it (state.json), and runs its program in place of the wait (same pid and start time, and the
 # command line s2cs recorded). A proxy that ran before it was recorded, its s2cs killed in between,
 # ran on unknown to the next s2cs and kept its port (seen on a busy machine).
+# And it carries its session's directory in its environment: should its record never reach
+# state.json (a full disk), the next s2cs still finds it (sweep). A command line would not do:
+# an operator's `tail -f` of a proxy's log names the session's directory too.
+SESSION_MARK = "SCISTREAM_SESSION_DIR"
+STRAY_GRACE = 5.0  # seconds a stray process has to end on SIGTERM
 GATE = ("/bin/sh", "-c", 'read go && exec "$@" </dev/null', "scistream-gate")
 
 
@@ -178,7 +184,7 @@ class ProcessRuntime:
             popen = subprocess.Popen(
                 [*GATE, *argv],
                 cwd=cwd,
-                env=proxy_environment(os.environ),
+                env={**proxy_environment(os.environ), SESSION_MARK: str(cwd)},
                 stdin=gate,
                 stdout=out,  # a file, never a pipe: a proxy must not block on its own logging
                 stderr=subprocess.STDOUT,
@@ -262,8 +268,26 @@ class ProcessRuntime:
             return False
         return set(endpoints) <= bound_endpoints([process], endpoints)
 
-    def sweep(self, sessions: set[str]) -> None:
-        pass
+    def sweep(self, sessions: set[str], running: Collection[int] = (), where: Path | None = None) -> None:
+        """Every process this runtime started below `where` (it carries SESSION_MARK) that is not
+        one of the `running`: a record of it never reached state.json, so no s2cs would stop it,
+        and it holds its stream's port. Those of `sessions` too, unlike containers: a process
+        has no name that the next start of its kind would take over (DockerRuntime.spawn)."""
+        if where is None:
+            return
+        below = f"{where}{os.sep}"
+        for process in psutil.process_iter(["environ"]):
+            mark = (process.info["environ"] or {}).get(SESSION_MARK, "")
+            if mark.startswith(below) and process.pid not in running:
+                log.warning(
+                    "stopping pid %d of session %s: no record of it (state.json could not be "
+                    "written when it started)",
+                    process.pid,
+                    mark[len(below) :],
+                )
+                with contextlib.suppress(psutil.Error):
+                    handle = AdoptedHandle(process, process.create_time())
+                    terminate(self, handle, STRAY_GRACE)
 
     def now(self) -> float:
         return time.monotonic()

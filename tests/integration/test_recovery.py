@@ -175,6 +175,32 @@ def test_a_recycled_pid_in_the_state_file_is_left_alone(start_s2cs, backend):
 
 
 @EACH_BACKEND
+def test_a_process_whose_record_was_never_written_is_stopped_by_the_next_s2cs(start_s2cs, backend):
+    """A proxy restarted while the state dir's disk was full runs with its new pid known only to
+    its s2cs; killed before state.json could be written again, that s2cs left it to a next one
+    that found the old pid dead, started another proxy, which could not take the port the first
+    still held (or, with HAProxy's SO_REUSEPORT, shared it): the first proxy ran on, unknown
+    (the 60-minute soak, docs/reliability.md finding 6)."""
+    hpc = start_s2cs("hpc", backend=backend)
+    sink = Sink()
+    uid = hpc.call("inbound", remote_ip="127.0.0.1", receiver_ports=[sink.port], rate=0)["uid"]
+    unrecorded = _pids(hpc, uid)["proxy"]
+    hpc.stop(signal.SIGKILL)
+    # What the failed save left: the pid of the proxy before its last restart, gone since.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    state = json.loads((hpc.state_dir / "state.json").read_text())
+    (record,) = [p for p in state["sessions"][0]["processes"] if p["pid"] == unrecorded]
+    record["pid"] = gone.pid
+    (hpc.state_dir / "state.json").write_text(json.dumps(state))
+
+    hpc.start()
+    wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="the stream again")
+    assert not psutil.pid_exists(unrecorded) or psutil.Process(unrecorded).status() == psutil.STATUS_ZOMBIE
+    assert sorted(proxies_of(hpc.state_dir)) == sorted(_pids(hpc, uid).values())  # nothing else runs
+
+
+@EACH_BACKEND
 def test_a_proxy_that_keeps_failing_is_fatal_and_keeps_its_ports(start_s2cs, backend):
     hpc = start_s2cs("hpc", backend=backend, ports=2)
     sink = Sink()
