@@ -203,9 +203,16 @@ class ProcessRuntime:
             create_time = 0.0
         handle = ChildHandle(popen, create_time, out)
         with open(go, "wb", buffering=0) as gone:
-            # The program runs once the go is written; if this fails, or s2cs dies before, the
-            # gate reads the end of the pipe and exits, and the program never runs.
-            recorded(handle)
+            # The program runs once the go is written; if the record fails, or s2cs dies before,
+            # the gate reads the end of the pipe and exits, and the program never runs.
+            try:
+                recorded(handle)
+            except BaseException:
+                gone.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(STRAY_GRACE)
+                handle.poll()  # our copy of its log is closed with it
+                raise
             gone.write(b"go\n")
         return handle
 
