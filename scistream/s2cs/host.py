@@ -161,6 +161,8 @@ class Host:
                 handle = None
                 if before.pid and before.create_time:
                     handle = self.runtime.adopt(before.pid, before.create_time, before.argv)
+                if handle is None:
+                    handle = self._unrecorded(session, files, before)
                 if handle is not None:
                     proc.adopt(handle)
                 else:
@@ -173,6 +175,22 @@ class Host:
         self._persist()
         if len(self.registry):
             log.info("recovered %d stream(s) from %s", len(self.registry), self.state.file)
+
+    def _unrecorded(self, session: Session, files: SessionFiles, before: RecordedProcess) -> Handle | None:
+        """The process that replaced the recorded one while state.json could not be written (a
+        full disk), should it run: taken over, not stopped and started anew, which would cut its
+        connections (docs/reliability.md, finding 6)."""
+        handle = self.runtime.unrecorded(files.directory, before.argv)
+        if handle is not None:
+            log.warning(
+                "session %s: re-adopted its %s, pid %d, though state.json had pid %s: it was "
+                "restarted while state.json could not be written",
+                short(session.sid),
+                before.kind,
+                handle.pid,
+                before.pid,
+            )
+        return handle
 
     def _recorded(self) -> list[tuple[Session, list[RecordedProcess]]]:
         """Every session of state.json with its processes, all checked before any is acted on."""

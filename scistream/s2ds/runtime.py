@@ -115,6 +115,12 @@ class Runtime(Protocol):
 
     def adopt(self, pid: int, create_time: float, argv: Sequence[str]) -> Handle | None: ...
 
+    def unrecorded(self, session_dir: Path, argv: Sequence[str]) -> Handle | None:
+        """The process running `argv` that this runtime started for the session of `session_dir`
+        and whose record never reached state.json (restarted while its disk was full), adopted;
+        None when there is none, or more than one (the sweep stops them then)."""
+        ...
+
     def signal(self, handle: Handle, sig: int) -> None: ...
 
     def listening(self, handle: Handle, endpoints: Sequence[int | str]) -> bool: ...
@@ -274,6 +280,20 @@ class ProcessRuntime:
         except psutil.NoSuchProcess:
             return False
         return set(endpoints) <= bound_endpoints([process], endpoints)
+
+    def unrecorded(self, session_dir: Path, argv: Sequence[str]) -> Handle | None:
+        """By the mark it carries (SESSION_MARK) and its command line, which is the recorded one:
+        the supervisor restarts a process as it was. One still in its gate has the gate's command
+        line and is not taken: it waits for a go that will not come, and ends."""
+        mark, wanted = str(session_dir), list(argv)
+        found = [
+            process
+            for process in psutil.process_iter(["environ", "cmdline", "create_time"])
+            if (process.info["environ"] or {}).get(SESSION_MARK) == mark and process.info["cmdline"] == wanted
+        ]
+        if len(found) != 1:
+            return None
+        return self.adopt(found[0].pid, found[0].info["create_time"], argv)
 
     def sweep(self, sessions: set[str], running: Collection[int] = (), where: Path | None = None) -> None:
         """Every process this runtime started below `where` (it carries SESSION_MARK) that is not

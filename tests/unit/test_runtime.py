@@ -88,3 +88,43 @@ def test_a_proxy_whose_record_failed_never_runs(tmp_path: Path):
         runtime.spawn(_program(marker), tmp_path, tmp_path / "log", recorded)
     _bounded(lambda: not any(p.info["cmdline"] == _program(marker) for p in psutil.process_iter(["cmdline"])))
     assert not marker.exists()
+
+
+# --- a process whose record never reached state.json ----------------------------------------------
+
+
+def _started(runtime: ProcessRuntime, session_dir: Path, argv: list[str]) -> Handle:
+    session_dir.mkdir(exist_ok=True)
+    handle = runtime.spawn(argv, session_dir, session_dir / "log")
+    _bounded(lambda: psutil.Process(handle.pid).cmdline() == argv)  # past its gate
+    return handle
+
+
+def test_the_one_unrecorded_process_of_a_session_is_found_by_its_mark_and_command_line(tmp_path: Path):
+    """A proxy restarted while the disk was full is known to no state.json: the next s2cs takes
+    it over instead of cutting its connections (docs/reliability.md, finding 6)."""
+    runtime = ProcessRuntime()
+    argv = ["sleep", "61"]
+    mine = _started(runtime, tmp_path / "s1", argv)
+    other = _started(runtime, tmp_path / "s2", argv)  # the same program for another session
+    try:
+        found = runtime.unrecorded(tmp_path / "s1", argv)
+        assert found is not None and found.pid == mine.pid
+        assert runtime.unrecorded(tmp_path / "s1", ["sleep", "62"]) is None  # another kind of process
+        assert runtime.unrecorded(tmp_path / "s3", argv) is None  # a session with none
+    finally:
+        for handle in (mine, other):
+            terminate(runtime, handle, 5)
+
+
+def test_two_unrecorded_processes_of_the_same_kind_are_neither_taken(tmp_path: Path):
+    """Which of them the stream's port belongs to cannot be told: the sweep stops both, and the
+    stream's process is started anew."""
+    runtime = ProcessRuntime()
+    argv = ["sleep", "63"]
+    handles = [_started(runtime, tmp_path / "s1", argv) for _ in range(2)]
+    try:
+        assert runtime.unrecorded(tmp_path / "s1", argv) is None
+    finally:
+        for handle in handles:
+            terminate(runtime, handle, 5)
