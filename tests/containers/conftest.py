@@ -17,14 +17,31 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 from docker.errors import DockerException, ImageNotFound
 
 from scistream import __version__
+from scistream.s2ds.containers import LABEL
 
 ENGINE_TIMEOUT = 120  # seconds per call to the engine; a busy small machine is slow to answer
+FACILITY = f"{LABEL}.facility"  # the label s2cs --runtime swarm puts on everything it makes
+NOTHING: dict[str, list[str]] = {"services": [], "configs": [], "secrets": []}
+
+
+def labelled(facility: str) -> dict[str, Any]:
+    return {"label": f"{FACILITY}={facility}"}
+
+
+def objects(engine: Any, facility: str) -> dict[str, list[str]]:
+    """The names of the facility's services, configs (port claims among them) and secrets."""
+    return {
+        "services": sorted(s.name for s in engine.services.list(filters=labelled(facility))),
+        "configs": sorted(c.name for c in engine.configs.list(filters=labelled(facility))),
+        "secrets": sorted(s.name for s in engine.secrets.list(filters=labelled(facility))),
+    }
 
 
 @pytest.fixture(scope="session")

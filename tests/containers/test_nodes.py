@@ -35,6 +35,7 @@ import pytest
 from scistream.errors import ScistreamError
 from scistream.loopback import S2csProcess, Sink, free_port_range, send
 from scistream.s2ds.containers import LABEL
+from tests.containers.conftest import NOTHING, labelled, objects
 from tests.integration.conftest import s2uc, wait_for
 from tests.needs import lacking, require_command, require_root
 
@@ -45,7 +46,6 @@ LOSS_BOUND = 60.0  # seconds after a node's loss by which its streams are no lon
 RETURN_BOUND = 120.0  # seconds after a node's engine is back by which its streams run again
 ELECTION_BOUND = 120.0  # seconds after the leader's loss by which the other managers create again
 CLONE_NEWNET = 0x40000000
-FACILITY = f"{LABEL}.facility"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -150,21 +150,6 @@ class Replica(S2csProcess):
 @pytest.fixture
 def facility() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
-
-
-def labelled(facility: str) -> dict[str, Any]:
-    return {"label": f"{FACILITY}={facility}"}
-
-
-def objects(engine: Any, facility: str) -> dict[str, list[str]]:
-    return {
-        "services": sorted(s.name for s in engine.services.list(filters=labelled(facility))),
-        "configs": sorted(c.name for c in engine.configs.list(filters=labelled(facility))),
-        "secrets": sorted(s.name for s in engine.secrets.list(filters=labelled(facility))),
-    }
-
-
-NOTHING: dict[str, list[str]] = {"services": [], "configs": [], "secrets": []}
 
 
 def running(bed: Bed, facility: str) -> dict[int, int]:

@@ -33,12 +33,11 @@ from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_rang
 from scistream.s2cs.gateway import port_is_free
 from scistream.s2cs.swarm import stamp
 from scistream.s2ds.containers import DEFAULT_LIMITS, LABEL
+from tests.containers.conftest import FACILITY, NOTHING, labelled, objects
 from tests.integration.conftest import field, open_stream, port_of, s2uc, wait_for
 
-FACILITY = f"{LABEL}.facility"
 SERVICE_ID = "com.docker.swarm.service.id"  # the engine's label of a task's container
 SECRETS = {"stream.key", "stream.crt", "stream.pem"}
-NOTHING: dict[str, list[str]] = {"services": [], "configs": [], "secrets": []}
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +51,6 @@ def engine() -> Iterator[Any]:
 def facility(swarm: str) -> str:
     """A facility's name no other test uses: lower-case, 14 characters."""
     return f"t-{uuid.uuid4().hex[:12]}"
-
-
-def labelled(facility: str) -> dict[str, Any]:
-    return {"label": f"{FACILITY}={facility}"}
-
-
-def objects(engine: Any, facility: str) -> dict[str, list[str]]:
-    """The names of the facility's services, configs (port claims among them) and secrets."""
-    return {
-        "services": sorted(s.name for s in engine.services.list(filters=labelled(facility))),
-        "configs": sorted(c.name for c in engine.configs.list(filters=labelled(facility))),
-        "secrets": sorted(s.name for s in engine.secrets.list(filters=labelled(facility))),
-    }
 
 
 def running_containers(engine: Any, facility: str) -> list[Any]:
