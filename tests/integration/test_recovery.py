@@ -30,6 +30,30 @@ def _pids(gw, uid: str) -> dict[str, int]:
     return {p["name"]: p["pid"] for s in streams for p in s["processes"]}
 
 
+class LongSend:
+    """300 MiB sent through a stream of 200 Mbit/s: 12 s, much longer than killing and
+    restarting s2cs. Started once data reaches the sink."""
+
+    SIZE = 300 << 20
+
+    def __init__(self, port: int, sink: Sink) -> None:
+        self.data = os.urandom(self.SIZE)
+        self.sink = sink
+        self.result: list[tuple[int, str]] = []
+        address = ("127.0.0.1", port)
+        self.thread = threading.Thread(target=lambda: self.result.append(send(address, self.data)))
+        self.thread.start()
+        wait_for(lambda: sink.received > 0, what="data flowing")
+
+    def unfinished(self) -> bool:
+        return self.sink.received < self.SIZE
+
+    def delivered(self) -> bool:
+        """Whether, once the sender is done, the sink says it got every byte in order."""
+        self.thread.join(300)
+        return self.result == [(self.SIZE, hashlib.sha256(self.data).hexdigest())]
+
+
 @pytest.mark.parametrize("victim", ["proxy", "shaper"])
 @EACH_BACKEND
 def test_a_killed_process_is_restarted_and_the_listener_forwards_again(start_s2cs, victim, backend):
@@ -55,23 +79,16 @@ def test_a_stream_keeps_flowing_while_s2cs_is_killed_and_restarted(start_s2cs, b
     hpc = start_s2cs("hpc", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
-    # 200 Mbit/s: 300 MiB take 12 s, much longer than killing and restarting both s2cs.
     uid, _, port = astuple(open_stream(hpc, inst, sink.port, rate=200_000))
     pids = _pids(hpc, uid)
-    size = 300 << 20
-    data = os.urandom(size)
-    result: list[tuple[int, str]] = []
-    sender = threading.Thread(target=lambda: result.append(send(("127.0.0.1", port), data)))
-    sender.start()
-    wait_for(lambda: sink.received > 0, what="data flowing")
+    sending = LongSend(port, sink)
     hpc.stop(signal.SIGKILL)
     inst.stop(signal.SIGKILL)
     assert all(psutil.pid_exists(pid) for pid in pids.values()), "a process died with its s2cs"
     hpc.start()
     inst.start()
-    assert sink.received < size, "the stream ended before s2cs was back: the test proved nothing"
-    sender.join(300)
-    assert result == [(size, hashlib.sha256(data).hexdigest())]
+    assert sending.unfinished(), "the stream ended before s2cs was back: the test proved nothing"
+    assert sending.delivered()
 
     assert _pids(hpc, uid) == pids  # re-adopted, not restarted
     assert hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING"
@@ -184,15 +201,9 @@ def test_a_process_whose_record_was_never_written_is_adopted_by_the_next_s2cs(st
     hpc = start_s2cs("hpc", backend=backend)
     inst = start_s2cs("instrument", backend=backend)
     sink = Sink()
-    # 200 Mbit/s: 300 MiB take 12 s, much longer than killing and restarting s2cs.
     uid, _, port = astuple(open_stream(hpc, inst, sink.port, rate=200_000))
     pids = _pids(hpc, uid)
-    size = 300 << 20
-    data = os.urandom(size)
-    result: list[tuple[int, str]] = []
-    sender = threading.Thread(target=lambda: result.append(send(("127.0.0.1", port), data)))
-    sender.start()
-    wait_for(lambda: sink.received > 0, what="data flowing")
+    sending = LongSend(port, sink)
     hpc.stop(signal.SIGKILL)
     # What the failed save left: the pid of the proxy before its last restart, gone since.
     gone = subprocess.Popen(["true"])
@@ -203,11 +214,10 @@ def test_a_process_whose_record_was_never_written_is_adopted_by_the_next_s2cs(st
     (hpc.state_dir / "state.json").write_text(json.dumps(state))
 
     hpc.start()
-    assert sink.received < size, "the stream ended before s2cs was back: the test proved nothing"
+    assert sending.unfinished(), "the stream ended before s2cs was back: the test proved nothing"
     assert _pids(hpc, uid) == pids  # taken over, not started anew
     assert hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING"
-    sender.join(300)
-    assert result == [(size, hashlib.sha256(data).hexdigest())]
+    assert sending.delivered()
     assert sorted(proxies_of(hpc.state_dir)) == sorted(pids.values())  # nothing else runs
     assert "re-adopted its proxy" in hpc.log.read_text()
 
