@@ -1,7 +1,8 @@
 """The control port: TLS, one JSON line in, one JSON line out, then the connection closes.
 
 asyncio carries the connections, so hundreds of idle or slow clients cost a few kilobytes each and
-never hold a worker; only a complete, framed request reaches the bounded pool of worker threads
+never hold a worker (a connection does its TLS itself, and has any TLS state only once its client has
+sent a byte: _Connection); only a complete, framed request reaches the bounded pool of worker threads
 that run the gateway's operations. Every read and write has a deadline.
 
 One client address holds at most `max_per_address` connections: when it opens one more, its
@@ -12,6 +13,8 @@ refused. So one host cannot take every connection, while its newest request is s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import functools
 import gc
 import logging
@@ -21,7 +24,7 @@ import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from ..errors import BadRequest, Conflict, Internal, ScistreamError
 from ..protocol import (
@@ -52,6 +55,9 @@ WRITE_TIMEOUT = 10.0
 MAX_CLIENTS = 1000  # connections at once; more are closed at once
 MAX_PER_ADDRESS = 128  # connections at once from one client address (--max-clients-per-address)
 WORKERS = 8
+READ_CHUNK = 16 * 1024  # bytes taken from TLS at once: its largest record
+_LIBC = ctypes.CDLL(None)  # the C library s2cs runs with: for _give_back_memory
+RECEIVE_BUFFER = 64 * 1024  # bytes: what one read from a connection's socket takes at most
 COLLECT_AFTER = 64  # connections ended, all of them gone: collect their garbage
 
 
@@ -63,17 +69,169 @@ def server_context(crt: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-class _Connection:
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+class _Connection(asyncio.BufferedProtocol):
+    """One control connection, with its TLS done here, over memory BIOs.
+
+    Not asyncio's TLS transport: that one takes a 256 KiB read buffer for each connection the
+    moment it starts its handshake, and a burst of connections all start theirs before the
+    per-address limit closes the oldest (a burst of 300 unfinished handshakes took 89 MiB, kept
+    by the allocator). Here a connection is counted for its address when it is accepted
+    (ControlServer._opened), and its TLS state (OpenSSL's, about 45 KiB while a handshake is
+    under way) is made only when its first byte comes: an idle one costs its socket, and one
+    closed for a newer connection costs nothing more."""
+
+    def __init__(self, server: ControlServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = self.address = "?"
         self.busy = False  # its request has come: it is no longer idle
-        self.task = asyncio.current_task()  # what serves it: cancelled to close it for another
+        self.refused: ScistreamError | None = None  # its request is answered with this, unread
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._handshake: asyncio.Future[None] = self.loop.create_future()
+        self._received = bytearray()  # what the client sent, decrypted, not yet read
+        self._at_end = False  # the client sent its end of the stream
+        self._failed: BaseException | None = None
+        self._wakeup: asyncio.Future[None] | None = None  # a read or drain waiting
+        self._writing_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream socket's
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer, self.address = hostport(peername[0], peername[1]), str(peername[0])
+        self.server._opened(self)
 
     def close_for_another(self) -> None:
-        """Closed at once, wherever it is (its TLS handshake or waiting for its request): its
-        task is cancelled, and the transport aborted when the task ends (_client)."""
-        if self.task is not None:
-            self.task.cancel()
+        """Closed at once, wherever it is (its TLS handshake or waiting for its request); what
+        serves it sees the connection lost."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # One buffer for every connection of the server: the transport fills it and calls
+        # buffer_updated at once, before any other connection reads (else it takes 256 KiB for
+        # each read).
+        return self.server.received
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._tls is None:
+            self._tls = self.server.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._incoming.write(self.server.received[:nbytes])
+        self._advance(self._tls)
+
+    def eof_received(self) -> bool:
+        self._incoming.write_eof()
+        if self._tls is not None:
+            self._advance(self._tls)
+        self._end(ConnectionResetError("the client closed the connection"))
+        return False  # TLS has no half-close: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc or ConnectionResetError("connection closed"))
+        self._tls = None  # OpenSSL's state goes now, not when the cycle collector runs
+        self.transport = None
+        self.server._closed(self)
+
+    def _advance(self, tls: ssl.SSLObject) -> None:
+        """Take what came as far as it goes: the handshake, then the request's bytes."""
+        try:
+            if not self._handshake.done():
+                tls.do_handshake()
+                self._handshake.set_result(None)
+            while len(self._received) <= MAX_MESSAGE:
+                chunk = tls.read(READ_CHUNK)
+                if not chunk:
+                    self._at_end = True
+                    break
+                self._received += chunk
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self._at_end = True  # the client's close_notify
+        except ssl.SSLError as exc:
+            self._flush()  # its alert, which tells the client why
+            self._end(exc)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if len(self._received) > MAX_MESSAGE and self.transport is not None:
+            self.transport.pause_reading()  # too large already: nothing more is read
+        self._flush()
+        self._wake()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._outgoing.read())
+
+    def _end(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = exc
+        if not self._handshake.done():
+            self._handshake.set_exception(exc)
+            self._handshake.exception()  # retrieved: no "never retrieved" warning when unawaited
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _wait(self) -> None:
+        self._wakeup = self.loop.create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    async def handshake(self) -> None:
+        await asyncio.shield(self._handshake)
+
+    async def readline(self) -> bytes:
+        """The request's line (with its newline; what came when the client ended without one).
+        ValueError when it is longer than MAX_MESSAGE."""
+        while True:
+            end = self._received.find(b"\n")
+            if end > MAX_MESSAGE or (end < 0 and len(self._received) > MAX_MESSAGE):
+                raise ValueError("request too large")
+            if end >= 0 or self._at_end or self._failed is not None:
+                if end < 0 and not self._at_end and self._failed is not None:
+                    raise self._failed
+                size = end + 1 if end >= 0 else len(self._received)
+                line = bytes(self._received[:size])
+                del self._received[:size]
+                return line
+            await self._wait()
+
+    def write(self, data: bytes) -> None:
+        if self._tls is None or self._failed is not None:
+            raise ConnectionResetError("the connection is closed")
+        self._tls.write(data)
+        self._flush()
+
+    async def drain(self) -> None:
+        while self._writing_paused and self._failed is None:
+            await self._wait()
+        if self._failed is not None:
+            raise self._failed
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake()
+
+    def close(self) -> None:
+        """With TLS's close_notify after the reply, so that the client knows it has it whole."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._tls is not None and self._handshake.done() and self._failed is None:
+            with contextlib.suppress(ssl.SSLError):
+                self._tls.unwrap()  # writes close_notify; the client's is not waited for
+            self._flush()
+        self.transport.close()
 
 
 class ControlServer:
@@ -101,6 +259,8 @@ class ControlServer:
         self._by_address: dict[str, list[_Connection]] = {}  # only touched by the event loop
         self.reload = reload  # SIGHUP: templates and policy read again (cli.py)
         self._reloads: set[asyncio.Task[None]] = set()  # under way; held so none is collected
+        self._serving: set[asyncio.Task[None]] = set()  # a task per connection, held likewise
+        self.received = memoryview(bytearray(RECEIVE_BUFFER))  # only used by the event loop
 
     def dispatch(self, line: bytes, peer: str, address: str = "") -> dict[str, Any]:
         """One framed request from `peer` (ADDRESS:PORT) -> one reply; runs in a worker thread."""
@@ -194,34 +354,48 @@ class ControlServer:
             )
         )
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        peer = hostport(peername[0], peername[1]) if peername else "?"
-        address = str(peername[0]) if peername else "?"
+    def _opened(self, conn: _Connection) -> None:
+        """A connection accepted: counted, and for its address, before it has any TLS state, so
+        that the connections a burst from one address is over its limit by are closed before they
+        cost anything (_Connection)."""
         self._clients += 1
-        conn = _Connection(writer)
-        refused = self._admit(address, conn)
+        if self._clients > MAX_CLIENTS:
+            log.warning("%s: closed, %d clients connected already", conn.peer, MAX_CLIENTS)
+            conn.close()
+            return
+        conn.refused = self._admit(conn.address, conn)
+        task = asyncio.get_running_loop().create_task(self._client(conn))
+        self._serving.add(task)
+        task.add_done_callback(self._served)
+
+    def _closed(self, conn: _Connection) -> None:
+        self._clients -= 1
+        self._ended += 1
+        self._leave(conn.address, conn)
+        self._collect()
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        self._collect()
+
+    async def _client(self, conn: _Connection) -> None:
+        peer, address = conn.peer, conn.address
         try:
-            if self._clients > MAX_CLIENTS:
-                log.warning("%s: closed, %d clients connected already", peer, MAX_CLIENTS)
-                return
-            # TLS only once the connection is counted for its address: each handshake under way
-            # holds a 256 KiB buffer of asyncio's, and a flood of unfinished ones from one address
-            # took 90 MiB before its connections were counted.
             try:
-                await writer.start_tls(self.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                await asyncio.wait_for(conn.handshake(), HANDSHAKE_TIMEOUT)
             except (TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
                 log.debug("%s: no TLS handshake: %s", peer, exc)
                 return
             loop = asyncio.get_running_loop()
+            refused = conn.refused
             try:
-                line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+                line = await asyncio.wait_for(conn.readline(), READ_TIMEOUT)
                 conn.busy = True
             except TimeoutError:
                 # DEBUG, as the closed idle connection below: every port scan would log one.
                 log.debug("%s: no request within %.0fs, closed", peer, READ_TIMEOUT)
                 return
-            except (ValueError, asyncio.LimitOverrunError):
+            except ValueError:
                 refused = BadRequest(f"request larger than {MAX_MESSAGE // 1024} KiB")
             except (ConnectionError, ssl.SSLError, OSError):
                 return
@@ -234,30 +408,28 @@ class ControlServer:
                 reply = error(refused)
             else:
                 reply = await loop.run_in_executor(self.workers, self.dispatch, line, peer, address)
-            writer.write(encode(reply))
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            conn.write(encode(reply))
+            await asyncio.wait_for(conn.drain(), WRITE_TIMEOUT)
         except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
             pass
-        except asyncio.CancelledError:
-            writer.transport.abort()  # closed for a newer connection of its address (_admit)
         finally:
-            self._clients -= 1
-            self._leave(address, conn)
-            writer.close()
-            self._collect()
+            conn.close()
 
     def _collect(self) -> None:
-        """Free the TLS connections that ended, once all are gone after many.
+        """Free what the connections took, once all are gone after many.
 
-        asyncio's TLS objects of a connection hold each other in a cycle, with a 256 KiB buffer:
-        only Python's cycle collector frees them, and it runs when many objects are made. A quiet
-        s2cs makes few, so what a flood of connections took stayed until the next flood (in a
-        measurement, a collection after one gave back 6 to 20 MiB of 45). A full collection takes
-        a few milliseconds, and no client is waiting then."""
-        self._ended += 1
-        if self._clients == 0 and self._ended >= COLLECT_AFTER:
+        A connection that ended on an error holds that error, whose traceback holds the
+        connection: only Python's cycle collector frees them, and it runs when many objects are
+        made. A quiet s2cs makes few, so what a flood took stayed until the next flood. What is
+        freed then stays with the process too, in the middle of the C heap, unless that is given
+        back to the system (_give_back_memory): without, three floods of 960 unfinished
+        handshakes from eight addresses kept 50, 64, then 70 MiB; with, 4. Both take a few
+        milliseconds, when no client is waiting; and only once what served the connections is done
+        too, since until then it holds them."""
+        if self._clients == 0 and not self._serving and self._ended >= COLLECT_AFTER:
             self._ended = 0
             gc.collect()
+            _give_back_memory()
 
     def _admit(self, address: str, conn: _Connection) -> ScistreamError | None:
         """Count `conn` for its address; make room by closing that address's oldest idle
@@ -310,11 +482,10 @@ class ControlServer:
         # The port too: an s2cs that cannot listen must fail before it adopts any stream, or its
         # failed start would end streams it did not make.
         try:
-            server = await asyncio.start_server(
-                self._client,
+            server = await loop.create_server(
+                lambda: _Connection(self),
                 self.host,
                 self.port,
-                limit=MAX_MESSAGE,
                 backlog=512,
                 reuse_address=True,
                 start_serving=False,
@@ -383,6 +554,15 @@ def _log_request(
         extra={"peer": peer, "op": op, "uid_prefix": prefix, "code": code},
         exc_info=exc_info,
     )
+
+
+def _give_back_memory() -> None:
+    """Return the free pages of the C heap to the system (glibc's malloc_trim): glibc gives back
+    only the free memory at the heap's top, not what lies between chunks still in use. Other C
+    libraries have no such call; they keep it."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _quiet_tls_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
