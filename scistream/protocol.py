@@ -138,7 +138,7 @@ def decode(line: bytes) -> dict[str, Any]:
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    data = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    data = _encoded(message)
     if len(data) >= MAX_MESSAGE:
         raise BadRequest(f"message larger than {MAX_MESSAGE // 1024} KiB")
     return data + b"\n"
@@ -324,6 +324,28 @@ def request(op: str, token: str | None = None, **fields: Any) -> dict[str, Any]:
 
 def ok(**fields: Any) -> dict[str, Any]:
     return {"ok": True, **fields}
+
+
+def listing(streams: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `status` reply of many streams, within MAX_MESSAGE: all of them when they fit, else the
+    first ones that do, and `omitted`, how many more there are (each can be asked for by its
+    UID). About 420 bytes a stream: a few hundred streams of one gateway are more than a reply
+    holds, and the reply was then not sent at all. Pure."""
+    whole = ok(streams=streams)
+    if len(_encoded(whole)) < MAX_MESSAGE:
+        return whole
+    room = MAX_MESSAGE - len(_encoded(ok(streams=[], omitted=len(streams)))) - 1  # 1: the newline
+    kept = 0
+    for entry in streams:
+        room -= len(_encoded(entry)) + (1 if kept else 0)  # its bytes, and a comma before it
+        if room < 0:
+            break
+        kept += 1
+    return ok(streams=streams[:kept], omitted=len(streams) - kept)
+
+
+def _encoded(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def error(err: ScistreamError) -> dict[str, Any]:

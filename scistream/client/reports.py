@@ -66,6 +66,7 @@ class Status:
     server: str
     streams: tuple[Session, ...]
     reply: Mapping[str, Any] = field(repr=False, compare=False)
+    omitted: int = 0  # streams more than a reply holds (64 KiB): each can be asked for by its UID
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class Info:
 def status(server: str, reply: Mapping[str, Any]) -> Status:
     read = _Reader(server, reply)
     streams = tuple(_session(s) for s in read.children("streams", required=True))
-    return Status(server, streams, _frozen(reply))
+    return Status(server, streams, _frozen(reply), read.maybe_integer("omitted") or 0)
 
 
 def _session(read: _Reader) -> Session:

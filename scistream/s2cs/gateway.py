@@ -29,6 +29,7 @@ from ..protocol import (
     OutboundRequest,
     format_rate,
     hostport,
+    listing,
     ok,
     rate_bytes_per_second,
 )
@@ -399,10 +400,10 @@ class Gateway:
         if self.auth.enabled:
             everyone = self._admin(who)
             mine = [s for s in everything if everyone or (who is not None and s.owner == who.id)]
-            return ok(streams=[self._describe(s, full=True) for s in mine])
+            return listing([self._describe(s, full=True) for s in mine])
         # Without authentication everybody is anonymous: holding the UID is the only proof of
         # ownership, so a listing must not hand UIDs out.
-        return ok(streams=[self._describe(s, full=False) for s in everything])
+        return listing([self._describe(s, full=False) for s in everything])
 
     # --- helpers ---------------------------------------------------------------------------------
 

@@ -408,7 +408,7 @@ class ControlServer:
                 reply = error(refused)
             else:
                 reply = await loop.run_in_executor(self.workers, self.dispatch, line, peer, address)
-            conn.write(encode(reply))
+            conn.write(_framed(reply, peer))
             await asyncio.wait_for(conn.drain(), WRITE_TIMEOUT)
         except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
             pass
@@ -554,6 +554,18 @@ def _log_request(
         extra={"peer": peer, "op": op, "uid_prefix": prefix, "code": code},
         exc_info=exc_info,
     )
+
+
+def _framed(reply: dict[str, Any], peer: str) -> bytes:
+    """The reply's line; INTERNAL in its place should it be over 64 KiB, which the client would
+    not read (a listing keeps within it: protocol.listing), so that the client is told why."""
+    try:
+        return encode(reply)
+    except BadRequest:
+        log.error("%s: a reply larger than %d KiB was not sent", peer, MAX_MESSAGE // 1024)
+        return encode(
+            error(Internal("the reply was larger than 64 KiB; the operator finds the request in its log"))
+        )
 
 
 def _give_back_memory() -> None:

@@ -754,6 +754,11 @@ def status(
                     typer.echo(f"    {proc.name} log, last {len(proc.log)} line(s):")
                     for line in proc.log:
                         typer.echo(f"      {line}")
+        if found.omitted:
+            typer.echo(
+                f"... and {found.omitted} more stream(s): a reply holds at most 64 KiB; "
+                "ask for one by its UID (s2uc status UID)"
+            )
 
     _run(s2cs, server_cert, scope, body, accept_new_cert)
 

@@ -19,7 +19,7 @@ from scistream.loopback import BIN, S2csProcess, Sink, free_port, free_port_rang
 from scistream.s2cs.certs import generate
 from scistream.s2ds.haproxy import find_binary
 
-from .conftest import open_stream, port_of, wait_for
+from .conftest import open_stream, port_of, s2uc, wait_for
 
 
 def _pids(gw: S2csProcess, uid: str) -> dict[str, int]:
@@ -426,3 +426,29 @@ def test_a_request_whose_shaper_starts_before_its_proxy_config_is_written_is_ser
     finally:
         gateway.close()
         service.close()
+
+
+# Streams enough that `status` of all of them is larger than a reply may be (64 KiB, about 420
+# bytes a stream): HAProxy streams without a rate, one process each.
+MANY = 180
+
+
+def test_status_of_more_streams_than_a_reply_holds_shows_those_that_fit_and_counts_the_rest(start_s2cs):
+    """A gateway with a few hundred streams: `s2uc status` of all of them. The reply would be
+    larger than 64 KiB, the most one may be; s2cs then sent nothing at all, and s2uc said the
+    gateway had not answered."""
+    hpc = start_s2cs("hpc", ports=MANY)
+    service = free_port()  # nothing needs to listen there: no data flows
+    inbound = {"remote_ip": "127.0.0.1", "receiver_ports": [service], "rate": 0}
+    uids = [hpc.call("inbound", **inbound)["uid"] for _ in range(MANY)]
+    at = ["--s2cs", hpc.address, "--server_cert", str(hpc.cert)]
+
+    reply = json.loads(s2uc("status", *at, "--json").stdout)
+    assert 0 < reply["omitted"] < MANY  # more than a reply holds, and most of them shown
+    assert len(reply["streams"]) + reply["omitted"] == MANY
+    shown = s2uc("status", *at).stdout
+    assert f"... and {reply['omitted']} more stream(s)" in shown
+    assert len([line for line in shown.splitlines() if " RUNNING " in line]) == len(reply["streams"])
+    # Each stream can still be asked for by its UID, the last one made too.
+    (last,) = json.loads(s2uc("status", uids[-1], *at, "--json").stdout)["streams"]
+    assert last["uid"] == uids[-1] and last["state"] == "RUNNING"

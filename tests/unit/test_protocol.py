@@ -31,6 +31,7 @@ from scistream.protocol import (
     encode,
     error,
     format_rate,
+    listing,
     ok,
     parse_address,
     parse_request,
@@ -140,6 +141,30 @@ def test_encode_never_produces_a_line_the_peer_would_refuse():
     assert decode(at_limit) == {"x": "a" * (MAX_MESSAGE - overhead)}
     with pytest.raises(BadRequest, match="larger than 64 KiB"):
         encode({"x": "a" * (MAX_MESSAGE - overhead + 1)})
+
+
+def _streams(count: int) -> list[dict[str, object]]:
+    return [
+        {"uid": f"{i:08x}", "role": "inbound", "state": "RUNNING", "note": "x" * 400} for i in range(count)
+    ]
+
+
+def test_a_listing_that_fits_a_reply_is_whole():
+    assert listing(_streams(3)) == {"ok": True, "streams": _streams(3)}
+
+
+def test_a_listing_larger_than_a_reply_keeps_the_first_streams_that_fit_and_counts_the_others():
+    """`status` of a few hundred streams: the reply was not sent at all (it was over 64 KiB)."""
+    for count in (150, 160, 400, 1000):
+        reply = listing(_streams(count))
+        line = encode(reply)  # within MAX_MESSAGE, or this raises
+        kept = reply["streams"]
+        assert kept == _streams(count)[: len(kept)]
+        assert reply.get("omitted", 0) == count - len(kept)
+        if reply.get("omitted"):  # and no further stream would have fit
+            more = {**reply, "streams": _streams(len(kept) + 1)}
+            assert len(json.dumps(more, separators=(",", ":")).encode()) + 1 > MAX_MESSAGE
+        assert len(line) <= MAX_MESSAGE
 
 
 @pytest.mark.parametrize(
