@@ -409,6 +409,11 @@ class ControlServer:
             else:
                 reply = await loop.run_in_executor(self.workers, self.dispatch, line, peer, address)
             conn.write(_framed(reply, peer))
+            # Answered: no longer under way for its address, in this same step, before the loop
+            # takes any other connection. Left counted until the close, some loop turns later,
+            # a client's next request, sent once this reply came, could find it there and be
+            # refused under --max-clients-per-address (seen on a busy machine).
+            self._leave(address, conn)
             await asyncio.wait_for(conn.drain(), WRITE_TIMEOUT)
         except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
             pass

@@ -401,6 +401,25 @@ def test_one_address_cannot_take_every_control_connection(start_s2cs):
             sock.close()
 
 
+def test_a_client_that_waits_for_each_reply_is_never_refused_for_its_address(start_s2cs):
+    """One request at a time from one address, each sent once the last one's reply came: none
+    is under way when the next comes, so none may be refused with "requests under way already"
+    (`--max-clients-per-address 1`). One was, on a busy machine: an answered connection was
+    counted until the server had closed it, some loop turns later, most often after a request
+    too large (its reading paused), which the next request met."""
+    hpc = start_s2cs("hpc", "--max-clients-per-address", "1")
+    too_large = b"x" * MAX_MESSAGE + b"\n"
+    replies = []
+    for _ in range(60):
+        with _idle_from(hpc, "127.0.0.1") as tls:
+            tls.sendall(too_large)
+            replies.append(json.loads(tls.makefile("rb").readline()))
+        replies.append(_info_from(hpc, "127.0.0.1"))
+    refused = [r["error"]["message"] for r in replies if r.get("error", {}).get("code") == "CONFLICT"]
+    assert refused == []
+    assert [r.get("error", {}).get("code") for r in replies[::2]] == ["BAD_REQUEST"] * 60
+
+
 def _rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / (1 << 20)
 
