@@ -143,10 +143,14 @@ class Host:
         (neither from the current templates nor from their last config) is FATAL with the
         reason, and its ports stay reserved.
         """
+        active = []
         for session, recorded in self._found:
             if session.phase != Phase.ACTIVE:
                 self._end_unfinished(session, recorded)
-                continue
+            else:
+                active.append((session, recorded))
+        running = self._running(active)
+        for session, recorded in active:
             self.registry.add(session)
             self.pool.take(session.ports, owner=session.sid)
             files = SessionFiles(self.state.session_dir(session.sid))
@@ -154,15 +158,11 @@ class Host:
             files.run.mkdir(mode=0o700, exist_ok=True)
             spec = self._spec(session)
             gone = []
-            for before in recorded:
+            for i, before in enumerate(recorded):
                 launch = Launch(before.kind, before.argv, self.backend.ready(spec, files, before.kind))
                 proc = self._process(session, files, launch)
                 proc.restarts = before.restarts
-                handle = None
-                if before.pid and before.create_time:
-                    handle = self.runtime.adopt(before.pid, before.create_time, before.argv)
-                if handle is None:
-                    handle = self._unrecorded(session, files, before)
+                handle = running[(session.sid, i)]
                 if handle is not None:
                     proc.adopt(handle)
                 else:
@@ -176,21 +176,37 @@ class Host:
         if len(self.registry):
             log.info("recovered %d stream(s) from %s", len(self.registry), self.state.file)
 
-    def _unrecorded(self, session: Session, files: SessionFiles, before: RecordedProcess) -> Handle | None:
-        """The process that replaced the recorded one while state.json could not be written (a
-        full disk), should it run: taken over, not stopped and started anew, which would cut its
-        connections (docs/reliability.md, finding 6)."""
-        handle = self.runtime.unrecorded(files.directory, before.argv)
-        if handle is not None:
-            log.warning(
-                "session %s: re-adopted its %s, pid %d, though state.json had pid %s: it was "
-                "restarted while state.json could not be written",
-                short(session.sid),
-                before.kind,
-                handle.pid,
-                before.pid,
-            )
-        return handle
+    def _running(
+        self, active: list[tuple[Session, list[RecordedProcess]]]
+    ) -> dict[tuple[str, int], Handle | None]:
+        """The process of each record (by sid and place) that still runs, adopted: the recorded
+        one, or, where that is gone, the one that replaced it while state.json could not be
+        written (a full disk), taken over rather than stopped and started anew, which would cut
+        its connections (docs/reliability.md, finding 6). Those are looked for all at once: one
+        pass over the process table however many streams a reboot left."""
+        running: dict[tuple[str, int], Handle | None] = {}
+        missing: list[tuple[Session, int, RecordedProcess]] = []
+        for session, recorded in active:
+            for i, before in enumerate(recorded):
+                handle = None
+                if before.pid and before.create_time:
+                    handle = self.runtime.adopt(before.pid, before.create_time, before.argv)
+                running[(session.sid, i)] = handle
+                if handle is None:
+                    missing.append((session, i, before))
+        wanted = [(self.state.session_dir(session.sid), before.argv) for session, _, before in missing]
+        for (session, i, before), handle in zip(missing, self.runtime.unrecorded(wanted), strict=True):
+            if handle is not None:
+                log.warning(
+                    "session %s: re-adopted its %s, pid %d, though state.json had pid %s: it was "
+                    "restarted while state.json could not be written",
+                    short(session.sid),
+                    before.kind,
+                    handle.pid,
+                    before.pid,
+                )
+                running[(session.sid, i)] = handle
+        return running
 
     def _recorded(self) -> list[tuple[Session, list[RecordedProcess]]]:
         """Every session of state.json with its processes, all checked before any is acted on."""

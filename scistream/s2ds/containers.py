@@ -391,8 +391,9 @@ class DockerRuntime:
     def keep_appending(self, handle: Handle) -> bool:
         return True  # s2cs writes the log itself, always appending (_follow)
 
-    def unrecorded(self, session_dir: Path, argv: Sequence[str]) -> Handle | None:
-        return None  # a container left unrecorded is taken over by the next start of its name
+    def unrecorded(self, wanted: Sequence[tuple[Path, Sequence[str]]]) -> list[Handle | None]:
+        # A container left unrecorded is taken over by the next start of its name.
+        return [None for _ in wanted]
 
     def sweep(self, sessions: set[str], running: Collection[int] = (), where: Path | None = None) -> None:
         """Remove this gateway's containers that no kept session owns. One of a kept session that

@@ -108,10 +108,15 @@ def test_the_one_unrecorded_process_of_a_session_is_found_by_its_mark_and_comman
     mine = _started(runtime, tmp_path / "s1", argv)
     other = _started(runtime, tmp_path / "s2", argv)  # the same program for another session
     try:
-        found = runtime.unrecorded(tmp_path / "s1", argv)
+        found, other_kind, none_there = runtime.unrecorded(
+            [
+                (tmp_path / "s1", argv),
+                (tmp_path / "s1", ["sleep", "62"]),  # another kind of process
+                (tmp_path / "s3", argv),  # a session with none
+            ]
+        )
         assert found is not None and found.pid == mine.pid
-        assert runtime.unrecorded(tmp_path / "s1", ["sleep", "62"]) is None  # another kind of process
-        assert runtime.unrecorded(tmp_path / "s3", argv) is None  # a session with none
+        assert other_kind is None and none_there is None
     finally:
         for handle in (mine, other):
             terminate(runtime, handle, 5)
@@ -124,7 +129,27 @@ def test_two_unrecorded_processes_of_the_same_kind_are_neither_taken(tmp_path: P
     argv = ["sleep", "63"]
     handles = [_started(runtime, tmp_path / "s1", argv) for _ in range(2)]
     try:
-        assert runtime.unrecorded(tmp_path / "s1", argv) is None
+        assert runtime.unrecorded([(tmp_path / "s1", argv)]) == [None]
     finally:
         for handle in handles:
+            terminate(runtime, handle, 5)
+
+
+def test_the_unrecorded_processes_of_many_sessions_are_found_in_one_call(tmp_path: Path):
+    """A start after a reboot asks for every process of every stream at once: each session gets
+    its own process, none another's."""
+    runtime = ProcessRuntime()
+    argv = ["sleep", "64"]
+    handles = {name: _started(runtime, tmp_path / name, argv) for name in ("s1", "s2", "s3")}
+    try:
+        found = runtime.unrecorded([(tmp_path / name, argv) for name in ("s3", "s1", "s4", "s2")])
+        assert [None if h is None else h.pid for h in found] == [
+            handles["s3"].pid,
+            handles["s1"].pid,
+            None,
+            handles["s2"].pid,
+        ]
+        assert runtime.unrecorded([]) == []
+    finally:
+        for handle in handles.values():
             terminate(runtime, handle, 5)
