@@ -51,6 +51,9 @@ from .shaping import Bucket, Finish, Flow, Read, Turns, Write, share, step, wake
 
 TYPE_CHECKING = False  # as in shaping.py: no import of typing at start
 if TYPE_CHECKING:
+    from typing import Any
+
+    from .framing import Deframer, Framer
     from .sources import Sources
 
 PIPE_SIZE = 1 << 20  # what each flow's pipe is asked to hold; see Pipe
@@ -137,8 +140,27 @@ class Connection:
             sock.close()
 
 
+class FramedConnection(Connection):
+    """A connection of a shaper with --frame: the writer of the frames toward its Unix side and
+    the reader of those from it (framing.py). The flow that reads the Unix side is `unix`."""
+
+    def __init__(self, framer: Framer, deframer: Deframer, *args: Any) -> None:
+        super().__init__(*args)
+        self.framer = framer
+        self.deframer = deframer
+        self.unix = UP if self.sockets[UP].family == socket.AF_UNIX else DOWN
+
+    @property
+    def done(self) -> bool:
+        return super().done and not self.framer.owed  # the end frame may wait for room
+
+
 class PeerDied(ConnectionResetError):
     """The proxy at the Unix end of a connection was killed: its end is a cut, not a FIN."""
+
+
+class Cut(ConnectionResetError):
+    """A framed connection whose Unix side ended without its end mark, or is not framed."""
 
 
 class Peer:
@@ -196,8 +218,17 @@ class Shaper:
         max_conn: int = 0,
         stats: str | None = None,
         sources: Sources | None = None,
+        frame: bool = False,
     ) -> None:
         self.epoll = select.epoll()
+        self.framing = None
+        self.not_framed: tuple[type[Exception], ...] = ()  # what a reader finds for a wrong header
+        if frame:  # imported only when it frames: every other shaper starts without it
+            from . import framing
+
+            self.framing = framing
+            self.not_framed = (framing.NotFramed,)
+            self._pump = self._pump_framed  # type: ignore[method-assign]
         self.sources = sources  # None: every client; else only these (a plain entry)
         self.refused = 0  # clients refused for their source
         now = time.monotonic()
@@ -268,7 +299,12 @@ class Shaper:
                     s.close()
                 continue
             self.total += 1
-            conn = Connection(self.total, client, upstream, target, time.monotonic())
+            args = (self.total, client, upstream, target, time.monotonic())
+            if self.framing:  # the preamble is owed from the start: sent once connected
+                framing = self.framing
+                conn: Connection = FramedConnection(framing.Framer.start(), framing.Deframer.start(), *args)
+            else:
+                conn = Connection(*args)
             self._tell_kernel_limits(conn)
             self.conns[conn.serial] = conn
             for side, s in ((UP, client), (DOWN, upstream)):
@@ -401,6 +437,129 @@ class Shaper:
                 flow = flow.finished()
             conn.flows[direction] = flow
 
+    def _pump_framed(self, conn: Connection, direction: int, budget: int) -> int:
+        """_pump for --frame: the flow toward the Unix side writes frames, the one from it reads
+        them (framing.py decides what; here the system calls)."""
+        if not isinstance(conn, FramedConnection):
+            raise TypeError(f"connection {conn.serial} is not framed")
+        if direction == conn.unix:
+            return self._deframe(conn, direction, budget)
+        return self._frame(conn, direction, budget)
+
+    def _frame(self, conn: FramedConnection, direction: int, budget: int) -> int:
+        """TCP -> Unix: the preamble, then a header and a splice for what the pipe holds, and at
+        the TCP side's FIN the end frame and then the FIN. A cut of the TCP side ends the Unix
+        side without the end frame (_broken), which the far shaper turns into a reset."""
+        src = conn.sockets[direction].fileno()
+        dst = conn.sockets[1 - direction]
+        pipe = conn.pipes[direction]
+        read = 0
+        while True:
+            flow, framer = conn.flows[direction], conn.framer
+            if framer.owed:  # the preamble, a header or the end: before anything else
+                if not flow.writable:
+                    return read
+                try:
+                    framer = framer.sent(dst.send(framer.owed))
+                except BlockingIOError:
+                    conn.flows[direction] = flow.write_blocked()
+                    return read
+                conn.framer = framer
+                if framer.ended and not framer.owed:
+                    dst.shutdown(socket.SHUT_WR)  # the FIN, after the end frame
+                continue
+            action = step(flow, self.buckets[direction], budget - read)
+            if action is None:
+                return read
+            if isinstance(action, Write):
+                if not framer.left:
+                    conn.framer = framer.opened(flow.pending)  # its header is owed: sent first
+                    continue
+                try:
+                    n = os.splice(pipe.r, dst.fileno(), min(action.size, framer.left), flags=_NONBLOCK)
+                except BlockingIOError:
+                    flow = flow.write_blocked()
+                else:
+                    flow = flow.wrote(n)
+                    conn.framer = framer.spliced(n)
+            elif isinstance(action, Read):
+                try:
+                    n = os.splice(src, pipe.w, action.size, flags=_NONBLOCK)
+                except BlockingIOError:
+                    flow = flow.read_blocked()
+                else:
+                    flow = flow.read(n)
+                    self.buckets[direction] = self.buckets[direction].take(n)
+                    read += n
+            elif isinstance(action, Finish):
+                conn.framer = framer.ending()  # owed, then the FIN: above
+                flow = flow.finished()
+            conn.flows[direction] = flow
+
+    def _deframe(self, conn: FramedConnection, direction: int, budget: int) -> int:
+        """Unix -> TCP: the preamble and each header read through Python, exactly the payload a
+        header announced spliced into the pipe; the end frame is the TCP side's FIN. A Unix side
+        that ends before it, or that is not framed, is a cut: Cut, and the TCP side is reset."""
+        sock = conn.sockets[direction]
+        dst = conn.sockets[1 - direction]
+        pipe = conn.pipes[direction]
+        read = 0
+        while True:
+            flow, deframer = conn.flows[direction], conn.deframer
+            action = step(flow, self.buckets[direction], budget - read)
+            if action is None:
+                return read
+            if isinstance(action, Write):
+                try:
+                    flow = flow.wrote(os.splice(pipe.r, dst.fileno(), action.size, flags=_NONBLOCK))
+                except BlockingIOError:
+                    flow = flow.write_blocked()
+            elif isinstance(action, Read) and deframer.need:
+                try:
+                    heard = sock.recv(deframer.need)
+                except BlockingIOError:
+                    flow = flow.read_blocked()
+                else:
+                    if not heard:
+                        self._cut(conn, direction, deframer)
+                    conn.deframer = deframer = self._heard(deframer, heard)
+                    if deframer.ended:
+                        flow = flow.read(0)  # the FIN, after every byte before it
+            elif isinstance(action, Read):
+                try:
+                    n = os.splice(sock.fileno(), pipe.w, min(action.size, deframer.left), flags=_NONBLOCK)
+                except BlockingIOError:
+                    flow = flow.read_blocked()
+                else:
+                    if not n:
+                        self._cut(conn, direction, deframer)
+                    conn.deframer = deframer.spliced(n)
+                    flow = flow.read(n)
+                    self.buckets[direction] = self.buckets[direction].take(n)
+                    read += n
+            elif isinstance(action, Finish):
+                dst.shutdown(socket.SHUT_WR)
+                dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER)  # as in _pump
+                flow = flow.finished()
+            conn.flows[direction] = flow
+
+    def _heard(self, deframer: Deframer, heard: bytes) -> Deframer:
+        try:
+            return deframer.heard(heard)
+        except self.not_framed as exc:
+            raise Cut(errno.ECONNRESET, str(exc)) from None
+
+    def _cut(self, conn: FramedConnection, direction: int, deframer: Deframer) -> None:
+        """The Unix side ended before its end frame: the stream was cut."""
+        peer = conn.peers[direction]
+        if peer is not None and peer.died():
+            raise PeerDied(errno.ECONNRESET, f"the process at its end (pid {peer.pid}) died")
+        raise Cut(
+            errno.ECONNRESET,
+            f"the stream ended without its end mark ({deframer.cut()}): cut beyond the proxy, "
+            "where a process died or the service could not be reached",
+        )
+
     def _timeout(self, now: float) -> float | None:
         """How long the next wait for events may last; None: until something happens."""
         connected = [c for c in self.conns.values() if c.connected]
@@ -413,7 +572,7 @@ class Shaper:
     # --- endings and counts ---------------------------------------------------------------------
 
     def _broken(self, conn: Connection, exc: OSError) -> None:
-        if isinstance(exc, PeerDied):
+        if isinstance(exc, (PeerDied, Cut)):
             say(f"connection {conn.serial} reset: {exc.strerror}")
         elif exc.errno not in _GONE:
             say(f"connection closed: {exc}")
@@ -518,13 +677,16 @@ def _listen(where: Endpoint) -> socket.socket:
 
 USAGE = (
     "usage: python -m scistream.s2ds.shaper --rate BYTES_PER_S [--max-conn N] [--stats FILE]\n"
-    "                                       [--allow-source CIDR ...]\n"
+    "                                       [--allow-source CIDR ...] [--frame]\n"
     "                                       --route LISTEN TARGET [--route LISTEN TARGET ...]\n\n"
     "  --rate       bytes/s, each direction; 0: no limit\n"
     "  --max-conn   most connections at once; 0 (the default): no limit\n"
     "  --stats      file to keep connection and byte counts in (JSON)\n"
     "  --allow-source  admit clients of this network only (repeatable); others are reset at\n"
     "               accept, before a byte is read. Without it: every client\n"
+    "  --frame      carry an end of stream in each connection's Unix side, to and from a shaper\n"
+    "               with --frame on the other gateway; a cut there resets the TCP end (each\n"
+    "               route between a TCP address and a Unix socket)\n"
     "  --route      listen on LISTEN, relay to TARGET; each an absolute Unix socket path or\n"
     "               HOST:PORT (two arguments, so that a path may hold any character)\n"
 )
@@ -538,7 +700,9 @@ class Options:
         stats: str | None,
         routes: tuple[tuple[Endpoint, Endpoint], ...],
         sources: Sources | None = None,
+        frame: bool = False,
     ) -> None:
+        self.frame = frame  # frames on the Unix side of every connection (framing.py)
         self.rate = rate  # bytes/s, each direction; 0: no limit
         self.max_conn = max_conn  # 0: no limit
         self.stats = stats
@@ -557,6 +721,7 @@ def parse(argv: Sequence[str]) -> Options:
     values: dict[str, str] = {}
     routes: list[tuple[str, str]] = []
     allowed: list[str] = []
+    frame = False
     rest = list(argv)
     while rest:
         arg = rest.pop(0)
@@ -571,6 +736,8 @@ def parse(argv: Sequence[str]) -> Options:
                     raise UsageError(f"{name} takes a value")
                 value = rest.pop(0)
             allowed.append(value)
+        elif arg == "--frame":
+            frame = True
         elif name in ("--rate", "--max-conn", "--stats"):
             if not equals:
                 if not rest:
@@ -591,6 +758,12 @@ def parse(argv: Sequence[str]) -> Options:
         pairs = tuple((endpoint(listen), endpoint(target)) for listen, target in routes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    for listen, target in pairs if frame else ():
+        if isinstance(listen, str) == isinstance(target, str):
+            raise UsageError(
+                f"--frame: route {_text(listen)} -> {_text(target)} is not between a TCP address "
+                "and a Unix socket: frames go only to and from a proxy's Unix socket"
+            )
     sources = None
     if allowed:  # imported only for a plain entry: every other shaper starts without it
         from .sources import Sources
@@ -599,7 +772,7 @@ def parse(argv: Sequence[str]) -> Options:
             sources = Sources.parse(allowed)
         except ValueError as exc:
             raise UsageError(f"--allow-source: {exc}") from None
-    return Options(numbers["--rate"], numbers["--max-conn"], values.get("--stats"), pairs, sources)
+    return Options(numbers["--rate"], numbers["--max-conn"], values.get("--stats"), pairs, sources, frame)
 
 
 def options(argv: Sequence[str] | None = None) -> Options:
@@ -618,7 +791,7 @@ def options(argv: Sequence[str] | None = None) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = options(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    shaper = Shaper(opts.routes, opts.rate, opts.max_conn, opts.stats, opts.sources)
+    shaper = Shaper(opts.routes, opts.rate, opts.max_conn, opts.stats, opts.sources, opts.frame)
     bucket = shaper.buckets[UP]
     limit = "unlimited"
     if opts.rate:
@@ -626,6 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limit += f"reads of {bucket.quantum} or more)"
     routes = ", ".join(f"{_text(listen)} -> {_text(target)}" for listen, target in opts.routes)
     admitted = f", sources {opts.sources}" if opts.sources is not None else ""
+    admitted += ", framed" if opts.frame else ""
     print(
         f"shaper: {limit}, {opts.max_conn or 'unlimited'} connections, routes {routes}{admitted}", flush=True
     )

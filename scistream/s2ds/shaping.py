@@ -63,7 +63,7 @@ class Value:
 
 
 if TYPE_CHECKING:
-    State = TypeVar("State", "Bucket", "Flow")
+    State = TypeVar("State", bound=Value)
 
 
 def _but(state: State, **changes: object) -> State:

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scistream.s2ds.framing import END, MOST, PREAMBLE, Deframer, Framer, NotFramed
+from scistream.s2ds.shaper import UsageError, parse
 
 
 def header(n: int) -> bytes:
@@ -174,3 +175,34 @@ def test_what_the_writer_frames_the_reader_reads_back(chunks, pieces):
         at += size
     assert counted == payload == sum(chunks)
     assert at == len(wire)
+
+
+# --- the option ----------------------------------------------------------------------------------
+
+
+def test_frame_is_an_option_of_the_shaper_and_off_by_default():
+    routes = ["--route", "127.0.0.1:5000", "/run/s/shaper-0.sock"]
+    assert parse(["--rate=0", "--frame", *routes]).frame
+    assert not parse(["--rate=0", *routes]).frame
+
+
+@pytest.mark.parametrize(
+    "route",
+    [["127.0.0.1:5000", "127.0.0.1:5001"], ["/run/s/a.sock", "/run/s/b.sock"]],
+    ids=["tcp-tcp", "unix-unix"],
+)
+def test_frames_go_only_between_a_tcp_address_and_a_unix_socket(route):
+    with pytest.raises(UsageError, match=r"--frame: route .* is not between a TCP address and a Unix socket"):
+        parse(["--rate=0", "--frame", "--route", *route])
+
+
+def test_a_shaper_that_does_not_frame_does_not_load_framing():
+    """Its start is waited for by every rate-limited request (test_shaping.py, the start)."""
+    import subprocess
+    import sys
+
+    check = "import sys, scistream.s2ds.shaper\nprint('scistream.s2ds.framing' in sys.modules)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False"
