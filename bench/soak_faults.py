@@ -100,8 +100,6 @@ def kill_process(stage: Stage, fault: Fault) -> None:
     with gw.lock:
         pids = pids_of(gw, stream.uid)
     if name not in pids:
-        name = "proxy"  # this side runs no shaper (an unlimited stream)
-    if name not in pids:
         fault.detail = f"no {name} of {stream.name} found on {gw.name}: skipped"
         return
     victim = pids[name]

@@ -117,13 +117,17 @@ class Backend(ABC):
         write_private(files.pem, creds.cert_pem + creds.key_pem)
 
     def shaped(self, rate_bytes: int, listeners: int) -> bool:
-        """Whether a session needs the shaper between its proxy and its targets: for a rate, or
-        for one connection limit over several listeners (a proxy's limit is per listener)."""
-        return SHAPER and (rate_bytes > 0 or listeners > 1)
+        """Whether a session runs the shaper between its proxy and its targets: always, where
+        splice(2) is. Besides the rate and one connection limit over several listeners, it
+        carries each connection's end across the proxies (`--frame`): without it a cut on the
+        other side of the TLS hop reaches this end as a clean close (docs/reliability.md, "What
+        a fault does to a connection"), an unlimited stream too."""
+        return SHAPER
 
     def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
-        """The shaper enforces num_conn over all listeners of the session together."""
-        return [f"--max-conn={spec.num_conn}"]
+        """The shaper enforces num_conn over all listeners of the session together, and frames
+        what it passes to its proxy, as the shaper of the other gateway does."""
+        return [f"--max-conn={spec.num_conn}", "--frame"]
 
     def spec(
         self,

@@ -89,9 +89,6 @@ class StunnelBackend(Backend):
         )
         return Capabilities(num_conn=num_conn, rate=shaper_rate())
 
-    def shaped(self, rate_bytes: int, listeners: int) -> bool:
-        return SHAPER  # the shaper is where num_conn is enforced, whatever the rate
-
     def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
         return [*super().shaper_options(spec, files), f"--stats={files.shaper_stats}"]
 

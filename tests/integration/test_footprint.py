@@ -9,6 +9,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from scistream.loopback import S2csProcess, free_port, free_port_range, proxies_of
 
 from .conftest import port_of
@@ -43,12 +45,12 @@ def past_start_up(port: int) -> None:
 
 
 def proxy_private_kib(workdir: Path, nofile: int) -> int:
-    """The private memory of the HAProxy of an unlimited session (no shaper)."""
+    """The private memory of the HAProxy of an unlimited session."""
     gw = LimitedS2cs(f"nofile{nofile}", workdir / f"nofile{nofile}", free_port_range(4), nofile=nofile)
     try:
         gw.start()
         reply = gw.call("inbound", remote_ip="127.0.0.1", receiver_ports=[free_port()], rate=0)
-        (pid,) = proxies_of(gw.state_dir)
+        (pid,) = [pid for pid in proxies_of(gw.state_dir) if psutil.Process(pid).name() == "haproxy"]
         with open(f"/proc/{pid}/limits") as f:
             assert [line.split()[3] for line in f if "open files" in line] == [str(nofile)]
         past_start_up(port_of(reply["listeners"][0]))

@@ -56,13 +56,17 @@ def test_the_samples_cover_both_roles_rates_and_listener_counts(kind):
 
 
 def test_the_haproxy_samples_take_every_branch_of_its_template():
-    """Without a shaper, with one behind the proxy (inbound), with one in front (outbound)."""
-    found = {(s.spec.role, s.spec.shaped, s.spec.front) for s in samples(backend_of("haproxy"))}
+    """With the shaper behind the proxy (inbound) and in front of it (outbound), with and without
+    a rate. (Its branch without a shaper serves only systems without splice(2).)"""
+    found = {
+        (s.spec.role, s.spec.shaped, s.spec.front, s.spec.rate_bytes > 0)
+        for s in samples(backend_of("haproxy"))
+    }
     assert found == {
-        ("inbound", False, False),
-        ("inbound", True, False),
-        ("outbound", False, False),
-        ("outbound", True, True),
+        ("inbound", True, False, False),
+        ("inbound", True, False, True),
+        ("outbound", True, True, False),
+        ("outbound", True, True, True),
     }
 
 
