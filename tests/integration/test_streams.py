@@ -17,6 +17,7 @@ import pytest
 from scistream.credentials import stream_credentials
 from scistream.errors import ScistreamError
 from scistream.loopback import Echo, Sink, proxies_of, send
+from scistream.s2ds.framing import END, HEADER, PREAMBLE
 
 from .conftest import BACKENDS, listen_queue, open_stream, port_of, s2uc, wait_for
 
@@ -80,9 +81,10 @@ def test_only_holders_of_the_stream_certificate_reach_the_service(start_s2cs, wo
     assert sink.connections == 0, f"a client without the stream's certificate reached the service ({refused})"
 
     # The stream's own certificate gets through: the refusals above were about the certificate.
+    # Standing for the outbound side, the client speaks as its shaper does: framed, with the end.
     ctx = _tls_client(workdir, inbound["uid"])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
-        tls.sendall(b"frame 0001")
+        tls.sendall(PREAMBLE + len(b"frame 0001").to_bytes(HEADER, "big") + b"frame 0001" + END)
         with contextlib.suppress(ssl.SSLError, OSError):
             tls.unwrap()  # close_notify: a TLS end of stream, not a cut connection
     deadline = time.monotonic() + 30
@@ -92,13 +94,14 @@ def test_only_holders_of_the_stream_certificate_reach_the_service(start_s2cs, wo
 
 
 def _waiting(gw, port: int) -> int:
-    """How many connections wait at the outbound gateway `gw` for one of its stream's places:
-    in HAProxy's queue (its stats socket, the queues of the backend and its server), or, before
-    stunnel, in the listen queue of the shaper, which stops accepting at num_conn."""
+    """How many connections wait at the outbound gateway `gw` for one of its stream's places: in
+    the listen queue of the shaper in front of the proxy, which stops accepting at num_conn, and
+    with HAProxy in its queue too (its stats socket, the queues of the backend and its server)."""
     (session,) = (gw.state_dir / "sessions").iterdir()
     stats = session / "run" / "stats.sock"
+    in_front = listen_queue("127.0.0.1", port)
     if not stats.exists():
-        return listen_queue("127.0.0.1", port)
+        return in_front
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(str(stats))
@@ -108,7 +111,7 @@ def _waiting(gw, port: int) -> int:
             table += chunk
     header, *rows = table.decode().splitlines()
     qcur = header.lstrip("# ").split(",").index("qcur")
-    return sum(int(row.split(",")[qcur] or 0) for row in rows if row and not row.startswith("#"))
+    return in_front + sum(int(row.split(",")[qcur] or 0) for row in rows if row and not row.startswith("#"))
 
 
 def _refusals_logged(hpc, uid: str, kinds: set[str]) -> list[dict]:
