@@ -82,9 +82,9 @@ class HaproxyBackend(Backend):
         return Capabilities(num_conn=num_conn, rate=shaper_rate())
 
     def shaper_options(self, spec: ProxySpec, files: SessionFiles) -> list[str]:
-        options = super().shaper_options(spec, files)
-        # A shaper in front has the plain entry: what it refused is counted there, not in HAProxy.
-        return [*options, f"--stats={files.shaper_stats}"] if spec.front else options
+        # The stream's bytes are the shaper's: HAProxy's count the frames between the shapers
+        # too. A shaper in front has the plain entry: what it refused is counted there as well.
+        return [*super().shaper_options(spec, files), f"--stats={files.shaper_stats}"]
 
     def command(self, files: SessionFiles) -> list[str]:
         # -db: stay in the foreground, one process, so s2cs supervises it directly.
@@ -111,7 +111,9 @@ class HaproxyBackend(Backend):
             raise BackendFailed(f"HAProxy refused the config: {reason}")
 
     def stats(self, files: SessionFiles) -> Stats | None:
-        """Current connections and bytes of the session's frontend, from the runtime API."""
+        """Current connections of the session's frontend, from the runtime API, and the bytes of
+        the stream from its shaper (HAProxy's bytes hold the frames between the shapers: 16
+        bytes and more per connection and direction), which it writes at most once a second."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, _socket_file(files) as path:
                 sock.settimeout(2)
@@ -127,10 +129,13 @@ class HaproxyBackend(Backend):
             return None
         try:
             # The shaper's, read as stunnel.py does: never a link's target.
-            refused = int(json.loads(read_small(files.shaper_stats)).get("refused", 0))
-        except (OSError, ValueError, AttributeError):
-            return found  # no shaper in front: the refusals are HAProxy's own (dcon)
-        return dataclasses.replace(found, refused=found.refused + refused)
+            shaper = json.loads(read_small(files.shaper_stats))
+            bytes_in, bytes_out = int(shaper["bytes_in"]), int(shaper["bytes_out"])
+            refused = int(shaper.get("refused", 0))
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return found  # no shaper (no splice(2)), or none of its counts yet
+        refused += found.refused  # and HAProxy's own (dcon)
+        return dataclasses.replace(found, bytes_in=bytes_in, bytes_out=bytes_out, refused=refused)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from scistream.loopback import BIN, S2csProcess, free_port_range, proxies_of
+from scistream.s2ds.framing import END, HEADER, PREAMBLE
 
 
 @pytest.fixture
@@ -105,6 +106,19 @@ def field(output: str, name: str) -> str:
         if line.startswith(f"{name}: "):
             return line.split(": ", 1)[1].strip()
     raise AssertionError(f"no {name!r} line in:\n{output}")
+
+
+def framed(payload: bytes) -> bytes:
+    """What an outbound shaper sends through its proxy for a connection that carries `payload`
+    and ends (docs/reliability.md, "What a fault does to a connection"): what a test standing
+    for the outbound side of a stream sends to an inbound listener."""
+    frame = len(payload).to_bytes(HEADER, "big") + payload if payload else b""
+    return PREAMBLE + frame + END
+
+
+def pids_of(state_dir: Path, name: str) -> list[int]:
+    """The processes of `state_dir` (proxies_of) whose program is `name`: "haproxy", "stunnel"."""
+    return [pid for pid in proxies_of(state_dir) if psutil.Process(pid).name() == name]
 
 
 def port_of(address: str) -> int:

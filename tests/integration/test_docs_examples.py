@@ -321,6 +321,7 @@ def test_the_user_guides_examples(facilities):
     assert facilities.start_gateway(facilities.forward(HPC_GATEWAY))[-1].startswith("s2cs ready on ")
     instrument_gateway(facilities)
     found = examples("user-guide.md")
+    status = facilities.forward("s2uc status --s2cs hpc.facility.org:5000")
     sent = False
     for example in found:
         if "s2uc status" in example.steps[0][0] and not sent:
@@ -330,6 +331,8 @@ def test_the_user_guides_examples(facilities):
                 data = os.urandom(2_000_000)
                 assert send((ENTRY, facilities.inst_range), data)[0] == len(data)
             wait_for(lambda: facilities.service.connections == 2, what="both connections at the service")
+            # The stream's bytes are its shaper's counts, written at most once a second.
+            wait_for(lambda: "146 B" in "\n".join(facilities.s2uc(status)), what="both receipts counted")
             sent = True
         facilities.run(example)
         if "--uid-file stream.uid" in example.steps[0][0] and "inbound_request" in example.steps[0][0]:

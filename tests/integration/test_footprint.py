@@ -9,11 +9,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+from scistream.loopback import S2csProcess, free_port, free_port_range
 
-from scistream.loopback import S2csProcess, free_port, free_port_range, proxies_of
-
-from .conftest import port_of
+from .conftest import pids_of, port_of
 
 
 @dataclass
@@ -50,7 +48,7 @@ def proxy_private_kib(workdir: Path, nofile: int) -> int:
     try:
         gw.start()
         reply = gw.call("inbound", remote_ip="127.0.0.1", receiver_ports=[free_port()], rate=0)
-        (pid,) = [pid for pid in proxies_of(gw.state_dir) if psutil.Process(pid).name() == "haproxy"]
+        (pid,) = pids_of(gw.state_dir, "haproxy")
         with open(f"/proc/{pid}/limits") as f:
             assert [line.split()[3] for line in f if "open files" in line] == [str(nofile)]
         past_start_up(port_of(reply["listeners"][0]))

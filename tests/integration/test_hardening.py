@@ -23,7 +23,7 @@ from scistream.credentials import stream_credentials
 from scistream.errors import NoPorts, ScistreamError
 from scistream.loopback import Sink, proxies_of
 
-from .conftest import BACKENDS, open_stream, port_of
+from .conftest import BACKENDS, framed, open_stream, port_of
 
 UID = "0b7c1f2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"
 NASTY = [
@@ -217,7 +217,7 @@ def test_a_hundred_concurrent_requests_get_their_own_ports_and_carry_their_own_d
     # Each stream carries its own data to its own service.
     for i, reply in granted.items():
         with _tls_to_listener(reply["uid"], port_of(reply["listeners"][0]), workdir) as tls:
-            tls.sendall(f"stream {i}: ".encode() * 1000)
+            tls.sendall(framed(f"stream {i}: ".encode() * 1000))
             with contextlib.suppress(ssl.SSLError):  # the service answers, unwrap() balks at it
                 tls.unwrap()  # close_notify: the end of this stream's data
     deadline = time.monotonic() + 120
@@ -360,7 +360,7 @@ def test_connections_without_the_stream_certificate_take_no_num_conn_slot(start_
 def _one_frame_reaches_the_service(uid: str, listener: int, directory: Path, sink: Sink) -> None:
     """The stream's own connection (with its certificate) carries a frame to the service."""
     with _tls_to_listener(uid, listener, directory) as tls:
-        tls.sendall(b"frame 1")
+        tls.sendall(framed(b"frame 1"))
         with contextlib.suppress(ssl.SSLError):
             tls.unwrap()
     deadline = time.monotonic() + 30
@@ -445,14 +445,14 @@ def test_every_connection_to_a_proxy_makes_a_full_handshake(start_s2cs, workdir,
     listener = port_of(reply["listeners"][0])
     ctx = _stream_client(reply["uid"], workdir)
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", listener), timeout=60)) as first:
-        first.sendall(b"frame 1")
+        first.sendall(framed(b"frame 1"))
         with contextlib.suppress(ssl.SSLError, OSError):
             first.unwrap()  # reads what the proxy sent after the handshake: its session, if any
         session = first.session
     assert session is not None
     raw = socket.create_connection(("127.0.0.1", listener), timeout=60)
     with ctx.wrap_socket(raw, session=session) as second:
-        second.sendall(b"frame 2")
+        second.sendall(framed(b"frame 2"))
         assert not second.session_reused
         # A close with unread bytes (the proxy's post-handshake messages) is a reset, which the
         # kernel may act on before the proxy read the frame: end the connection as a client does.

@@ -17,9 +17,9 @@ import psutil
 import pytest
 
 from scistream.errors import ScistreamError
-from scistream.loopback import S2csProcess, Sink, proxies_of, send
+from scistream.loopback import S2csProcess, Sink, send
 
-from .conftest import open_stream, wait_for
+from .conftest import open_stream, pids_of, wait_for
 
 UNKNOWN = "0b7c1f2e-3d4a-4b5c-8d9e-0f1a2b3c4d5e"  # no stream of these tests
 REFUSED = "10.0.2.5"  # a target outside the tests' --allow-targets (loopback)
@@ -87,7 +87,7 @@ def test_json_log_is_json_from_start_to_stop(start_s2cs):
     stream = open_stream(hpc, inst, sink.port, rate=0)
     data = os.urandom(100_000)
     assert send(("127.0.0.1", stream.port), data) == (len(data), hashlib.sha256(data).hexdigest())
-    (proxy,) = [pid for pid in proxies_of(hpc.state_dir) if psutil.Process(pid).name() == "haproxy"]
+    (proxy,) = pids_of(hpc.state_dir, "haproxy")
     psutil.Process(proxy).send_signal(signal.SIGKILL)
     wait_for(lambda: "running again" in hpc.log.read_text(), what="the inbound proxy restarted")
     assert refused(hpc, "release", uid=UNKNOWN) == "NOT_FOUND"

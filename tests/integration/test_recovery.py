@@ -20,7 +20,7 @@ from scistream.loopback import Sink, proxies_of, send
 from scistream.s2cs.gateway import port_is_free
 from scistream.s2ds.render import default_templates
 
-from .conftest import BACKENDS, open_stream, wait_for
+from .conftest import BACKENDS, open_stream, pids_of, wait_for
 
 EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -328,14 +328,14 @@ def test_an_operator_template_the_proxy_refuses_fails_the_request_in_the_proxys_
     # s2cs restarts while the template is broken and the proxy is gone: the stream comes back
     # with the config it last ran with.
     hpc.stop(signal.SIGKILL)
-    (proxy,) = proxies_of(hpc.state_dir)
+    (proxy,) = pids_of(hpc.state_dir, "haproxy")
     os.kill(proxy, signal.SIGKILL)
     hpc.start()
     wait_for(lambda: hpc.call("status", uid=uid)["streams"][0]["state"] == "RUNNING", what="restart")
     assert "starting it again with its last config" in hpc.log.read_text()
     # Without that config either, s2cs still starts, and the stream says why it cannot run.
     hpc.stop(signal.SIGKILL)
-    (proxy,) = proxies_of(hpc.state_dir)
+    (proxy,) = pids_of(hpc.state_dir, "haproxy")
     os.kill(proxy, signal.SIGKILL)
     (config,) = (hpc.state_dir / "sessions").glob("*/proxy.conf")
     config.unlink()

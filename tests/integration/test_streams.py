@@ -17,9 +17,8 @@ import pytest
 from scistream.credentials import stream_credentials
 from scistream.errors import ScistreamError
 from scistream.loopback import Echo, Sink, proxies_of, send
-from scistream.s2ds.framing import END, HEADER, PREAMBLE
 
-from .conftest import BACKENDS, listen_queue, open_stream, port_of, s2uc, wait_for
+from .conftest import BACKENDS, framed, listen_queue, open_stream, port_of, s2uc, wait_for
 
 EACH_BACKEND = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -84,7 +83,7 @@ def test_only_holders_of_the_stream_certificate_reach_the_service(start_s2cs, wo
     # Standing for the outbound side, the client speaks as its shaper does: framed, with the end.
     ctx = _tls_client(workdir, inbound["uid"])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
-        tls.sendall(PREAMBLE + len(b"frame 0001").to_bytes(HEADER, "big") + b"frame 0001" + END)
+        tls.sendall(framed(b"frame 0001"))
         with contextlib.suppress(ssl.SSLError, OSError):
             tls.unwrap()  # close_notify: a TLS end of stream, not a cut connection
     deadline = time.monotonic() + 30
