@@ -110,6 +110,10 @@ def children_cpu() -> float:
 
 
 BUSY_TRIES = 40  # an iperf3 server still ending the run before refuses the next; 0.25 s apart
+# How that refusal reaches the client: the server's "busy" message, or, when the server closed
+# before reading the client's first bytes, a reset of the control connection (seen with no proxy
+# at all in the path, right after a SciStream run).
+BUSY = ("busy", "unable to receive control message: Connection reset by peer")
 
 
 def iperf3(config: Configuration, server: int, seconds: int) -> Run:
@@ -126,7 +130,7 @@ def iperf3(config: Configuration, server: int, seconds: int) -> Run:
         ).stdout
         client, after = children_cpu() - client_before, read_ticks([*config.path, server])
         report = json.loads(out)
-        if "busy" not in str(report.get("error", "")):
+        if not any(sign in str(report.get("error", "")) for sign in BUSY):
             break
         time.sleep(0.25)
     if "sum_received" not in report.get("end", {}):
