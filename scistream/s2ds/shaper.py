@@ -577,7 +577,7 @@ class Shaper:
     # --- endings and counts ---------------------------------------------------------------------
 
     def _broken(self, conn: Connection, exc: OSError) -> None:
-        if isinstance(exc, (PeerDied, Cut)):
+        if isinstance(exc, PeerDied | Cut):
             say(f"connection {conn.serial} reset: {exc.strerror}")
         elif exc.errno not in _GONE:
             say(f"connection closed: {exc}")
