@@ -208,3 +208,43 @@ def test_a_connection_cut_by_a_fault_is_never_taken_for_a_delivery(
         end for end, ending in (("sender", sender.ending), ("service", service.ending)) if ending == "clean"
     ]
     assert whole or not fooled, f"the {fooled[0]} took a cut for a delivery ({seen})"
+
+
+_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+
+
+def _ending(sock: socket.socket) -> str:
+    """How a connection ended for the end reading it: "clean" (a FIN) or the error."""
+    sock.settimeout(60)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except OSError as exc:
+        return f"error: {exc}"
+    return "clean"
+
+
+@pytest.mark.parametrize("aborts", ["service", "sender"])
+@pytest.mark.parametrize("backend", ["haproxy", "stunnel"])
+def test_an_end_that_aborts_its_connection_is_seen_aborting_by_the_other(start_s2cs, backend, aborts):
+    """A service that crashes in the middle of an answer, or a sender that gives up, resets its
+    connection: the other end is told so (docs/reliability.md), where the proxies alone close it
+    cleanly, which the other end takes for a complete answer or a complete stream."""
+    hpc = start_s2cs("hpc", backend=backend)
+    inst = start_s2cs("instrument", backend=backend)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = open_stream(hpc, inst, server.getsockname()[1], rate=0).port
+    sender = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sender.sendall(b"request\n")
+    server.settimeout(60)
+    service, _ = server.accept()
+    service.settimeout(60)
+    assert service.recv(8) == b"request\n"
+    service.sendall(os.urandom(1 << 20))  # a part of the answer
+    aborting, other = (service, sender) if aborts == "service" else (sender, service)
+    aborting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+    aborting.close()
+    seen = _ending(other)
+    other.close()
+    server.close()
+    assert seen.startswith("error"), f"the {aborts} reset its connection; the other end saw a {seen} end"
