@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from scistream.s2ds.framing import END, HEADER, PREAMBLE
 
 from .test_shaper import (  # noqa: F401 (fixtures: pytest finds them by name in this module)
     Service,
@@ -356,3 +359,28 @@ def test_an_unframed_sender_side_facing_a_framed_service_side_resets_the_service
         # goes in the pass that finds the connection made, which may be the one that reads hello).
         assert read_all(client) in (b"", b"\x00SCIFRM1")
     wait_until(lambda: "does not frame" in stream.inbound.output(), "the inbound shaper's line")
+
+
+# --- the end of a connection, in order -------------------------------------------------------------
+
+
+def test_the_shaper_closes_its_unix_side_only_after_the_proxy_has_ended_its_own(request, service):
+    """A proxy passes its peer's end on (a TLS close_notify) after the end frame that came before
+    it. A shaper that closed the connection at the end frame alone made a stunnel close its TLS
+    connection with that close_notify unread: the kernel reset it, and the reset threw away what
+    was still on its way to the far end (one 424 kB echo in about 300 came back cut, no fault)."""
+    start = request.getfixturevalue("start_shaper")  # test_shaper.py's, imported above
+    sock_path = str(request.getfixturevalue("home") / "inbound.sock")
+    start([(sock_path, service.address)], 0, "--frame")
+    with connect(sock_path) as proxy:  # the test stands for the inbound proxy
+        proxy.sendall(PREAMBLE + (2).to_bytes(HEADER, "big") + b"hi" + END)  # its peer's stream, ended
+        with service.accept() as server:
+            assert read_all(server) == b"hi"  # every byte, then the FIN: the end frame passed on
+            server.sendall(b"ok")
+        assert read_all(proxy) == PREAMBLE + (2).to_bytes(HEADER, "big") + b"ok" + END  # and the shaper's end
+        # Both directions have ended in frames; the proxy has not ended its side yet.
+        hung_up = select.poll()
+        hung_up.register(proxy, select.POLLHUP)
+        assert hung_up.poll(1000) == [], "the shaper closed the connection before the proxy ended its side"
+        proxy.shutdown(socket.SHUT_WR)  # the proxy's own end, once it has read its peer's
+        assert hung_up.poll(60_000), "the shaper did not close the connection after the proxy's end"
