@@ -162,7 +162,7 @@ def test_a_killed_container_is_started_again_and_counted(start, engine):
     assert shown["restarts"] == 1
     after = stream_containers(engine, hpc)["proxy"]
     assert after.id != before.id and after.name == before.name  # a new container, the same name
-    assert len(containers_of(engine, hpc)) == 1  # the killed one is removed
+    assert len(containers_of(engine, hpc)) == 2  # the proxy's and the shaper's: the killed one is removed
     data = os.urandom(1 << 20)
     assert send(("127.0.0.1", stream.port), data) == (len(data), hashlib.sha256(data).hexdigest())
     sink.close()
@@ -216,7 +216,7 @@ def test_a_pair_of_one_gateway_on_processes_and_one_on_containers(start, engine)
     inst = start("instrument", backend="haproxy")
     sink = Sink()
     stream = open_stream(hpc, inst, sink.port, rate=0)
-    assert containers_of(engine, hpc) == [] and set(stream_containers(engine, inst)) == {"proxy"}
+    assert containers_of(engine, hpc) == [] and set(stream_containers(engine, inst)) == {"proxy", "shaper"}
     data = os.urandom(16 << 20)
     assert send(("127.0.0.1", stream.port), data) == (len(data), hashlib.sha256(data).hexdigest())
     sink.close()
