@@ -99,6 +99,15 @@ class Pipe:
         os.close(self.w)
 
 
+def _emptied(flow: Flow, pipe: Pipe, dst: socket.socket, size: int) -> Flow:
+    """A Write of shaping.step: what the pipe holds spliced into `dst`, up to `size` bytes, as
+    much as its socket takes now."""
+    try:
+        return flow.wrote(os.splice(pipe.r, dst.fileno(), size, flags=_NONBLOCK))
+    except BlockingIOError:
+        return flow.write_blocked()
+
+
 class Connection:
     """A client of a listener and its upstream socket; flow UP reads the client, DOWN the upstream."""
 
@@ -420,22 +429,10 @@ class Shaper:
             if action is None:
                 return read
             if isinstance(action, Write):
-                try:
-                    flow = flow.wrote(os.splice(pipe.r, dst.fileno(), action.size, flags=_NONBLOCK))
-                except BlockingIOError:
-                    flow = flow.write_blocked()
+                flow = _emptied(flow, pipe, dst, action.size)
             elif isinstance(action, Read):
-                try:
-                    n = os.splice(src, pipe.w, action.size, flags=_NONBLOCK)
-                except BlockingIOError:
-                    flow = flow.read_blocked()
-                else:
-                    peer = conn.peers[direction]
-                    if not n and peer is not None and peer.died():
-                        raise PeerDied(errno.ECONNRESET, f"the process at its end (pid {peer.pid}) died")
-                    flow = flow.read(n)
-                    self.buckets[direction] = self.buckets[direction].take(n)
-                    read += n
+                flow, n = self._filled(direction, flow, src, pipe, action.size, conn.peers[direction])
+                read += n
             elif isinstance(action, Finish):
                 dst.shutdown(socket.SHUT_WR)  # the FIN, after every byte before it
                 if dst.family != socket.AF_UNIX:
@@ -444,6 +441,21 @@ class Shaper:
                     dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER)
                 flow = flow.finished()
             conn.flows[direction] = flow
+
+    def _filled(
+        self, direction: int, flow: Flow, src: int, pipe: Pipe, size: int, peer: Peer | None
+    ) -> tuple[Flow, int]:
+        """A Read of shaping.step: up to `size` bytes of `src` spliced into the pipe and taken
+        from the bucket; the flow after it, and how many. An end read from a Unix side whose
+        process (`peer`) died is that process's death, not an orderly end."""
+        try:
+            n = os.splice(src, pipe.w, size, flags=_NONBLOCK)
+        except BlockingIOError:
+            return flow.read_blocked(), 0
+        if not n and peer is not None and peer.died():
+            raise PeerDied(errno.ECONNRESET, f"the process at its end (pid {peer.pid}) died")
+        self.buckets[direction] = self.buckets[direction].take(n)
+        return flow.read(n), n
 
     def _pump_framed(self, conn: Connection, direction: int, budget: int) -> int:
         """_pump for --frame: the flow toward the Unix side writes frames, the one from it reads
@@ -491,14 +503,8 @@ class Shaper:
                     flow = flow.wrote(n)
                     conn.framer = framer.spliced(n)
             elif isinstance(action, Read):
-                try:
-                    n = os.splice(src, pipe.w, action.size, flags=_NONBLOCK)
-                except BlockingIOError:
-                    flow = flow.read_blocked()
-                else:
-                    flow = flow.read(n)
-                    self.buckets[direction] = self.buckets[direction].take(n)
-                    read += n
+                flow, n = self._filled(direction, flow, src, pipe, action.size, None)
+                read += n
             elif isinstance(action, Finish):
                 conn.framer = framer.ending()  # owed, then the FIN: above
                 flow = flow.finished()
@@ -520,10 +526,7 @@ class Shaper:
             if action is None:
                 return read
             if isinstance(action, Write):
-                try:
-                    flow = flow.wrote(os.splice(pipe.r, dst.fileno(), action.size, flags=_NONBLOCK))
-                except BlockingIOError:
-                    flow = flow.write_blocked()
+                flow = _emptied(flow, pipe, dst, action.size)
             elif isinstance(action, Read) and deframer.need:
                 try:
                     heard = sock.recv(deframer.need)

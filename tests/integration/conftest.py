@@ -87,6 +87,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str =
     raise AssertionError(f"{what} not reached within {timeout}s")
 
 
+def ending(sock: socket.socket) -> str:
+    """How a connection ends for the end reading it: "clean" (a FIN, what a sender takes for a
+    delivery) or the name of the error that ended it ("ConnectionResetError")."""
+    sock.settimeout(60)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except OSError as exc:
+        return type(exc).__name__
+    return "clean"
+
+
 def listen_queue(host: str, port: int) -> int:
     """How many connections wait in the accept queue of the IPv4 TCP listener at host:port (what
     /proc/net/tcp shows as a listening socket's receive queue): proof that a connection waits

@@ -31,10 +31,10 @@ import pytest
 
 from scistream.s2ds.framing import END, HEADER, PREAMBLE
 
+from .conftest import ending
 from .test_shaper import (  # noqa: F401 (fixtures: pytest finds them by name in this module)
     Service,
     Shaper,
-    _ending,
     connect,
     home,
     local,
@@ -270,7 +270,7 @@ def test_a_relay_killed_while_the_sender_writes_is_a_cut_at_both_ends(path, serv
         while len(received) < 8 * MIB:
             received.extend(server.recv(MIB))
         stream.relays[killed].kill()
-        assert _ending(server) == "ConnectionResetError"
+        assert ending(server) == "ConnectionResetError"
         sender.join(60)
         assert outcome in (["ConnectionResetError"], ["BrokenPipeError"])
     if killed == "A":  # the inbound shaper's own peer (relay B) lives: only framing tells it
@@ -301,10 +301,10 @@ def test_a_relay_killed_after_the_sender_has_ended_is_a_cut_not_a_delivery(path,
         client.shutdown(socket.SHUT_WR)
         relay_a.kill()
         relay_a.wait()
-        assert _ending(client) == "ConnectionResetError"  # the outbound shaper saw relay A die
+        assert ending(client) == "ConnectionResetError"  # the outbound shaper saw relay A die
         server.settimeout(60)
         if frames:
-            assert _ending(server) == "ConnectionResetError"
+            assert ending(server) == "ConnectionResetError"
             assert "without its end mark" in stream.inbound.output()
         else:
             assert len(read_all(server)) < MIB  # a clean end, with the 1 MiB not all there
@@ -321,10 +321,10 @@ def test_a_sender_to_a_service_that_is_not_listening_is_reset(path):
         try:
             client.sendall(data(MIB, 5))
             client.shutdown(socket.SHUT_WR)
-            ending = _ending(client)
+            seen = ending(client)
         except OSError as exc:  # the reset came first: ENOTCONN is what the half-close then meets
-            ending = "ConnectionResetError" if exc.errno == errno.ENOTCONN else type(exc).__name__
-        assert ending in ("ConnectionResetError", "BrokenPipeError")
+            seen = "ConnectionResetError" if exc.errno == errno.ENOTCONN else type(exc).__name__
+        assert seen in ("ConnectionResetError", "BrokenPipeError")
     # The outbound shaper resets for an end without the end mark, or for the error its Unix side
     # meets first when relay A closes with bytes unread (ECONNRESET, EPIPE): a cut either way.
     wait_until(lambda: "cannot connect to" in stream.inbound.output(), "the inbound shaper's line")
@@ -345,7 +345,7 @@ def test_a_framed_sender_side_facing_an_unframed_service_side_is_reset(path, ser
         assert seen == b"\x00SCIFRM1" + (5).to_bytes(4, "big") + b"hello" + bytes(4)
         server.sendall(b"ok")
         server.shutdown(socket.SHUT_WR)
-        assert _ending(client) == "ConnectionResetError"
+        assert ending(client) == "ConnectionResetError"
     wait_until(lambda: "does not frame" in stream.outbound.output(), "the outbound shaper's line")
 
 
@@ -353,7 +353,7 @@ def test_an_unframed_sender_side_facing_a_framed_service_side_resets_the_service
     stream = path(service.address, outbound_frames=False, inbound_frames=True)
     with connect(stream.entry) as client, service.accept() as server:
         client.sendall(b"hello")
-        assert _ending(server) == "ConnectionResetError"
+        assert ending(server) == "ConnectionResetError"
         client.settimeout(60)
         # A clean end, after the inbound preamble as data when it went out before the reset (it
         # goes in the pass that finds the connection made, which may be the one that reads hello).
