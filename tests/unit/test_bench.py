@@ -10,7 +10,7 @@ import pytest
 from bench import goals
 from bench.__main__ import parser, verdict
 from bench.figures import cpu_per_gb, cpu_seconds, round_orders, stat_ticks
-from bench.goals import LIMITED_CPU, LIMITED_THROUGHPUT, MEMORY_PER_STREAM, Measured
+from bench.goals import LIMITED_CPU, LIMITED_THROUGHPUT, MEMORY_PER_STREAM, OURS_OVER_HAPROXY_PAIR, Measured
 from bench.scale import marginal
 from bench.throughput import (
     HAPROXY_PAIR,
@@ -46,17 +46,22 @@ def test_each_round_gives_a_ratio_of_its_own_runs_reported_as_median_and_range()
     assert found.goal is LIMITED_THROUGHPUT
 
 
-def test_ours_is_compared_with_both_pairs_and_only_the_stunnel_pair_has_a_goal():
-    results = [
-        Result(TLS_PAIR, 2, runs(4.0, 4.0)),
-        Result(HAPROXY_PAIR, 2, runs(5.0, 6.0)),
-        Result("SciStream haproxy, unlimited", 2, runs(5.2, 6.0)),
+def test_ours_is_compared_with_both_pairs_and_its_goal_is_on_cpu_against_the_haproxy_pair():
+    results = [  # 10 GB a run
+        Result(TLS_PAIR, 2, runs(4.0, 4.0, path_cpu=14.0)),
+        Result(HAPROXY_PAIR, 2, runs(5.0, 6.0, path_cpu=12.0)),
+        Result("SciStream haproxy, unlimited", 4, (*runs(5.2, path_cpu=18.0), *runs(6.0, path_cpu=19.2))),
     ]
     found = {r.name: r for r in ratios(results)}
     assert found["SciStream haproxy, unlimited / stunnel pair, Gbit/s"].spread.median == pytest.approx(1.4)
+    assert found["SciStream haproxy, unlimited / stunnel pair, Gbit/s"].goal is None
     assert found["SciStream haproxy, unlimited / HAProxy pair, Gbit/s"].rounds == pytest.approx((1.04, 1.0))
     assert found["SciStream haproxy, unlimited / HAProxy pair, Gbit/s"].goal is None
-    assert [m.subject for m in measured(list(found.values()))] == ["one iperf3 stream"]
+    cpu = found["SciStream haproxy, unlimited / HAProxy pair, CPU per GB"]
+    assert cpu.rounds == pytest.approx((1.5, 1.6))
+    assert cpu.goal is OURS_OVER_HAPROXY_PAIR
+    (check,) = measured(list(found.values()))
+    assert (check.subject, check.value, check.met) == ("one iperf3 stream", pytest.approx(1.55), False)
 
 
 def test_a_configuration_not_measured_gives_no_ratio():
