@@ -455,8 +455,10 @@ class Swarm:
         summary, self.node_id = describe(
             self.client(), self.image, self.settings.listener_ip, self.inbound_bind
         )
-        with contextlib.suppress(Exception):  # only a better error later: never a reason to stop
+        try:
             self._listed()
+        except Exception as exc:  # only a better error later: never a reason to stop
+            log.warning("cannot list the swarm's nodes to name its other managers: %s", self._words(exc))
         return summary
 
     def _labels(self, **more: str) -> dict[str, str]:

@@ -624,3 +624,25 @@ def test_labelled_nodes_all_ready_but_unusable_point_to_their_labels():
 def test_a_drained_gateway_node_is_said_to_be_drained_and_no_election_is_blamed():
     words = no_gateway([named("n2", "dtn2", availability="drain", labels=GATEWAY, addr="192.168.2.12")])
     assert "dtn2 (192.168.2.12) ready, drain" in words and "leader" not in words
+
+
+def test_a_check_that_cannot_list_the_other_managers_serves_and_says_why_in_the_log(tmp_path, caplog):
+    """The other managers are only named in a later error, so failing to list them is no reason
+    to stop; but an engine failure is never kept from the operator."""
+    engine = stand_in_engine()
+    own = engine.nodes.list()
+    listed = iter([own])
+
+    def nodes() -> list[SimpleNamespace]:
+        try:
+            return next(listed)
+        except StopIteration:
+            raise docker.errors.APIError("500 Server Error", explanation="the engine went away") from None
+
+    engine.nodes = SimpleNamespace(list=nodes)
+    engine.info = lambda: {"Swarm": {"LocalNodeState": "active", "ControlAvailable": True, "NodeID": OWN}}
+    engine.images = SimpleNamespace(get=lambda image: SimpleNamespace(id=image))
+    settings = Settings("127.0.0.1", None, (5100, 5200), tmp_path)
+    swarm = Swarm(settings, cast(Backend, None), "img", "f", None, client=engine)
+    assert "node" in swarm.check()
+    assert any("the engine went away" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
