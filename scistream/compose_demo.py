@@ -15,7 +15,6 @@ Usage: `python -m scistream.compose_demo [--project NAME] [--mib N]`.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -407,20 +406,31 @@ def interrupted(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scistream.compose_demo", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument(
-        "--project", help="the compose project name (default: scistream-demo-RANDOM, new each run)"
-    )
-    parser.add_argument(
-        "--mib", type=int, default=DEFAULT_MIB, help=f"MiB the producer sends (default {DEFAULT_MIB})"
-    )
-    args = parser.parse_args(argv)
-    name = args.project or f"scistream-demo-{secrets.token_hex(4)}"
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
-        parser.error(f"--project {name!r}: lower-case letters, digits, '-' and '_' only")
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: its options checked (a usage error exits 2), then the demo run; exits
+    with the demo's status. typer is imported here, not by the tests that import this module."""
+    import typer
+
+    def command(
+        project: str | None = typer.Option(
+            None, help="The compose project name.  [default: scistream-demo-RANDOM, new each run]"
+        ),
+        mib: int = typer.Option(DEFAULT_MIB, help="MiB the producer sends."),
+    ) -> None:
+        name = project or f"scistream-demo-{secrets.token_hex(4)}"
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+            raise typer.BadParameter(
+                f"{name!r}: lower-case letters, digits, '-' and '_' only", param_hint="'--project'"
+            )
+        raise typer.Exit(compose_demo(name, mib))
+
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command(help=__doc__.splitlines()[0])(command)
+    app(args=argv, prog_name="python -m scistream.compose_demo")
+
+
+def compose_demo(name: str, mib: int) -> int:
+    """The demo under compose project `name`, `mib` MiB through it; the exit status."""
     started = time.monotonic()
     signal.signal(signal.SIGTERM, interrupted)
     image = f"scistream:{__version__}"
@@ -442,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoFailed as exc:
         print(f"\ncompose demo FAILED: {exc}", file=sys.stderr)
         return 1
-    demo = Demo(project, args.mib)
+    demo = Demo(project, mib)
     status = 1
     try:
         demo.run()
@@ -468,4 +478,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

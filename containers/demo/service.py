@@ -2,14 +2,16 @@
 
 It reads each connection to its end, then answers `<bytes> <sha256>` to the sender and logs the
 same numbers, so that both the sender and the service's own log say what arrived. The standard
-library only: it must not depend on SciStream, which only carries the data.
+library and typer only (the image has typer, a dependency of SciStream): it must not depend on
+SciStream itself, which only carries the data.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import socketserver
+
+import typer
 
 
 class Check(socketserver.BaseRequestHandler):
@@ -30,13 +32,16 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=5001)
-    args = parser.parse_args()
-    with Server(("0.0.0.0", args.port), Check) as server:
-        print(f"service listening on port {args.port}", flush=True)
+def serve(port: int = typer.Option(5001, min=1, max=65535, help="The TCP port to listen on.")) -> None:
+    with Server(("0.0.0.0", port), Check) as server:
+        print(f"service listening on port {port}", flush=True)
         server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command(help=__doc__.splitlines()[0])(serve)
+    app(args=argv, prog_name="service.py")
 
 
 if __name__ == "__main__":
