@@ -12,7 +12,6 @@ as a command of its own, `--swarm-only`, before the others.
 
 from __future__ import annotations
 
-import argparse
 import compileall
 import json
 import os
@@ -21,8 +20,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import scistream
 from scistream.loopback import free_port
@@ -32,47 +33,102 @@ from .goals import Measured
 from .latency import LATENCY, request_latency
 from .plot import plot
 
+if TYPE_CHECKING:
+    import typer
 
-def parser() -> argparse.ArgumentParser:
-    found = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    found.add_argument("--seconds", type=int, default=5, help="seconds of each iperf3 run (5)")
-    found.add_argument(
-        "--runs", type=int, default=3, help="rounds of the throughput part, runs of the swarm part (3)"
-    )
-    found.add_argument(
-        "--seed", type=int, help="the seed of the rounds' order (default: a new one, printed to repeat a run)"
-    )
-    found.add_argument(
-        "--json", type=Path, help="also write the results to this file (the other parts in it are kept)"
-    )
-    found.add_argument("--requests", type=int, default=30, help="requests measured for each latency (30)")
-    found.add_argument(
-        "--latency-only", action="store_true", help="only the request latencies, of the swarm part too"
-    )
-    which = found.add_mutually_exclusive_group()
-    which.add_argument(
-        "--swarm-only", action="store_true", help="only the swarm runtime against processes (host network)"
-    )
-    which.add_argument("--no-swarm", action="store_true", help="everything but the swarm part")
-    which.add_argument(
-        "--scale-only", action="store_true", help="only memory per stream and requests with 100 live streams"
-    )
-    which.add_argument(
-        "--throughput-only",
-        action="store_true",
-        help="only the throughput and CPU per GB of one iperf3 stream (the configurations in turns)",
-    )
-    found.add_argument(
-        "--plot", type=Path, help="also draw the throughput per configuration into this PNG file"
-    )
-    found.add_argument("--swarm-mib", type=int, default=256, help="MiB each stream carries, swarm part")
-    found.add_argument(
-        "--swarm-requests", type=int, default=20, help="requests measured for each latency, swarm part"
-    )
-    found.add_argument("--goals", action="store_true", help="print the goals as a Markdown table, and exit")
-    return found
+PROG = "python -m bench"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `python -m bench` was asked for."""
+
+    seconds: int = 5
+    runs: int = 3
+    seed: int | None = None
+    json: Path | None = None
+    requests: int = 30
+    latency_only: bool = False
+    swarm_only: bool = False
+    no_swarm: bool = False
+    scale_only: bool = False
+    throughput_only: bool = False
+    plot: Path | None = None
+    swarm_mib: int = 256
+    swarm_requests: int = 20
+    goals: bool = False
+
+
+# Which parts run: at most one of these, or every part.
+PARTS = ("--swarm-only", "--no-swarm", "--scale-only", "--throughput-only")
+
+
+def command(then: Callable[[Options], int]) -> typer.Typer:
+    """The command line; `then` runs what it asks for and gives the exit status. typer is
+    imported here, not by the tests that import this module for its pure parts; so the options
+    are given as defaults (typer.Option(...)), not in Annotated[...], which typer would read as
+    strings in this module's globals, where typer is not."""
+    import typer
+
+    def bench(
+        seconds: int = typer.Option(5, help="Seconds of each iperf3 run."),
+        runs: int = typer.Option(3, help="Rounds of the throughput part, runs of the swarm part."),
+        seed: int | None = typer.Option(
+            None, help="The seed of the rounds' order (default: a new one, printed to repeat a run)."
+        ),
+        json_file: Path | None = typer.Option(
+            None, "--json", help="Also write the results to this file (the other parts in it are kept)."
+        ),
+        requests: int = typer.Option(30, help="Requests measured for each latency."),
+        latency_only: bool = typer.Option(
+            False, "--latency-only", help="Only the request latencies, of the swarm part too."
+        ),
+        swarm_only: bool = typer.Option(
+            False, "--swarm-only", help="Only the swarm runtime against processes (host network)."
+        ),
+        no_swarm: bool = typer.Option(False, "--no-swarm", help="Everything but the swarm part."),
+        scale_only: bool = typer.Option(
+            False, "--scale-only", help="Only memory per stream and requests with 100 live streams."
+        ),
+        throughput_only: bool = typer.Option(
+            False,
+            "--throughput-only",
+            help="Only the throughput and CPU per GB of one iperf3 stream (the configurations in turns).",
+        ),
+        plot_file: Path | None = typer.Option(
+            None, "--plot", help="Also draw the throughput per configuration into this PNG file."
+        ),
+        swarm_mib: int = typer.Option(256, help="MiB each stream carries, swarm part."),
+        swarm_requests: int = typer.Option(20, help="Requests measured for each latency, swarm part."),
+        show_goals: bool = typer.Option(
+            False, "--goals", help="Print the goals as a Markdown table, and exit."
+        ),
+    ) -> None:
+        given = (swarm_only, no_swarm, scale_only, throughput_only)
+        chosen = [name for name, on in zip(PARTS, given, strict=True) if on]
+        if len(chosen) > 1:  # a usage error, exit status 2, as argparse's exclusive group gave
+            raise typer.BadParameter(f"one of {', '.join(PARTS)} at most", param_hint=", ".join(chosen))
+        asked = Options(
+            seconds, runs, seed, json_file, requests, latency_only, swarm_only, no_swarm, scale_only,
+            throughput_only, plot_file, swarm_mib, swarm_requests, show_goals,
+        )  # fmt: skip
+        raise typer.Exit(then(asked))
+
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command(help=__doc__)(bench)
+    return app
+
+
+def options(argv: list[str]) -> Options:
+    """What `argv` asks for, or a usage error raised: the command line, nothing run."""
+    found: list[Options] = []
+
+    def keep(asked: Options) -> int:
+        found.append(asked)
+        return 0
+
+    command(keep)(args=argv, prog_name=PROG, standalone_mode=False)
+    return found[0]
 
 
 def write_json(path: Path, parts: dict[str, Any]) -> None:
@@ -90,7 +146,7 @@ def write_json(path: Path, parts: dict[str, Any]) -> None:
     path.write_text(json.dumps(found, indent=1))
 
 
-def single(directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], list[Measured]]:
+def single(directory: Path, args: Options) -> tuple[dict[str, Any], list[Measured]]:
     """The request latencies and the throughput of one stream, with the process runtime."""
     server_port = free_port()
     server = subprocess.Popen(
@@ -140,8 +196,12 @@ def verdict(checked: list[Measured], swarm_failed: bool) -> int:
     return 1 if missed or swarm_failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> None:
+    command(run)(args=argv, prog_name=PROG)
+
+
+def run(args: Options) -> int:
+    """Every part asked for; the exit status."""
     if args.goals:
         print(goals.table())
         return 0
@@ -183,4 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

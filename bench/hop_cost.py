@@ -9,7 +9,6 @@ no bucket, no bookkeeping), the floor of any relay written in Python. The relay'
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -73,14 +72,34 @@ def once(port: int, pid: int, seconds: int) -> tuple[float, float, float]:
     return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9, user, system
 
 
-def main() -> int:
-    if sys.argv[1:2] == ["--bare"]:
-        bare(int(sys.argv[2]), int(sys.argv[3]))
-        return 0
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """The command line. typer is imported here, as by every module of bench/: some are imported
+    by tests for their pure parts."""
+    import typer
+
+    def hop_cost(
+        seconds: int = typer.Option(4, help="Seconds of each iperf3 run, after one second omitted."),
+        rounds: int = typer.Option(3, help="Rounds, each relay once a round in a shuffled order."),
+        bare_ports: tuple[int, int] | None = typer.Option(
+            None,
+            "--bare",
+            metavar="LISTEN TARGET",
+            hidden=True,
+            help="Be the bare relay (run by the experiment).",
+        ),
+    ) -> None:
+        if bare_ports:
+            bare(*bare_ports)  # until the experiment ends it
+            return
+        raise typer.Exit(measure(seconds, rounds))
+
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command(help=__doc__)(hop_cost)
+    app(args=argv, prog_name="python -m bench.hop_cost")
+
+
+def measure(seconds: int, rounds: int) -> int:
+    """Each relay in turns, `rounds` times; a table of medians and ranges."""
     service = free_port()
     procs = [subprocess.Popen(["iperf3", "-s", "-p", str(service)], stdout=subprocess.DEVNULL)]
     relays = {}
@@ -101,13 +120,13 @@ def main() -> int:
             relays[name] = (port, procs[-1].pid)
         time.sleep(1.0)
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in relays}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             order = list(relays)
             random.shuffle(order)
             for name in order:
                 for _attempt in range(20):
                     try:
-                        results[name].append(once(*relays[name], args.seconds))
+                        results[name].append(once(*relays[name], seconds))
                         break
                     except RuntimeError:
                         time.sleep(0.5)
@@ -130,4 +149,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

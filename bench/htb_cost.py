@@ -38,7 +38,7 @@ an upper bound, not the path's.
 
 from __future__ import annotations
 
-import argparse
+import enum
 import subprocess
 import sys
 import tempfile
@@ -268,6 +268,13 @@ def measure(config: Configuration, server: int, seconds: int) -> Measured:
     return Measured(run, cpu_seconds(before, after, HERTZ), (softirq_after - softirq) / HERTZ)
 
 
+class Link(enum.StrEnum):
+    """What carries the TLS hop (--link)."""
+
+    VETH = "veth"
+    LO = "lo"
+
+
 def experiment(
     link: str, seconds: int, rounds: int, seed: int, limits: Sequence[Limit]
 ) -> dict[str, list[Measured]]:
@@ -355,27 +362,39 @@ def show(results: dict[str, list[Measured]], limits: Sequence[Limit]) -> None:
             print(f"  {same} / {limit.name}: {cell(round_ratios(path(same), path(limit.name)))}x", flush=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--link", choices=("veth", "lo"), default="veth")
-    parser.add_argument("--seconds", type=int, default=5, help="each run, after one second omitted")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=int(time.time()) % 10000)
-    parser.add_argument(
-        "--no-allowance", action="store_true", help="also 100 Mbit/s with no header allowance"
-    )
-    parser.add_argument("--no-shaper", action="store_true", help="leave out the shaper hops, the reference")
-    args = parser.parse_args()
-    limits = [*LIMITS, *([] if args.no_shaper else SHAPERS), *([NO_ALLOWANCE] if args.no_allowance else [])]
-    print(
-        f"One iperf3 stream through a HAProxy TLS pair over {args.link}, {args.seconds} s after 1 s, "
-        f"{args.rounds} rounds in turns (seed {args.seed}): median (lowest-highest)",
-        flush=True,
-    )
-    results = experiment(args.link, args.seconds, args.rounds, args.seed, limits)
-    show(results, limits)
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    """The command line. typer is imported here: tests import this module for its pure parts."""
+    import typer
+
+    def htb_cost(
+        link: Link = typer.Option(Link.VETH, help="What carries the TLS hop: a veth pair, or loopback."),
+        seconds: int = typer.Option(5, help="Each run, after one second omitted."),
+        rounds: int = typer.Option(3, help="Rounds, each configuration once a round in a shuffled order."),
+        seed: int = typer.Option(
+            int(time.time()) % 10000,
+            help="The seed of the rounds' order.  [default: the time]",
+            show_default=False,
+        ),
+        no_allowance: bool = typer.Option(
+            False, "--no-allowance", help="Also 100 Mbit/s with no header allowance."
+        ),
+        no_shaper: bool = typer.Option(
+            False, "--no-shaper", help="Leave out the shaper hops, the reference."
+        ),
+    ) -> None:
+        limits = [*LIMITS, *([] if no_shaper else SHAPERS), *([NO_ALLOWANCE] if no_allowance else [])]
+        print(
+            f"One iperf3 stream through a HAProxy TLS pair over {link.value}, {seconds} s after 1 s, "
+            f"{rounds} rounds in turns (seed {seed}): median (lowest-highest)",
+            flush=True,
+        )
+        results = experiment(link.value, seconds, rounds, seed, limits)
+        show(results, limits)
+
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command(help=__doc__.split("\n", 1)[0])(htb_cost)
+    app(args=argv, prog_name="python -m bench.htb_cost")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

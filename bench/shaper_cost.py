@@ -14,7 +14,6 @@ iperf3 server), both with `--frame` when it says so: what framing costs (docs/re
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -132,16 +131,33 @@ def once(port: int, pids: dict[int, str], seconds: int) -> dict[str, float]:
     return found
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backend", default="haproxy")
-    parser.add_argument(
-        "--pairs", action="store_true", help="two bare shapers per variant (label:rate_kbps[:frame])"
-    )
-    parser.add_argument("variants", nargs="+")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """The command line. typer is imported here, as by every module of bench/: some are imported
+    by tests for their pure parts."""
+    import typer
+
+    def shaper_cost(
+        variants: list[str] = typer.Argument(
+            ...,
+            metavar="VARIANT...",
+            help="label:rate_kbps[:NAME=VALUE,...] (with --pairs: label:rate_kbps[:frame])",
+        ),
+        seconds: int = typer.Option(4, help="Seconds of each iperf3 run."),
+        rounds: int = typer.Option(3, help="Rounds, each variant once a round in a shuffled order."),
+        backend: str = typer.Option("haproxy", help="The proxies' backend, haproxy or stunnel."),
+        pairs: bool = typer.Option(
+            False, "--pairs", help="Two bare shapers per variant (label:rate_kbps[:frame])."
+        ),
+    ) -> None:
+        raise typer.Exit(measure(variants, seconds, rounds, backend, pairs))
+
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command(help=__doc__)(shaper_cost)
+    app(args=argv, prog_name="python -m bench.shaper_cost")
+
+
+def measure(variants: list[str], seconds: int, rounds: int, backend: str, pairs: bool) -> int:
+    """Every variant in turns, `rounds` times; a table of medians and ranges."""
     directory = Path(tempfile.mkdtemp(prefix="ss-cost-", dir="/tmp"))
     os.environ["SCISTREAM_HOME"] = str(directory / "home")
     service = free_port()
@@ -150,22 +166,22 @@ def main() -> int:
     try:
         with ExitStack() as stack:
             configs = {}
-            for i, text in enumerate(args.variants):
+            for i, text in enumerate(variants):
                 label, rate, *rest = text.split(":")
-                if args.pairs:
+                if pairs:
                     frame = rest == ["frame"]
                     configs[label] = pair(stack, directory / f"v{i}", int(rate), frame, service)
                     results[label] = []
                     continue
                 env = dict(pair.split("=", 1) for pair in rest[0].split(",")) if rest else {}
-                configs[label] = stream(stack, directory / f"v{i}", args.backend, int(rate), service, env)
+                configs[label] = stream(stack, directory / f"v{i}", backend, int(rate), service, env)
                 results[label] = []
-            for number in range(args.rounds):
+            for number in range(rounds):
                 order = list(configs)
                 random.shuffle(order)
                 for label in order:
                     port, pids = configs[label]
-                    results[label].append(run(port, pids, args.seconds))
+                    results[label].append(run(port, pids, seconds))
                 print(f"round {number + 1} done", flush=True)
     finally:
         server.terminate()
@@ -183,4 +199,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

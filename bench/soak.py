@@ -12,7 +12,6 @@ goals missed named in the last line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -24,8 +23,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -54,34 +55,68 @@ from .soak_world import (
     short_connections,
 )
 
+if TYPE_CHECKING:
+    import typer
+
 PRIVATE_MOUNTS = "SOAK_PRIVATE_MOUNTS"  # set once this process runs in a mount namespace of its own
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=10.0, help="How long the faults and traffic go on.")
-    p.add_argument("--seed", type=int, help="Seed of the fault schedule, to replay one. [default: a new one]")
-    p.add_argument("--streams", type=int, default=8, help="Long-lived streams carrying traffic.")
-    p.add_argument("--clients", type=int, default=3, help="Clients making and releasing streams at once.")
-    p.add_argument("--every", type=float, default=12.0, help="Seconds between faults, on average.")
-    p.add_argument(
-        "--fs-full-seconds", type=float, default=60.0, help="How long a state filesystem stays full."
-    )
-    p.add_argument("--pace", type=float, default=4.0, help="Mbit/s of each long-lived connection.")
-    p.add_argument("--json", type=Path, help="Write the figures, samples and faults to this file.")
-    p.add_argument("--plot", type=Path, help="Draw the figures over time to this PNG (needs matplotlib).")
-    p.add_argument(
-        "--keep", action="store_true", help="Keep the work dir (logs, state) even when all went well."
-    )
-    args = p.parse_args(argv)
-    if args.seed is None:
-        args.seed = random.SystemRandom().randrange(1, 100_000)
-    if args.streams < 1 or args.clients < 0 or args.minutes <= 0:
-        p.error("--streams must be 1 or more, --clients 0 or more, --minutes above 0")
-    return args
+@dataclass(frozen=True)
+class Options:
+    """What a soak was asked for; `seed` drawn when none was given."""
+
+    minutes: float
+    seed: int
+    streams: int
+    clients: int
+    every: float
+    fs_full_seconds: float
+    pace: float
+    json: Path | None
+    plot: Path | None
+    keep: bool
 
 
-def main(argv: list[str] | None = None) -> int:
+def command(then: Callable[[Options], int]) -> typer.Typer:
+    """The command line; `then` runs the soak asked for and gives the exit status. typer is
+    imported here, so the options are defaults (typer.Option(...)): an Annotated[...] would be
+    read as a string in this module's globals, where typer is not."""
+    import typer
+
+    def soak_command(
+        minutes: float = typer.Option(10.0, help="How long the faults and traffic go on."),
+        seed: int | None = typer.Option(
+            None, help="Seed of the fault schedule, to replay one.  [default: a new one]"
+        ),
+        streams: int = typer.Option(8, min=1, help="Long-lived streams carrying traffic."),
+        clients: int = typer.Option(3, min=0, help="Clients making and releasing streams at once."),
+        every: float = typer.Option(12.0, help="Seconds between faults, on average."),
+        fs_full_seconds: float = typer.Option(60.0, help="How long a state filesystem stays full."),
+        pace: float = typer.Option(4.0, help="Mbit/s of each long-lived connection."),
+        json_file: Path | None = typer.Option(
+            None, "--json", help="Write the figures, samples and faults to this file."
+        ),
+        plot_file: Path | None = typer.Option(
+            None, "--plot", help="Draw the figures over time to this PNG (needs matplotlib)."
+        ),
+        keep: bool = typer.Option(
+            False, "--keep", help="Keep the work dir (logs, state) even when all went well."
+        ),
+    ) -> None:
+        if minutes <= 0:
+            raise typer.BadParameter(f"{minutes:g} is not above 0", param_hint="'--minutes'")
+        drawn = random.SystemRandom().randrange(1, 100_000) if seed is None else seed
+        asked = Options(
+            minutes, drawn, streams, clients, every, fs_full_seconds, pace, json_file, plot_file, keep
+        )
+        raise typer.Exit(then(asked))
+
+    app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+    app.command(help=__doc__.split("\n\n")[0])(soak_command)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if os.geteuid() == 0 and not os.environ.get(PRIVATE_MOUNTS) and shutil.which("unshare"):
         # Mounts of our own: the tmpfs of the state dirs goes with this process, whatever happens.
@@ -98,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             *argv,
         ]
         os.execvpe("unshare", again, env)  # noqa: S606 - our own argv, no shell
-    args = parse(argv)
-    command = "python -m bench.soak " + shlex.join(
+    command(run)(args=argv, prog_name="python -m bench.soak")
+
+
+def run(args: Options) -> int:
+    """The soak asked for, its report; the exit status (1 when a goal was missed)."""
+    replay = "python -m bench.soak " + shlex.join(
         [f"--minutes={args.minutes:g}", f"--seed={args.seed}", f"--streams={args.streams}",
          f"--clients={args.clients}", f"--fs-full-seconds={args.fs_full_seconds:g}"]
     )  # fmt: skip
-    print(f"soak: {command} ({environment_note()})", flush=True)
+    print(f"soak: {replay} ({environment_note()})", flush=True)
     work = Path(tempfile.mkdtemp(prefix="sk-", dir="/tmp"))  # short: proxies' sockets live below it
     # The clients' own directory (pinned certificates, scopes): the soak's gateways come and go
     # on ports another run reuses, and must not touch the pins of whoever runs it.
@@ -112,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.keep
     try:
         result = soak(args, work, mounts)
-        result["command"] = command
+        result["command"] = replay
         fig = result["figures"]
         missed = goals_missed(fig)
         result["goals missed"] = missed
-        print(report(fig, missed, command, result["machine"]), flush=True)
+        print(report(fig, missed, replay, result["machine"]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(result, indent=1, default=str))
         keep = keep or bool(missed)
@@ -148,7 +187,7 @@ def make_mounts(work: Path) -> dict[str, Path]:
     return mounts
 
 
-def soak(args: argparse.Namespace, work: Path, mounts: dict[str, Path]) -> dict[str, Any]:
+def soak(args: Options, work: Path, mounts: dict[str, Path]) -> dict[str, Any]:
     templates = work / "templates"
     shutil.copytree(default_templates(), templates)
     ports = args.streams + args.clients * 2 + 8
@@ -172,7 +211,7 @@ def soak(args: argparse.Namespace, work: Path, mounts: dict[str, Path]) -> dict[
 
 
 def _soak(
-    args: argparse.Namespace,
+    args: Options,
     work: Path,
     gateways: list[Gateway],
     services: list[CheckedService],
@@ -377,4 +416,4 @@ def footprints_of(gateways: list[Gateway], samples: list[dict[str, Any]]) -> dic
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import goals
-from bench.__main__ import parser, verdict
+from bench.__main__ import Options, main, options, verdict
 from bench.figures import cpu_per_gb, cpu_seconds, round_orders, stat_ticks
 from bench.goals import LIMITED_CPU, LIMITED_THROUGHPUT, MEMORY_PER_STREAM, OURS_OVER_HAPROXY_PAIR, Measured
 from bench.scale import marginal
@@ -169,14 +169,34 @@ def test_the_performance_page_shows_the_goals_of_goals_py():
 
 
 def test_every_option_of_make_bench_parses():
-    args = parser().parse_args(["--swarm-only", "--runs", "1", "--swarm-mib", "64"])
-    assert args.swarm_only and args.runs == 1
-    args = parser().parse_args(
-        ["--no-swarm", "--seconds", "2", "--runs", "1", "--requests", "3", "--seed", "7"]
+    # As make bench runs it: its own options first, then the user's BENCH_ARGS.
+    assert options(["--swarm-only", "--runs", "1", "--swarm-mib", "64"]) == Options(
+        runs=1, swarm_only=True, swarm_mib=64
     )
-    assert (args.no_swarm, args.seed) == (True, 7)
-    args = parser().parse_args(["--throughput-only", "--seconds", "2", "--runs", "1"])
-    assert args.throughput_only and not args.no_swarm
+    asked = options(["--no-swarm", "--seconds", "2", "--runs", "1", "--requests", "3", "--seed", "7"])
+    assert (asked.no_swarm, asked.seed, asked.requests) == (True, 7, 3)
+    asked = options(["--throughput-only", "--seconds", "2", "--runs", "1"])
+    assert asked.throughput_only and not asked.no_swarm
+    asked = options(["--no-swarm", "--plot", "a.png", "--json", "b.json", "--latency-only", "--goals"])
+    assert (asked.plot, asked.json, asked.latency_only, asked.goals) == (
+        Path("a.png"),
+        Path("b.json"),
+        True,
+        True,
+    )
+    assert options([]) == Options()
+
+
+def test_two_parts_that_exclude_each_other_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(["--no-swarm", "--scale-only"])
+    assert ended.value.code == 2
+    told = capsys.readouterr().err.splitlines()
+    assert told[0] == "Usage: python -m bench [OPTIONS]"
+    assert told[-1] == (
+        "Error: Invalid value for --no-swarm, --scale-only: "
+        "one of --swarm-only, --no-swarm, --scale-only, --throughput-only at most"
+    )
 
 
 def imports(path: Path) -> set[str]:
