@@ -50,10 +50,10 @@ compose-demo: images
 # `make swarm-bed-down` takes it all down again, by pid and namespace.
 SWARM_NODES ?= 3
 swarm-bed: images
-	scripts/swarm-bed up $(SWARM_NODES)
+	$(BIN)/python scripts/swarm-bed up $(SWARM_NODES)
 
 swarm-bed-down:
-	scripts/swarm-bed down
+	$(BIN)/python scripts/swarm-bed down
 
 # scripts/run-tests: the unit tests, the integration tests (in a private network namespace when
 # root), then the container tests, after it has started the engine and built the images (or one

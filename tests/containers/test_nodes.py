@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -62,7 +63,7 @@ def _setns(path: str) -> None:
 
 
 def _bed(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BED), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(BED), *args], capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass

@@ -12,6 +12,8 @@ import ast
 import importlib
 import importlib.machinery
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -75,6 +77,7 @@ def test_the_shaper_reads_its_options_by_hand_not_with_typer():
         "bench/htb_cost.py",
         "bench/hop_cost.py",
         "scripts/swarm-bed-measure",
+        "scripts/swarm-bed",
     ],
 )
 def test_each_command_is_a_typer_cli(path: str):
@@ -148,3 +151,15 @@ def test_the_soak_takes_its_options_and_refuses_what_cannot_run():
             asked(wrong)
         assert getattr(refused.value, "exit_code", None) == 2, wrong
         assert wrong[0] in refused.value.format_message() or wrong[0] in str(refused.value.param_hint)
+
+
+def test_the_swarm_bed_shows_its_commands_and_refuses_a_node_that_cannot_be():
+    bed = [sys.executable, str(ROOT / "scripts" / "swarm-bed")]
+    shown = subprocess.run([*bed, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("Usage: scripts/swarm-bed [OPTIONS] COMMAND [ARGS]...")
+    for command in ("up", "down", "kill", "stop-engine", "start", "show"):
+        assert f"  {command} " in shown.stdout, command
+    refused = subprocess.run([*bed, "kill", "0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2  # a usage error, before anything is touched
+    assert "Invalid value for 'I': 0 is not in the range x>=1." in refused.stderr
