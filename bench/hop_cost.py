@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from scistream.loopback import free_port
+from scistream.s2ds.sockdiag import tcp_listeners
 
 HERTZ = os.sysconf("SC_CLK_TCK")
 
@@ -118,7 +119,12 @@ def measure(seconds: int, rounds: int) -> int:
                 argv = [*argv, "--route", f"127.0.0.1:{port}", f"127.0.0.1:{service}"]
             procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
             relays[name] = (port, procs[-1].pid)
-        time.sleep(1.0)
+        for name, (port, _pid) in relays.items():  # each listening, before the first round
+            deadline = time.monotonic() + 60
+            while not tcp_listeners(port):
+                if procs[list(relays).index(name)].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the relay {name!r} did not listen on port {port}")
+                time.sleep(0.02)
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in relays}
         for _ in range(rounds):
             order = list(relays)
