@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
             False, "--pairs", help="Two bare shapers per variant (label:rate_kbps[:frame])."
         ),
     ) -> None:
+        for text in variants:  # before anything is started
+            label, _, rest = text.partition(":")
+            if not label or not rest.split(":")[0].isdigit():
+                raise typer.BadParameter(f"{text!r} is not label:rate_kbps[:...]", param_hint="'VARIANT...'")
         raise typer.Exit(measure(variants, seconds, rounds, backend, pairs))
 
     app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)

@@ -163,3 +163,14 @@ def test_the_swarm_bed_shows_its_commands_and_refuses_a_node_that_cannot_be():
     refused = subprocess.run([*bed, "kill", "0"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2  # a usage error, before anything is touched
     assert "Invalid value for 'I': 0 is not in the range x>=1." in refused.stderr
+
+
+def test_a_shaper_cost_variant_without_a_rate_is_a_usage_error(capsys: pytest.CaptureFixture[str]):
+    from bench import shaper_cost
+
+    with pytest.raises(SystemExit) as ended:  # before any iperf3 or shaper is started
+        shaper_cost.main(["fast:1000", "x:abc"])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "Error: Invalid value for 'VARIANT...': 'x:abc' is not label:rate_kbps[:...]"
+    )
