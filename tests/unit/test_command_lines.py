@@ -103,7 +103,7 @@ HELPS = {
     "containers/demo/producer.py": ("producer.py", "--to HOST:PORT"),
     "bench/__main__.py": ("python -m bench", "--throughput-only"),
     "bench/shaper_cost.py": ("python -m bench.shaper_cost", "--pairs"),
-    "bench/htb_cost.py": ("python -m bench.htb_cost", "--link <veth|lo>"),
+    "bench/htb_cost.py": ("python -m bench.htb_cost", "veth|lo"),  # typer 0.18 [veth|lo], 0.28 <veth|lo>
     "bench/hop_cost.py": ("python -m bench.hop_cost", "--rounds"),
     "scripts/swarm-bed-measure": ("scripts/swarm-bed-measure", "--mib"),
 }
